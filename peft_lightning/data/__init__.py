@@ -1,0 +1,3 @@
+from peft_lightning.data.datamodule import TextClassificationDataModule, load_raw
+
+__all__ = ["TextClassificationDataModule", "load_raw"]

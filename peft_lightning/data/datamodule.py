@@ -1,0 +1,145 @@
+"""Text classification data over HF `datasets`: load, split, tokenize (cached), batch.
+
+Batches are padded per batch to their longest member (not to max_length, as the official
+P-Tuning v2 code does), and with `group_by_length` similar lengths are batched together, so
+little compute is spent on padding.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from peft_lightning.data.embedded import BUILDERS
+
+log = logging.getLogger(__name__)
+
+
+def load_raw(source: str, split: dict) -> tuple[datasets.DatasetDict, str]:
+    """(train/validation/test DatasetDict, a string that identifies the content for caching)."""
+    if not source.startswith("embedded:"):
+        raise NotImplementedError(f"data.source '{source}': only embedded sources are supported so far")
+    name = source.split(":", 1)[1]
+    if name not in BUILDERS:
+        raise ValueError(f"Unknown embedded dataset '{name}'. Known: {', '.join(sorted(BUILDERS))}.")
+    columns, path = BUILDERS[name]()
+    stat = path.stat()
+    full = datasets.Dataset.from_dict(columns)
+    fractions = [split.get("train", 0.8), split.get("validation", 0.1), split.get("test", 0.1)]
+    if abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"data.split fractions must sum to 1, got {fractions}")
+    # Seeded shuffle, then contiguous 80/10/10 slices: the split is a pure function of the seed.
+    shuffled = full.shuffle(seed=split.get("seed", 42))
+    n = len(shuffled)
+    n_train, n_val = int(fractions[0] * n), int(fractions[1] * n)
+    parts = datasets.DatasetDict(
+        train=shuffled.select(range(n_train)),
+        validation=shuffled.select(range(n_train, n_train + n_val)),
+        test=shuffled.select(range(n_train + n_val, n)),
+    )
+    identity = f"{source}|{path}|{stat.st_size}|{stat.st_mtime_ns}|{json.dumps(split, sort_keys=True)}"
+    return parts, identity
+
+
+class TextClassificationDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer,
+        source: str,
+        labels: list[str],
+        text_column: str = "text",
+        label_column: str = "label",
+        split: dict | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        **_: object,
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.source, self.labels = source, list(labels)
+        self.text_column, self.label_column = text_column, label_column
+        self.split = dict(split or {})
+        self.max_length, self.batch_size, self.eval_batch_size = max_length, batch_size, eval_batch_size
+        self.group_by_length, self.num_workers = group_by_length, num_workers
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.collate = DataCollatorWithPadding(tokenizer)
+        self.data: datasets.DatasetDict | None = None
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def _cache_files(self, identity: str) -> dict[str, str] | None:
+        if self.cache_dir is None:
+            return None
+        key = json.dumps(
+            [identity, self.tokenizer.name_or_path, type(self.tokenizer).__name__, self.max_length,
+             self.text_column, self.label_column, datasets.__version__], sort_keys=True,
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        folder = self.cache_dir / "tokenized" / digest
+        folder.mkdir(parents=True, exist_ok=True)
+        return {s: str(folder / f"{s}.arrow") for s in ("train", "validation", "test")}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is not None:
+            return
+        raw, identity = load_raw(self.source, self.split)
+        for name, part in raw.items():
+            if len(part) == 0:
+                raise ValueError(f"data split '{name}' of {self.source} is empty; check data.split")
+            for column in (self.text_column, self.label_column):
+                if column not in part.column_names:
+                    raise KeyError(f"{self.source}: column '{column}' not found; it has {part.column_names}")
+
+        def tokenize(batch):
+            enc = self.tokenizer(batch[self.text_column], truncation=True, max_length=self.max_length)
+            enc["labels"] = batch[self.label_column]
+            return enc
+
+        self.data = raw.map(
+            tokenize, batched=True, remove_columns=raw["train"].column_names,
+            cache_file_names=self._cache_files(identity), desc="tokenize",
+        )
+        for name, part in self.data.items():
+            bad = [i for i, y in enumerate(part["labels"]) if not 0 <= y < self.num_labels]
+            if bad:
+                raise ValueError(
+                    f"{self.source}, split '{name}', row {bad[0]}: label {part['labels'][bad[0]]} is outside "
+                    f"0..{self.num_labels - 1} (data.labels = {self.labels})"
+                )
+        self.data.set_format("torch")
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        part = self.data[split]
+        if shuffle and self.group_by_length:
+            lengths = [len(x) for x in part.with_format(None)["input_ids"]]
+            sampler = LengthGroupedSampler(self.batch_size, lengths=lengths)
+            return DataLoader(part, batch_size=self.batch_size, sampler=sampler,
+                              collate_fn=self.collate, num_workers=self.num_workers)
+        return DataLoader(part, batch_size=self.batch_size if shuffle else self.eval_batch_size,
+                          shuffle=shuffle, collate_fn=self.collate, num_workers=self.num_workers)
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self):
+        return self._loader("test", shuffle=False)
