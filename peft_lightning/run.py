@@ -1,0 +1,118 @@
+"""Training entry: compose data, method, trainer and loggers from a Hydra config and run.
+
+`train.py` at the repository root is a thin Hydra wrapper around `train(cfg)`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from peft_lightning.backbone import BackboneSpec, load_tokenizer
+from peft_lightning.checkpoint import save_pretrained
+from peft_lightning.data import TextClassificationDataModule
+from peft_lightning.loggers import write_json_atomic
+from peft_lightning.methods import method_class
+from peft_lightning.validation import validate_config
+
+log = logging.getLogger(__name__)
+
+
+def _to_python(value):
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def build(cfg: DictConfig):
+    """(datamodule, LightningModule) for a config; no training."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("name", None)
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    tokenizer = load_tokenizer(BackboneSpec(**model_cfg))
+    datamodule = TextClassificationDataModule(tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir, **data_cfg)
+    module = method_class(method_cfg["name"])(
+        model=model_cfg, method=method_cfg, num_labels=len(data_cfg["labels"]), labels=list(data_cfg["labels"])
+    )
+    return datamodule, module
+
+
+def train(cfg: DictConfig) -> dict:
+    validate_config(cfg)
+    started = time.time()
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    datamodule, module = build(cfg)
+
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c and "_target_" in c]
+    loggers = [hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values() if c and "_target_" in c]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    ckpt_path = cfg.get("ckpt_path")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_metrics = {k: _to_python(v) for k, v in trainer.callback_metrics.items()}
+
+    test_metrics = {}
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("test", True) and not trainer.fast_dev_run:
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        test_metrics = {k: _to_python(v) for k, v in (results[0] if results else {}).items()}
+
+    adapter_dir = None
+    if trainer.is_global_zero and not trainer.fast_dev_run:
+        adapter_dir = out_dir / "adapter"
+        save_pretrained(module, adapter_dir)  # module holds the best weights after test(ckpt_path=best)
+
+    counts = module.parameter_counts()
+    summary = {
+        "overrides": _overrides(),
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "seed": cfg.seed,
+        "metrics": {"best": {k: v for k, v in fit_metrics.items() if k.endswith("_best")},
+                    "final": fit_metrics, "test": test_metrics},
+        "parameters": counts,
+        "best_checkpoint": best,
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "epochs_completed": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "wall_time_s": time.time() - started,
+        "peak_memory_mb": _peak_memory_mb(),
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(out_dir / "results.json", summary)
+        log.info("results: %s", out_dir / "results.json")
+    for lg in loggers:
+        if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger":
+            if trainer.is_global_zero:
+                lg.experiment.summary.update({f"final/{k}": v for k, v in {**fit_metrics, **test_metrics}.items()})
+                lg.experiment.summary.update({f"params/{k}": v for k, v in counts.items()})
+                import wandb
+
+                wandb.finish()
+    return summary
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -1,0 +1,31 @@
+"""Config checks that run before any model load or training, naming the key and accepted values."""
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from peft_lightning.injection.prompt_encoder import REPARAMETERIZATIONS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def validate_config(cfg: DictConfig) -> None:
+    m = cfg.method
+    if "prefix_length" in m:
+        p = m.prefix_length
+        if isinstance(p, bool) or not isinstance(p, int) or p <= 0:
+            raise ConfigError(f"method.prefix_length must be a positive integer, got {p!r}")
+    if "reparameterization" in m and m.reparameterization not in REPARAMETERIZATIONS:
+        raise ConfigError(f"method.reparameterization must be one of {REPARAMETERIZATIONS}, got {m.reparameterization!r}")
+    lr = m.get("optim", {}).get("lr")
+    if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
+        raise ConfigError(f"method.optim.lr must be a positive number, got {lr!r}")
+    depth = m.get("depth", "deep")
+    if not isinstance(depth, str):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in depth):
+            raise ConfigError(f"method.depth must be 'deep', 'embedding' or a list of layer indices, got {list(depth)}")
+    elif depth not in ("deep", "embedding"):
+        raise ConfigError(f"method.depth must be 'deep', 'embedding' or a list of layer indices, got {depth!r}")
+    if cfg.data.batch_size <= 0:
+        raise ConfigError(f"data.batch_size must be positive, got {cfg.data.batch_size}")

@@ -1,0 +1,20 @@
+"""Train a PEFT method: `python train.py method=ptuning_v2 model=minilm data=rotten_tomatoes`."""
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from peft_lightning.run import train
+
+    summary = train(cfg)
+    # Returned for Hydra sweepers (Optuna): the metric to optimise.
+    return summary["metrics"]["best"].get("val/acc_best")
+
+
+if __name__ == "__main__":
+    main()
