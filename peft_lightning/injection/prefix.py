@@ -100,10 +100,12 @@ def extend_attention_mask(
     key_len: int,
     causal: bool,
     dtype: torch.dtype,
+    additive: bool,
 ) -> torch.Tensor | None:
     """Prepend prefix columns to a 4D attention mask in the format the kernel expects.
 
     `mask` is None (no padding), boolean (SDPA: True = attend) or additive float (eager).
+    A mask built from None is boolean, or additive in `dtype` when the kernel adds it (eager).
     Real tokens always see every unmasked prefix position, whatever the causal structure.
     """
     batch, p = prefix_cols.shape
@@ -115,6 +117,8 @@ def extend_attention_mask(
         if causal:  # bottom-right aligned, as with a cache
             mask = torch.tril(mask, diagonal=key_len - query_len)
         mask = mask[None, None]
+        if additive:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
     cols = prefix_cols[:, None, None, :].expand(batch, 1, mask.shape[-2], p)
     if mask.dtype == torch.bool:
         return torch.cat([cols, mask.expand(batch, -1, -1, -1)], dim=-1)
@@ -123,7 +127,7 @@ def extend_attention_mask(
     return torch.cat([cols, mask.expand(batch, -1, -1, -1)], dim=-1)
 
 
-def _with_prefix(module, query, key, value, attention_mask, kwargs):
+def _with_prefix(module, query, key, value, attention_mask, kwargs, additive: bool):
     state: PrefixState | None = kwargs.pop(PREFIX_KWARG, None)
     slot = getattr(module, SLOT_ATTR, None)
     if state is None or slot is None or slot not in state.keys:
@@ -137,19 +141,19 @@ def _with_prefix(module, query, key, value, attention_mask, kwargs):
     value = torch.cat([pv, value], dim=-2)
     cols = _prefix_columns(state, batch, query.device)
     attention_mask = extend_attention_mask(
-        attention_mask, cols, query.shape[-2], key_len, causal, query.dtype
+        attention_mask, cols, query.shape[-2], key_len, causal, query.dtype, additive
     )
     kwargs["is_causal"] = False  # the mask (or its absence, for encoders) now says everything
     return key, value, attention_mask
 
 
 def prefix_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
-    key, value, attention_mask = _with_prefix(module, query, key, value, attention_mask, kwargs)
+    key, value, attention_mask = _with_prefix(module, query, key, value, attention_mask, kwargs, additive=False)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def prefix_eager_attention(module, query, key, value, attention_mask, **kwargs):
-    key, value, attention_mask = _with_prefix(module, query, key, value, attention_mask, kwargs)
+    key, value, attention_mask = _with_prefix(module, query, key, value, attention_mask, kwargs, additive=True)
     kwargs.pop("is_causal", None)
     # The model's own eager kernel (every transformers 5 modeling file defines one), so details
     # such as GQA head repetition or softcapping stay the model's.

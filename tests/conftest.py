@@ -1,0 +1,42 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY = {
+    "bert": dict(model_type="bert", vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                 intermediate_size=37, max_position_embeddings=24, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0),
+    "roberta": dict(model_type="roberta", vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                    intermediate_size=37, max_position_embeddings=26, pad_token_id=1, hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0),
+}
+
+
+def tiny_model(arch: str, attn: str = "sdpa") -> dict:
+    return {"config": dict(TINY[arch]), "attn_implementation": attn}
+
+
+def max_real_length(arch: str) -> int:
+    cfg = TINY[arch]
+    # RoBERTa's positions start after pad_token_id + 1
+    return cfg["max_position_embeddings"] - (cfg["pad_token_id"] + 1 if arch == "roberta" else 0)
+
+
+def make_batch(arch: str = "bert", batch: int = 3, length: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, TINY[arch]["vocab_size"], (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, length // 2:] = 0  # one padded example
+    labels = torch.randint(0, 2, (batch,), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
