@@ -47,6 +47,10 @@ class PeftClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.method_cfg = dict(method)
         self.backbone = load_backbone(BackboneSpec(**model))
+        # The frozen backbone runs in eval mode (no dropout) unless asked: its weights never change,
+        # so its dropout only adds noise. `backbone_dropout: true` follows the official P-Tuning v2
+        # code, which trains with the backbone's dropout on. Lightning keeps each module's mode.
+        self.backbone.train(bool(method.get("backbone_dropout", False)))
         if method.get("activation_checkpointing", False):
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.build()
