@@ -1,5 +1,7 @@
 """Train a PEFT method: `python train.py method=ptuning_v2 model=minilm data=rotten_tomatoes`."""
 import os
+import signal
+import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -9,9 +11,14 @@ from omegaconf import DictConfig  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from peft_lightning.run import train
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except SIGTERMException:  # checkpoint saved and results.json written: exit without a traceback
+        sys.exit(128 + signal.SIGTERM)
     # Returned for Hydra sweepers (Optuna): the metric to optimise.
     return summary["metrics"]["best"].get("val/acc_best")
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from peft_lightning.backbone import BackboneSpec, load_tokenizer
 from peft_lightning.checkpoint import save_pretrained
 from peft_lightning.data import TextClassificationDataModule
+from peft_lightning.faults import INTERRUPTS, AtomicCheckpointIO
 from peft_lightning.loggers import write_json_atomic
 from peft_lightning.methods import method_class
 from peft_lightning.validation import validate_config
@@ -43,7 +44,8 @@ def build(cfg: DictConfig):
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     tokenizer = load_tokenizer(BackboneSpec(**model_cfg))
-    datamodule = TextClassificationDataModule(tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir, **data_cfg)
+    datamodule = TextClassificationDataModule(tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
+                                              **data_cfg)
     module = method_class(method_cfg["name"])(
         model=model_cfg, method=method_cfg, num_labels=len(data_cfg["labels"]), labels=list(data_cfg["labels"])
     )
@@ -51,63 +53,70 @@ def build(cfg: DictConfig):
 
 
 def train(cfg: DictConfig) -> dict:
+    """Fit, test the best-dev checkpoint, export the adapter; results.json is written whatever happens."""
     validate_config(cfg)
     started = time.time()
-    L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    datamodule, module = build(cfg)
+    summary: dict = {"status": "running", "overrides": _overrides(), "method": cfg.method.name,
+                     "model": cfg.model.name, "data": cfg.data.name, "seed": cfg.seed}
+    trainer = None
+    loggers: list = []
+    try:
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule, module = build(cfg)
+        callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c and "_target_" in c]
+        loggers = [hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values() if c and "_target_" in c]
+        trainer = hydra.utils.instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        )
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        summary["parameters"] = module.parameter_counts()
 
-    callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c and "_target_" in c]
-    loggers = [hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values() if c and "_target_" in c]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-    ckpt_path = cfg.get("ckpt_path")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    fit_metrics = {k: _to_python(v) for k, v in trainer.callback_metrics.items()}
-
-    test_metrics = {}
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if cfg.get("test", True) and not trainer.fast_dev_run:
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
-        test_metrics = {k: _to_python(v) for k, v in (results[0] if results else {}).items()}
-
-    adapter_dir = None
-    if trainer.is_global_zero and not trainer.fast_dev_run:
-        adapter_dir = out_dir / "adapter"
-        save_pretrained(module, adapter_dir)  # module holds the best weights after test(ckpt_path=best)
-
-    counts = module.parameter_counts()
-    summary = {
-        "overrides": _overrides(),
-        "method": cfg.method.name,
-        "model": cfg.model.name,
-        "data": cfg.data.name,
-        "seed": cfg.seed,
-        "metrics": {"best": {k: v for k, v in fit_metrics.items() if k.endswith("_best")},
-                    "final": fit_metrics, "test": test_metrics},
-        "parameters": counts,
-        "best_checkpoint": best,
-        "adapter": str(adapter_dir) if adapter_dir else None,
-        "epochs_completed": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "wall_time_s": time.time() - started,
-        "peak_memory_mb": _peak_memory_mb(),
-    }
-    if trainer.is_global_zero:
-        write_json_atomic(out_dir / "results.json", summary)
-        log.info("results: %s", out_dir / "results.json")
-    for lg in loggers:
-        if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger":
-            if trainer.is_global_zero:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if trainer.interrupted:  # Lightning swallowed an interrupt inside a spawned launcher
+            raise KeyboardInterrupt
+        fit_metrics = {k: _to_python(v) for k, v in trainer.callback_metrics.items()}
+        test_metrics = {}
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if cfg.get("test", True) and not trainer.fast_dev_run:
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+            test_metrics = {k: _to_python(v) for k, v in (results[0] if results else {}).items()}
+        if trainer.is_global_zero and not trainer.fast_dev_run:
+            # the module holds the best weights after test(ckpt_path=best)
+            summary["adapter"] = str(save_pretrained(module, out_dir / "adapter"))
+        summary["metrics"] = {"best": {k: v for k, v in fit_metrics.items() if k.endswith("_best")},
+                              "final": fit_metrics, "test": test_metrics}
+        summary["best_checkpoint"] = best
+        summary["status"] = "completed"
+        for lg in loggers:
+            if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
                 lg.experiment.summary.update({f"final/{k}": v for k, v in {**fit_metrics, **test_metrics}.items()})
-                lg.experiment.summary.update({f"params/{k}": v for k, v in counts.items()})
-                import wandb
+                lg.experiment.summary.update({f"params/{k}": v for k, v in summary["parameters"].items()})
+        return summary
+    except BaseException as err:
+        interrupted = isinstance(err, (*INTERRUPTS, SystemExit))
+        summary["status"] = "interrupted" if interrupted else "failed"
+        summary["error"] = f"{type(err).__name__}: {err}"
+        interrupt_ckpt = out_dir / "checkpoints" / "interrupted.ckpt"
+        if interrupted and interrupt_ckpt.exists():
+            summary["resume_from"] = str(interrupt_ckpt)
+        log.error("run %s: %s", summary["status"], summary["error"])
+        raise
+    finally:
+        if trainer is not None:
+            summary["epochs_completed"] = trainer.current_epoch
+            summary["global_step"] = trainer.global_step
+        summary["wall_time_s"] = time.time() - started
+        summary["peak_memory_mb"] = _peak_memory_mb()
+        if trainer is None or trainer.is_global_zero:
+            write_json_atomic(out_dir / "results.json", summary)
+            log.info("results: %s", out_dir / "results.json")
+        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+            import wandb
 
-                wandb.finish()
-    return summary
+            wandb.finish(exit_code=0 if summary["status"] == "completed" else 1)
 
 
 def _peak_memory_mb() -> float:

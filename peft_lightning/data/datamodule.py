@@ -14,9 +14,9 @@ from pathlib import Path
 import datasets
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from peft_lightning.data.embedded import BUILDERS
 
@@ -49,6 +49,35 @@ def load_raw(source: str, split: dict) -> tuple[datasets.DatasetDict, str]:
     return parts, identity
 
 
+class EpochSeededSampler(Sampler[int]):
+    """Training order as a pure function of (seed, epoch): shuffled, or length-grouped shuffled.
+
+    Lightning calls `set_epoch` at every epoch start. A run resumed mid-epoch replays the same
+    order and skips the samples already trained on (`resume`: the datamodule's record of where the
+    interrupted epoch stopped), so an interrupted run finishes exactly like an uninterrupted one.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool, resume=None):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.group_by_length, self.epoch = group_by_length, 0
+        self.resume = resume  # callable: epoch -> number of samples to skip (consumed once)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.group_by_length:
+            order = get_length_grouped_indices(self.lengths, self.batch_size, generator=g)
+        else:
+            order = torch.randperm(len(self.lengths), generator=g).tolist()
+        skip = self.resume(self.epoch) if self.resume else 0
+        return iter(order[skip:])
+
+
 class TextClassificationDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -64,6 +93,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         group_by_length: bool = True,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        seed: int = 42,
         **_: object,
     ):
         super().__init__()
@@ -73,6 +103,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.split = dict(split or {})
         self.max_length, self.batch_size, self.eval_batch_size = max_length, batch_size, eval_batch_size
         self.group_by_length, self.num_workers = group_by_length, num_workers
+        self.seed = seed
+        self._resume_point: tuple[int, int] | None = None  # (epoch, samples to skip) after a mid-epoch resume
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.collate = DataCollatorWithPadding(tokenizer)
         self.data: datasets.DatasetDict | None = None
@@ -124,13 +156,32 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         part = self.data[split]
-        if shuffle and self.group_by_length:
-            lengths = [len(x) for x in part.with_format(None)["input_ids"]]
-            sampler = LengthGroupedSampler(self.batch_size, lengths=lengths)
-            return DataLoader(part, batch_size=self.batch_size, sampler=sampler,
+        if not shuffle:
+            return DataLoader(part, batch_size=self.eval_batch_size, shuffle=False,
                               collate_fn=self.collate, num_workers=self.num_workers)
-        return DataLoader(part, batch_size=self.batch_size if shuffle else self.eval_batch_size,
-                          shuffle=shuffle, collate_fn=self.collate, num_workers=self.num_workers)
+        lengths = [len(x) for x in part.with_format(None)["input_ids"]]
+        sampler = EpochSeededSampler(lengths, self.batch_size, self.seed, self.group_by_length, self._samples_to_skip)
+        return DataLoader(part, batch_size=self.batch_size, sampler=sampler,
+                          collate_fn=self.collate, num_workers=self.num_workers)
+
+    # --- mid-epoch resume: where in the epoch's order training stopped --------------------------
+    def state_dict(self) -> dict:
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        return {"epoch": self.trainer.current_epoch, "batches_done": progress.current.completed,
+                "epoch_finished": progress.is_last_batch, "world_size": self.trainer.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and not state["epoch_finished"] and state["batches_done"]:
+            # with DDP each rank took every world_size-th sample of this order
+            self._resume_point = (state["epoch"], state["batches_done"] * self.batch_size * state["world_size"])
+
+    def _samples_to_skip(self, epoch: int) -> int:
+        if self._resume_point is None or self._resume_point[0] != epoch:
+            return 0
+        skip, self._resume_point = self._resume_point[1], None
+        return skip
 
     def train_dataloader(self):
         return self._loader("train", shuffle=True)
