@@ -14,9 +14,13 @@ def main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from peft_lightning.run import train
+    from peft_lightning.validation import ConfigError
 
     try:
         summary = train(cfg)
+    except ConfigError as err:  # a bad value: say which and exit, no traceback
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
     except SIGTERMException:  # checkpoint saved and results.json written: exit without a traceback
         sys.exit(128 + signal.SIGTERM)
     # Returned for Hydra sweepers (Optuna): the metric to optimise.

@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from peft_lightning.backbone import BackboneSpec, load_tokenizer
@@ -54,7 +55,6 @@ def build(cfg: DictConfig):
 
 def train(cfg: DictConfig) -> dict:
     """Fit, test the best-dev checkpoint, export the adapter; results.json is written whatever happens."""
-    validate_config(cfg)
     started = time.time()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,10 +63,13 @@ def train(cfg: DictConfig) -> dict:
     trainer = None
     loggers: list = []
     try:
+        validate_config(cfg)  # before any model is loaded
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module = build(cfg)
-        callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c and "_target_" in c]
         loggers = [hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values() if c and "_target_" in c]
+        callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c and "_target_" in c]
+        if not loggers:  # the LR monitor refuses to run without a logger
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
         )

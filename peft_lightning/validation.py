@@ -27,5 +27,35 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"method.depth must be 'deep', 'embedding' or a list of layer indices, got {list(depth)}")
     elif depth not in ("deep", "embedding"):
         raise ConfigError(f"method.depth must be 'deep', 'embedding' or a list of layer indices, got {depth!r}")
+    _validate_against_backbone(cfg)
     if cfg.data.batch_size <= 0:
         raise ConfigError(f"data.batch_size must be positive, got {cfg.data.batch_size}")
+
+
+def _validate_against_backbone(cfg: DictConfig) -> None:
+    """Checks that need the backbone's config (a small JSON read, no weights)."""
+    from omegaconf import OmegaConf
+
+    from peft_lightning.backbone import BackboneSpec, load_config
+    from peft_lightning.injection.prefix import SELF_ATTENTION_CLASSES
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("name", None)
+    try:
+        config = load_config(BackboneSpec(**model))
+    except (OSError, ValueError):
+        return  # not reachable here (e.g. a hub model offline): loading will say so
+    if cfg.method.get("depth", "deep") != "embedding" and "prefix_length" in cfg.method:
+        if config.model_type not in SELF_ATTENTION_CLASSES:
+            raise ConfigError(
+                f"method={cfg.method.name} does not support model={cfg.model.name} "
+                f"(architecture '{config.model_type}'); supported architectures: {sorted(SELF_ATTENTION_CLASSES)}"
+            )
+    depth = cfg.method.get("depth", "deep")
+    if not isinstance(depth, str):
+        bad = [i for i in depth if not 0 <= i < config.num_hidden_layers]
+        if bad:
+            raise ConfigError(
+                f"method.depth has layer index {bad} out of range: model={cfg.model.name} has layers "
+                f"0..{config.num_hidden_layers - 1}"
+            )

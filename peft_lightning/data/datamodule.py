@@ -19,19 +19,35 @@ from transformers import DataCollatorWithPadding
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from peft_lightning.data.embedded import BUILDERS
+from peft_lightning.data.files import read_labelled_file
 
 log = logging.getLogger(__name__)
 
 
-def load_raw(source: str, split: dict) -> tuple[datasets.DatasetDict, str]:
-    """(train/validation/test DatasetDict, a string that identifies the content for caching)."""
-    if not source.startswith("embedded:"):
-        raise NotImplementedError(f"data.source '{source}': only embedded sources are supported so far")
-    name = source.split(":", 1)[1]
-    if name not in BUILDERS:
-        raise ValueError(f"Unknown embedded dataset '{name}'. Known: {', '.join(sorted(BUILDERS))}.")
-    columns, path = BUILDERS[name]()
-    stat = path.stat()
+def load_raw(source: str, split: dict, files: dict | None = None, text_column: str = "text",
+             label_column: str = "label", labels: list[str] | None = None) -> tuple[datasets.DatasetDict, str]:
+    """(train/validation/test DatasetDict with columns text/label, a content identity for caching).
+
+    `source` is `embedded:NAME` or a local csv/tsv/jsonl file (split by `split`); `files` maps
+    train/validation/test to their own files instead.
+    """
+    if files:
+        missing = {"train", "validation", "test"} - set(files)
+        if missing:
+            raise ValueError(f"data.files needs train, validation and test; missing {sorted(missing)}")
+        parts = datasets.DatasetDict({
+            name: datasets.Dataset.from_dict(read_labelled_file(path, text_column, label_column, labels))
+            for name, path in files.items()
+        })
+        return parts, "|".join(f"{p}:{_stamp(Path(p))}" for p in files.values())
+    if source.startswith("embedded:"):
+        name = source.split(":", 1)[1]
+        if name not in BUILDERS:
+            raise ValueError(f"Unknown embedded dataset '{name}'. Known: {', '.join(sorted(BUILDERS))}.")
+        columns, path = BUILDERS[name]()
+    else:
+        path = Path(source)
+        columns = read_labelled_file(path, text_column, label_column, labels)
     full = datasets.Dataset.from_dict(columns)
     fractions = [split.get("train", 0.8), split.get("validation", 0.1), split.get("test", 0.1)]
     if abs(sum(fractions) - 1) > 1e-6:
@@ -45,8 +61,12 @@ def load_raw(source: str, split: dict) -> tuple[datasets.DatasetDict, str]:
         validation=shuffled.select(range(n_train, n_train + n_val)),
         test=shuffled.select(range(n_train + n_val, n)),
     )
-    identity = f"{source}|{path}|{stat.st_size}|{stat.st_mtime_ns}|{json.dumps(split, sort_keys=True)}"
-    return parts, identity
+    return parts, f"{source}|{path}|{_stamp(path)}|{json.dumps(split, sort_keys=True)}"
+
+
+def _stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -94,6 +114,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         seed: int = 42,
+        files: dict | None = None,
         **_: object,
     ):
         super().__init__()
@@ -104,6 +125,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.max_length, self.batch_size, self.eval_batch_size = max_length, batch_size, eval_batch_size
         self.group_by_length, self.num_workers = group_by_length, num_workers
         self.seed = seed
+        self.files = dict(files) if files else None
         self._resume_point: tuple[int, int] | None = None  # (epoch, samples to skip) after a mid-epoch resume
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.collate = DataCollatorWithPadding(tokenizer)
@@ -128,17 +150,16 @@ class TextClassificationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
             return
-        raw, identity = load_raw(self.source, self.split)
+        raw, identity = load_raw(self.source, self.split, self.files, self.text_column, self.label_column,
+                                 self.labels)
         for name, part in raw.items():
             if len(part) == 0:
-                raise ValueError(f"data split '{name}' of {self.source} is empty; check data.split")
-            for column in (self.text_column, self.label_column):
-                if column not in part.column_names:
-                    raise KeyError(f"{self.source}: column '{column}' not found; it has {part.column_names}")
+                where = self.files[name] if self.files else self.source
+                raise ValueError(f"data split '{name}' ({where}) is empty; check data.split / data.files")
 
         def tokenize(batch):
-            enc = self.tokenizer(batch[self.text_column], truncation=True, max_length=self.max_length)
-            enc["labels"] = batch[self.label_column]
+            enc = self.tokenizer(batch["text"], truncation=True, max_length=self.max_length)
+            enc["labels"] = batch["label"]
             return enc
 
         self.data = raw.map(
