@@ -22,7 +22,9 @@ def main(cfg: DictConfig) -> float | None:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException:  # checkpoint saved and results.json written: exit without a traceback
-        sys.exit(128 + signal.SIGTERM)
+        from peft_lightning.faults import InterruptCheckpoint
+
+        sys.exit(128 + (signal.SIGINT if InterruptCheckpoint.received == "SIGINT" else signal.SIGTERM))
     # Returned for Hydra sweepers (Optuna): the metric to optimise.
     return summary["metrics"]["best"].get("val/acc_best")
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from peft_lightning.backbone import BackboneSpec, load_tokenizer
 from peft_lightning.checkpoint import save_pretrained
 from peft_lightning.data import TextClassificationDataModule
-from peft_lightning.faults import INTERRUPTS, AtomicCheckpointIO
+from peft_lightning.faults import INTERRUPTS, AtomicCheckpointIO, check_checkpoint
 from peft_lightning.loggers import write_json_atomic
 from peft_lightning.methods import method_class
 from peft_lightning.validation import validate_config
@@ -77,7 +77,10 @@ def train(cfg: DictConfig) -> dict:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         summary["parameters"] = module.parameter_counts()
 
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path:
+            check_checkpoint(ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if trainer.interrupted:  # Lightning swallowed an interrupt inside a spawned launcher
             raise KeyboardInterrupt
         fit_metrics = {k: _to_python(v) for k, v in trainer.callback_metrics.items()}

@@ -56,6 +56,9 @@ def load_raw(source: str, split: dict, files: dict | None = None, text_column: s
     shuffled = full.shuffle(seed=split.get("seed", 42))
     n = len(shuffled)
     n_train, n_val = int(fractions[0] * n), int(fractions[1] * n)
+    for name, size in (("train", n_train), ("validation", n_val), ("test", n - n_train - n_val)):
+        if size == 0:
+            raise ValueError(f"data split '{name}' of {source} is empty: {n} rows split {fractions}; check data.split")
     parts = datasets.DatasetDict(
         train=shuffled.select(range(n_train)),
         validation=shuffled.select(range(n_train, n_train + n_val)),
