@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
@@ -93,8 +92,3 @@ def attention_geometry(config: PretrainedConfig) -> tuple[int, int, int]:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return layers, kv_heads, head_dim
-
-
-def frozen_state_fingerprint(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every frozen tensor (for tests and sanity checks)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

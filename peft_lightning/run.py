@@ -5,8 +5,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -24,6 +24,8 @@ from peft_lightning.methods import method_class
 from peft_lightning.validation import validate_config
 
 log = logging.getLogger(__name__)
+# The frozen backbone stays in eval mode on purpose (see PeftClassifier.__init__).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def _to_python(value):
