@@ -80,10 +80,11 @@ def test_cli_help_and_cfg_job():
     assert OmegaConf.create(out.stdout).method.prefix_length == 8
 
 
-def test_unknown_option_lists_choices():
-    out = _run("method=nonexistent")
+@pytest.mark.parametrize("group,known", [("method", "ptuning_v2"), ("model", "minilm"), ("data", "rotten_tomatoes")])
+def test_unknown_option_lists_choices(group, known):
+    out = _run(f"{group}=nonexistent")
     assert out.returncode != 0
-    assert "Could not find 'method/nonexistent'" in out.stderr and "ptuning_v2" in out.stderr
+    assert f"Could not find '{group}/nonexistent'" in out.stderr and known in out.stderr
 
 
 def test_bad_value_fails_before_loading_a_model():

@@ -54,6 +54,11 @@ class PeftClassifier(L.LightningModule):
         if method.get("activation_checkpointing", False):
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.build()
+        # Our head reads the last hidden states, never the backbone's pooler: it stays frozen, or
+        # DDP would find trainable parameters without gradients.
+        pooler = getattr(self.backbone, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
         head = method.get("head", {})
         self.head = ClassificationHead(
             self.backbone.config.hidden_size, num_labels, head.get("dropout", 0.1), head.get("pooling", "first")
@@ -75,8 +80,9 @@ class PeftClassifier(L.LightningModule):
         raise NotImplementedError
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Last hidden states of the real tokens, (batch, seq, hidden), aligned with input_ids."""
-        raise NotImplementedError
+        """Last hidden states of the real tokens, (batch, seq, hidden), aligned with input_ids.
+        Methods that change weights in place (fine-tuning, BitFit) keep this; injection methods override it."""
+        return self.backbone(**self.backbone_inputs(batch)).last_hidden_state
 
     # --- shared ---------------------------------------------------------------------------------
     def backbone_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
