@@ -139,10 +139,12 @@ def _with_prefix(module, query, key, value, attention_mask, kwargs, additive: bo
     key_len = key.shape[-2]
     key = torch.cat([pk, key], dim=-2)
     value = torch.cat([pv, value], dim=-2)
-    cols = _prefix_columns(state, batch, query.device)
-    attention_mask = extend_attention_mask(
-        attention_mask, cols, query.shape[-2], key_len, causal, query.dtype, additive
-    )
+    if attention_mask is not None or state.mask is not None or causal:
+        # (an encoder without padding or prefix mask needs no mask at all: skip building one)
+        cols = _prefix_columns(state, batch, query.device)
+        attention_mask = extend_attention_mask(
+            attention_mask, cols, query.shape[-2], key_len, causal, query.dtype, additive
+        )
     kwargs["is_causal"] = False  # the mask (or its absence, for encoders) now says everything
     return key, value, attention_mask
 
