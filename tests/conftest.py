@@ -37,6 +37,22 @@ def make_batch(arch: str = "bert", batch: int = 3, length: int = 10, seed: int =
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def train_steps(m, batches, steps):
+    """Plain AdamW steps on the trainable parameters (weight decay on, so frozen ones would move if
+    the optimizer saw them); returns the losses."""
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    m.train()
+    losses = []
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        loss = torch.nn.functional.cross_entropy(m(batch), batch["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Methods that train backbone weights in place: full fine-tuning and BitFit."""
 import pytest
 import torch
-from conftest import make_batch, tiny_model
+from conftest import make_batch, tiny_model, train_steps
 
 from peft_lightning.checkpoint import load_pretrained, save_pretrained
 from peft_lightning.methods import BitFit, FineTune
@@ -11,19 +11,6 @@ def build(cls, arch="bert"):
     return cls(model=tiny_model(arch), method={"name": cls.__name__.lower(), "head": {"dropout": 0.0}}, num_labels=2)
 
 
-def train(m, steps=20):
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    batch = make_batch(length=8)
-    losses = []
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(m(batch), batch["labels"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_bitfit_trains_biases_alone(arch):
     m = build(BitFit, arch)
@@ -31,7 +18,7 @@ def test_bitfit_trains_biases_alone(arch):
                      if n.endswith(".bias") and not n.startswith("pooler."))
     assert m.parameter_counts()["trainable"] == bias_count + 32 * 2 + 2  # biases + head
     before = {n: p.detach().clone() for n, p in m.backbone.named_parameters()}
-    losses = train(m)
+    losses = train_steps(m, [make_batch(length=8)], 20)
     assert losses[-1] < losses[0]
     for n, p in m.backbone.named_parameters():
         if n.endswith(".bias") and not n.startswith("pooler."):
@@ -45,7 +32,7 @@ def test_finetune_trains_everything_and_round_trips(tmp_path):
     counts = m.parameter_counts()
     pooler = sum(p.numel() for p in m.backbone.pooler.parameters())
     assert counts["trainable"] == counts["total"] - pooler  # the unused pooler stays frozen
-    train(m, 5)
+    train_steps(m, [make_batch(length=8)], 5)
     m.eval()
     batch = make_batch(seed=3)
     with torch.no_grad():

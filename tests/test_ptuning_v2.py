@@ -2,7 +2,7 @@
 import lightning as L
 import pytest
 import torch
-from conftest import make_batch, max_real_length, tiny_model
+from conftest import make_batch, max_real_length, tiny_model, train_steps
 from torch.utils.data import DataLoader
 
 from peft_lightning.checkpoint import load_pretrained, save_pretrained
@@ -37,27 +37,13 @@ def test_trainable_count_matches_formula(arch, depth, layers, reparam):
     assert trainable == {"head", "prompt" if depth == "embedding" else "prefix"}
 
 
-def _train_steps(m, batches, steps):
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    m.train()
-    losses = []
-    for i in range(steps):
-        batch = batches[i % len(batches)]
-        loss = torch.nn.functional.cross_entropy(m(batch), batch["labels"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.mark.parametrize("depth", ["deep", "embedding", [1]])
 def test_backbone_bit_identical_after_training_and_loss_falls(depth):
     m = module(depth=depth)
     frozen = {n: p.detach().clone() for n, p in m.backbone.named_parameters()}
     trained_before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
     batch = make_batch(length=8)
-    losses = _train_steps(m, [batch], 30)
+    losses = train_steps(m, [batch], 30)
     for n, p in m.backbone.named_parameters():
         assert torch.equal(p, frozen[n]), f"frozen weight {n} changed"
     for n, p in m.named_parameters():
@@ -118,7 +104,7 @@ def test_activation_checkpointing_same_loss_and_gradients(depth, reparam):
 @pytest.mark.parametrize("reparam", ["none", "mlp"])
 def test_save_load_fresh_backbone_identical_logits(tmp_path, reparam):
     m = module(reparameterization=reparam, prefix_dropout=0.1)
-    _train_steps(m, [make_batch(length=8)], 5)
+    train_steps(m, [make_batch(length=8)], 5)
     m.eval()
     batch = make_batch(seed=1)
     with torch.no_grad():
