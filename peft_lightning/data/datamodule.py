@@ -176,6 +176,8 @@ class TextClassificationDataModule(L.LightningDataModule):
                     f"{self.source}, split '{name}', row {bad[0]}: label {part['labels'][bad[0]]} is outside "
                     f"0..{self.num_labels - 1} (data.labels = {self.labels})"
                 )
+        # token counts for length grouping, once (Lightning asks for the train loader more than once)
+        self.train_lengths = [len(x) for x in self.data["train"]["input_ids"]]
         self.data.set_format("torch")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
@@ -183,8 +185,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         if not shuffle:
             return DataLoader(part, batch_size=self.eval_batch_size, shuffle=False,
                               collate_fn=self.collate, num_workers=self.num_workers)
-        lengths = [len(x) for x in part.with_format(None)["input_ids"]]
-        sampler = EpochSeededSampler(lengths, self.batch_size, self.seed, self.group_by_length, self._samples_to_skip)
+        sampler = EpochSeededSampler(self.train_lengths, self.batch_size, self.seed, self.group_by_length, self._samples_to_skip)
         return DataLoader(part, batch_size=self.batch_size, sampler=sampler,
                           collate_fn=self.collate, num_workers=self.num_workers)
 
