@@ -29,7 +29,7 @@ class BackboneSpec:
 
     name_or_path: str | None = None
     config: dict | None = None
-    attn_implementation: str = "sdpa"
+    attn_implementation: str | None = None  # None: transformers' choice (sdpa where supported)
     tokenizer: str | None = None  # defaults to name_or_path
 
 
@@ -90,5 +90,6 @@ def attention_geometry(config: PretrainedConfig) -> tuple[int, int, int]:
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = (getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
+                or getattr(config, "attention_head_size", None) or config.hidden_size // heads)
     return layers, kv_heads, head_dim

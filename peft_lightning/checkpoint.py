@@ -22,8 +22,9 @@ CONFIG = "adapter_config.json"
 def save_pretrained(module, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.trainable_state_dict().items()}
-    config = {k: module.hparams[k] for k in ("model", "method", "num_labels", "labels")}
+    tensors, method = module.export_state()
+    config = {k: module.hparams[k] for k in ("model", "num_labels", "labels")}
+    config["method"] = method
     # write-then-rename: a kill mid-write never leaves a half-written file under the final name
     tmp = directory / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})

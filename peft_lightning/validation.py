@@ -37,7 +37,7 @@ def _validate_against_backbone(cfg: DictConfig) -> None:
     from omegaconf import OmegaConf
 
     from peft_lightning.backbone import BackboneSpec, load_config
-    from peft_lightning.injection.prefix import SELF_ATTENTION_CLASSES
+    from peft_lightning.injection.architectures import ARCHITECTURES
 
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model.pop("name", None)
@@ -45,12 +45,11 @@ def _validate_against_backbone(cfg: DictConfig) -> None:
         config = load_config(BackboneSpec(**model))
     except (OSError, ValueError):
         return  # not reachable here (e.g. a hub model offline): loading will say so
-    if cfg.method.get("depth", "deep") != "embedding" and "prefix_length" in cfg.method:
-        if config.model_type not in SELF_ATTENTION_CLASSES:
-            raise ConfigError(
-                f"method={cfg.method.name} does not support model={cfg.model.name} "
-                f"(architecture '{config.model_type}'); supported architectures: {sorted(SELF_ATTENTION_CLASSES)}"
-            )
+    if cfg.method.name != "finetune" and config.model_type not in ARCHITECTURES:
+        raise ConfigError(
+            f"method={cfg.method.name} does not support model={cfg.model.name} "
+            f"(architecture '{config.model_type}'); supported architectures: {sorted(ARCHITECTURES)}"
+        )
     depth = cfg.method.get("depth", "deep")
     if not isinstance(depth, str):
         bad = [i for i in depth if not 0 <= i < config.num_hidden_layers]

@@ -15,10 +15,26 @@ TINY = {
     "roberta": dict(model_type="roberta", vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                     intermediate_size=37, max_position_embeddings=26, pad_token_id=1, hidden_dropout_prob=0.0,
                     attention_probs_dropout_prob=0.0),
+    "deberta-v2": dict(model_type="deberta-v2", vocab_size=99, hidden_size=32, num_hidden_layers=3,
+                       num_attention_heads=4, intermediate_size=37, max_position_embeddings=24,
+                       relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8,
+                       max_relative_positions=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "gpt2": dict(model_type="gpt2", vocab_size=99, n_embd=32, n_layer=3, n_head=4, n_positions=24,
+                 bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "llama": dict(model_type="llama", vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=37, max_position_embeddings=24, bos_token_id=0,
+                  eos_token_id=0, pad_token_id=0),
+    "t5": dict(model_type="t5", vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=3, num_heads=4,
+               decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0),
+    "bart": dict(model_type="bart", vocab_size=99, d_model=32, encoder_layers=3, decoder_layers=3,
+                 encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
+                 max_position_embeddings=24, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                 pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2),
 }
+ARCHS = list(TINY)
 
 
-def tiny_model(arch: str, attn: str = "sdpa") -> dict:
+def tiny_model(arch: str, attn: str | None = None) -> dict:
     return {"config": dict(TINY[arch]), "attn_implementation": attn}
 
 

@@ -18,7 +18,7 @@ def pair(arch, attn):
     torch.manual_seed(0)
     injected = load_backbone(BackboneSpec(**tiny_model(arch, attn))).eval()
     injected.load_state_dict(base.state_dict())
-    slots = install_prefix_attention(injected)
+    slots = len(install_prefix_attention(injected))
     return base, injected, slots
 
 

@@ -60,9 +60,8 @@ def test_embedding_only_changes_from_the_input_on():
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         ref = m.backbone(**inputs, output_hidden_states=True).hidden_states
-        ext = dict(inputs, attention_mask=m.input_prompt.extend_mask(inputs["attention_mask"], 4))
-        with m.input_prompt.prepended(m.prompt() * 100):
-            out = m.backbone(**ext, output_hidden_states=True).hidden_states
+        with m.input_prompt.prepended(inputs, m.prompt() * 100) as joined:
+            out = m.backbone(**joined, output_hidden_states=True).hidden_states
     torch.testing.assert_close(out[0][:, 4:], ref[0], atol=0, rtol=0)
     torch.testing.assert_close(out[0][:, :4], (m.prompt() * 100)[None].expand(3, -1, -1), atol=0, rtol=0)
     for layer in range(1, len(ref)):

@@ -24,16 +24,12 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
+from peft_lightning.injection.architectures import AttentionSlot, attention_slots
+
 PREFIX_KWARG = "peft_prefix"
 SLOT_ATTR = "_peft_prefix_slot"  # set on each attention module that can take a prefix
+STATE_ATTR = "_peft_prefix_state"  # architectures whose model drops extra keywords (DeBERTa)
 IMPLEMENTATIONS = {"sdpa": "peft_prefix_sdpa", "eager": "peft_prefix_eager"}
-
-# Self-attention module classes per architecture (`config.model_type`). Cross-attention modules
-# get their own slots where a method wants them (encoder-decoder models, later).
-SELF_ATTENTION_CLASSES: dict[str, tuple[str, ...]] = {
-    "bert": ("BertSelfAttention",),
-    "roberta": ("RobertaSelfAttention",),
-}
 
 
 @dataclass
@@ -49,39 +45,29 @@ class PrefixState:
     mask: torch.Tensor | None = None
 
 
-def supported_architectures() -> list[str]:
-    return sorted(SELF_ATTENTION_CLASSES)
-
-
-def attention_modules(model: nn.Module, model_type: str) -> list[nn.Module]:
-    """The self-attention modules of `model` in layer order."""
-    if model_type not in SELF_ATTENTION_CLASSES:
-        raise ValueError(
-            f"Prefix injection does not support model_type '{model_type}'. "
-            f"Supported: {', '.join(supported_architectures())}."
-        )
-    names = SELF_ATTENTION_CLASSES[model_type]
-    return [m for m in model.modules() if type(m).__name__ in names]
-
-
-def install_prefix_attention(model: PreTrainedModel) -> int:
-    """Route `model`'s attention through the prefix-aware kernel; returns the number of slots.
+def install_prefix_attention(model: PreTrainedModel) -> list[AttentionSlot]:
+    """Route `model`'s attention through the prefix-aware kernel; returns its slots, slot i being
+    the i-th attention module (self- and cross-attention) in module order.
 
     Without a `peft_prefix` keyword at forward time the model computes exactly what it did before.
     """
-    base = model.config._attn_implementation
-    if base in IMPLEMENTATIONS.values():  # already installed
-        return sum(1 for m in model.modules() if hasattr(m, SLOT_ATTR))
-    if base not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"Prefix injection supports attn_implementation 'sdpa' or 'eager', got '{base}'. "
-            "Set model.attn_implementation in the config."
-        )
-    modules = attention_modules(model, model.config.model_type)
-    for slot, module in enumerate(modules):
-        setattr(module, SLOT_ATTR, slot)
-    model.set_attn_implementation(IMPLEMENTATIONS[base])
-    return len(modules)
+    slots = attention_slots(model)
+    if getattr(model, "_peft_prefix_installed", False):
+        return [s for s, _ in slots]
+    if model.config.model_type in PATCHED_FORWARDS:
+        _install_patched(model, slots)
+    else:
+        base = model.config._attn_implementation
+        if base not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"Prefix injection supports attn_implementation 'sdpa' or 'eager', got '{base}'. "
+                "Set model.attn_implementation in the config."
+            )
+        model.set_attn_implementation(IMPLEMENTATIONS[base])
+    for i, (_, module) in enumerate(slots):
+        setattr(module, SLOT_ATTR, i)
+    model._peft_prefix_installed = True
+    return [s for s, _ in slots]
 
 
 def _prefix_columns(state: PrefixState, batch: int, device) -> torch.Tensor:
@@ -145,6 +131,9 @@ def _with_prefix(module, query, key, value, attention_mask, kwargs, additive: bo
         attention_mask = extend_attention_mask(
             attention_mask, cols, query.shape[-2], key_len, causal, query.dtype, additive
         )
+    bias = kwargs.get("position_bias")
+    if bias is not None:  # T5's relative position bias: the prefix has no position, so no bias
+        kwargs["position_bias"] = nn.functional.pad(bias, (pk.shape[-2], 0))
     kwargs["is_causal"] = False  # the mask (or its absence, for encoders) now says everything
     return key, value, attention_mask
 
@@ -168,3 +157,77 @@ AttentionInterface.register(IMPLEMENTATIONS["eager"], prefix_eager_attention)
 # Masks are built exactly as for the underlying kernel.
 ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATIONS["sdpa"], sdpa_mask)
 ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATIONS["eager"], eager_mask)
+
+
+# --- architectures whose attention does not go through AttentionInterface ------------------------
+# DeBERTa-v2's disentangled attention computes its scores itself and its model drops extra forward
+# keywords. There the prefix travels on the attention modules (set by a pre-hook on the model from
+# the same `peft_prefix` keyword) and a replacement forward joins it exactly as the kernel above
+# does. The prefix has no position, so its columns get no relative-position (c2p/p2c) term, as in
+# the official P-Tuning v2 DeBERTa code.
+
+
+def _deberta_v2_forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
+                        relative_pos=None, rel_embeddings=None):
+    state: PrefixState | None = getattr(self, STATE_ATTR, None)
+    slot = getattr(self, SLOT_ATTR, None)
+    if state is None or slot not in state.keys:
+        return type(self).forward(self, hidden_states, attention_mask, output_attentions, query_states,
+                                  relative_pos, rel_embeddings)
+    scaled_size_sqrt = sys.modules[type(self).__module__].scaled_size_sqrt
+    if query_states is None:
+        query_states = hidden_states
+    heads = self.num_attention_heads
+    q = self.transpose_for_scores(self.query_proj(query_states), heads)  # (B*H, L, D)
+    k = self.transpose_for_scores(self.key_proj(hidden_states), heads)
+    v = self.transpose_for_scores(self.value_proj(hidden_states), heads)
+    batch = hidden_states.shape[0]
+    pk = state.keys[slot].to(k.dtype).expand(batch, -1, -1, -1).reshape(batch * heads, -1, k.shape[-1])
+    pv = state.values[slot].to(v.dtype).expand(batch, -1, -1, -1).reshape(batch * heads, -1, v.shape[-1])
+    scale_factor = 1 + ("c2p" in self.pos_att_type) + ("p2c" in self.pos_att_type)
+    scale = scaled_size_sqrt(q, scale_factor).to(q.dtype)
+    scores = torch.bmm(q, k.transpose(-1, -2) / scale)
+    if self.relative_attention:
+        scores = scores + self.disentangled_attention_bias(
+            q, k, relative_pos, self.pos_dropout(rel_embeddings), scale_factor
+        )
+    scores = torch.cat([torch.bmm(q, pk.transpose(-1, -2) / scale), scores], dim=-1)
+    scores = scores.view(batch, heads, scores.shape[-2], scores.shape[-1])
+    mask = extend_attention_mask(
+        attention_mask.bool(), _prefix_columns(state, batch, q.device), q.shape[-2], k.shape[-2],
+        causal=False, dtype=q.dtype, additive=False,
+    )
+    scores = scores.masked_fill(~mask, torch.finfo(q.dtype).min)
+    probs = self.dropout(nn.functional.softmax(scores, dim=-1))
+    context = torch.bmm(probs.view(batch * heads, probs.shape[-2], -1), torch.cat([pv, v], dim=-2))
+    context = context.view(batch, heads, context.shape[-2], -1).permute(0, 2, 1, 3).reshape(batch, -1, heads * v.shape[-1])
+    return (context, probs if output_attentions else None)
+
+
+PATCHED_FORWARDS = {"deberta-v2": _deberta_v2_forward}
+
+
+def _install_patched(model: PreTrainedModel, slots) -> None:
+    import types
+
+    forward = PATCHED_FORWARDS[model.config.model_type]
+    modules = [m for _, m in slots]
+    for module in modules:
+        module.forward = types.MethodType(forward, module)
+
+    def take_prefix(_model, args, kwargs):
+        state = kwargs.pop(PREFIX_KWARG, None)
+        for module in modules:
+            setattr(module, STATE_ATTR, state)
+        return args, kwargs
+
+    def drop_prefix(_model, _args, _kwargs, output):
+        # Activation checkpointing recomputes the layers during backward, after this hook: keep the
+        # state for it then (the next forward replaces it).
+        if not (model.is_gradient_checkpointing and torch.is_grad_enabled()):
+            for module in modules:
+                setattr(module, STATE_ATTR, None)
+        return output
+
+    model.register_forward_pre_hook(take_prefix, with_kwargs=True)
+    model.register_forward_hook(drop_prefix, with_kwargs=True)

@@ -1,13 +1,25 @@
 """Methods, one LightningModule each, by config name (`method.name`)."""
+from peft_lightning.methods.adapter import AdapterTuning
 from peft_lightning.methods.base import PeftClassifier
 from peft_lightning.methods.bitfit import BitFit
 from peft_lightning.methods.finetune import FineTune
+from peft_lightning.methods.lora import LoRATuning
+from peft_lightning.methods.p_tuning import PTuning
+from peft_lightning.methods.prefix_tuning import PrefixTuning
+from peft_lightning.methods.prompt_tuning import PromptTuning
 from peft_lightning.methods.ptuning_v2 import PTuningV2
+from peft_lightning.methods.unipelt import UniPELT
 
 METHODS: dict[str, type[PeftClassifier]] = {
+    "adapter": AdapterTuning,
     "bitfit": BitFit,
     "finetune": FineTune,
+    "lora": LoRATuning,
+    "p_tuning": PTuning,
+    "prefix_tuning": PrefixTuning,
+    "prompt_tuning": PromptTuning,
     "ptuning_v2": PTuningV2,
+    "unipelt": UniPELT,
 }
 
 
@@ -17,4 +29,4 @@ def method_class(name: str) -> type[PeftClassifier]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "BitFit", "FineTune", "PeftClassifier", "PTuningV2", "method_class"]
+__all__ = ["METHODS", "PeftClassifier", "method_class", *[c.__name__ for c in METHODS.values()]]

@@ -17,17 +17,24 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import get_linear_schedule_with_warmup
 
 from peft_lightning.backbone import BackboneSpec, count_parameters, load_backbone
+from peft_lightning.injection.architectures import ARCHITECTURES
+from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState
 
 log = logging.getLogger(__name__)
 
 
+POOLINGS = ("auto", "first", "last", "mean")
+
+
 class ClassificationHead(nn.Module):
-    """Randomly initialised linear head on the first token (P-Tuning v2) or the mean of tokens."""
+    """Randomly initialised linear head on the first token (P-Tuning v2), the last real token
+    (decoders, whose first token sees nothing else; encoder-decoders, as BART's classifier) or the
+    mean of the real tokens. `auto` picks first for encoders and last otherwise."""
 
     def __init__(self, hidden: int, num_labels: int, dropout: float, pooling: str = "first"):
         super().__init__()
-        if pooling not in ("first", "mean"):
-            raise ValueError(f"head.pooling must be 'first' or 'mean', got '{pooling}'")
+        if pooling not in POOLINGS[1:]:
+            raise ValueError(f"method.head.pooling must be one of {POOLINGS}, got '{pooling}'")
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(hidden, num_labels)
@@ -35,6 +42,9 @@ class ClassificationHead(nn.Module):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "first":
             pooled = hidden[:, 0]
+        elif self.pooling == "last":  # right padding: the last real token
+            last = attention_mask.sum(1).clamp(min=1) - 1
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         else:
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
@@ -47,12 +57,12 @@ class PeftClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.method_cfg = dict(method)
         self.backbone = load_backbone(BackboneSpec(**model))
-        # The frozen backbone runs in eval mode (no dropout) unless asked: its weights never change,
-        # so its dropout only adds noise. `backbone_dropout: true` follows the official P-Tuning v2
-        # code, which trains with the backbone's dropout on. Lightning keeps each module's mode.
-        self.backbone.train(bool(method.get("backbone_dropout", False)))
+        arch = ARCHITECTURES.get(self.backbone.config.model_type)
+        self.kind = arch.kind if arch else "encoder"
+        self.input_prompt = None  # an InputPrompt, for methods that prepend input-level prompts
         if method.get("activation_checkpointing", False):
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.train(True)  # Lightning keeps the modes it finds (see train())
         self.build()
         # Our head reads the last hidden states, never the backbone's pooler: it stays frozen, or
         # DDP would find trainable parameters without gradients.
@@ -60,9 +70,10 @@ class PeftClassifier(L.LightningModule):
         if isinstance(pooler, nn.Module):
             pooler.requires_grad_(False)
         head = method.get("head", {})
-        self.head = ClassificationHead(
-            self.backbone.config.hidden_size, num_labels, head.get("dropout", 0.1), head.get("pooling", "first")
-        )
+        pooling = head.get("pooling", "auto")
+        if pooling == "auto":
+            pooling = "first" if self.kind == "encoder" else "last"
+        self.head = ClassificationHead(self.backbone.config.hidden_size, num_labels, head.get("dropout", 0.1), pooling)
         # Lightning loads our checkpoints non-strictly: they hold only the trainable tensors.
         self.strict_loading = False
         metrics = MetricCollection(
@@ -75,19 +86,57 @@ class PeftClassifier(L.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         self.val_acc_best = MaxMetric()
 
+    def train(self, mode: bool = True):
+        """The frozen backbone runs in eval mode (no dropout) unless asked: its weights never
+        change, so its dropout only adds noise. `backbone_dropout: true` follows the official
+        P-Tuning v2 code, which trains with the backbone's dropout on. transformers checkpoints a
+        layer only while the layer is in training mode, so with activation checkpointing the
+        layers themselves (not their dropouts) are marked as training."""
+        super().train(mode)
+        if mode:
+            self.backbone.train(bool(self.method_cfg.get("backbone_dropout", False)))
+            if self.backbone.is_gradient_checkpointing:
+                for module in self.backbone.modules():
+                    if getattr(module, "gradient_checkpointing", False):
+                        module.training = True
+        return self
+
     # --- to implement in a method -------------------------------------------------------------
     def build(self) -> None:
         raise NotImplementedError
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Last hidden states of the real tokens, (batch, seq, hidden), aligned with input_ids.
-        Methods that change weights in place (fine-tuning, BitFit) keep this; injection methods override it."""
-        return self.backbone(**self.backbone_inputs(batch)).last_hidden_state
+        """Last hidden states, (batch, seq, hidden), aligned with input_ids. Methods that change
+        weights in place or hook modules keep this; prompt methods pass their prefix or prompt."""
+        return self.run_backbone(batch)
 
     # --- shared ---------------------------------------------------------------------------------
     def backbone_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         keys = ("input_ids", "attention_mask", "token_type_ids")
-        return {k: batch[k] for k in keys if k in batch}
+        inputs = {k: batch[k] for k in keys if k in batch}
+        if self.kind == "encoder-decoder":
+            # classify from the decoder run over the input shifted right (as BART's classifier);
+            # its last real position has read the whole input through cross-attention
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            config = self.backbone.config
+            start = torch.full_like(ids[:, :1], config.decoder_start_token_id)
+            decoder_mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask[:, :-1]], dim=1)
+            shifted = torch.cat([start, ids[:, :-1]], dim=1).masked_fill(decoder_mask == 0, config.pad_token_id)
+            inputs["decoder_input_ids"], inputs["decoder_attention_mask"] = shifted, decoder_mask
+        return inputs
+
+    def run_backbone(self, batch, prefix: PrefixState | None = None, prompt: torch.Tensor | None = None):
+        """The backbone's last hidden states aligned with `batch["input_ids"]`, with deep `prefix`
+        keys/values in its attention and/or an input-level `prompt` (P, hidden) in front of the
+        real tokens' embeddings. The one place every method calls the backbone."""
+        inputs = self.backbone_inputs(batch)
+        if prefix is not None:
+            inputs[PREFIX_KWARG] = prefix
+        if prompt is None:
+            return self.backbone(**inputs).last_hidden_state
+        with self.input_prompt.prepended(inputs, prompt) as joined:
+            hidden = self.backbone(**joined).last_hidden_state
+        return self.input_prompt.strip(hidden, prompt.shape[-2])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.encode(batch), batch["attention_mask"])
@@ -166,6 +215,11 @@ class PeftClassifier(L.LightningModule):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         keep = self.trainable_state_keys()
         return {k: v for k, v in self.state_dict().items() if k in keep}
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, method config) of the adapter to save; a method may simplify both."""
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        return tensors, dict(self.hparams.method)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_state_keys()

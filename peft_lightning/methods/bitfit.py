@@ -9,5 +9,12 @@ from peft_lightning.methods.base import PeftClassifier
 
 class BitFit(PeftClassifier):
     def build(self) -> None:
+        biases = 0
         for name, param in self.backbone.named_parameters():
             param.requires_grad_(name.endswith(".bias"))
+            biases += name.endswith(".bias")
+        if not biases:
+            raise ValueError(
+                f"method=bitfit trains bias terms, and architecture '{self.backbone.config.model_type}' has none "
+                "(T5 and Llama use no biases); pick another method, e.g. lora or adapter"
+            )
