@@ -4,6 +4,8 @@ import signal
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# conf/train.yaml adds this folder to Hydra's search path, for sweeps/
+os.environ.setdefault("PEFT_LIGHTNING_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from peft_lightning.backbone import BackboneSpec, load_tokenizer
@@ -40,6 +40,29 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+class EpochTimer(Callback):
+    """Seconds of training per epoch (the training batches only: validation excluded)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._start: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start = time.perf_counter()
+
+    def _stop(self):
+        if self._start is not None:
+            self.seconds.append(time.perf_counter() - self._start)
+            self._start = None
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._stop()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._stop()  # (epochs without validation)
+
+
 def build(cfg: DictConfig):
     """(datamodule, LightningModule) for a config; no training."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -64,6 +87,7 @@ def train(cfg: DictConfig) -> dict:
                      "model": cfg.model.name, "data": cfg.data.name, "seed": cfg.seed}
     trainer = None
     loggers: list = []
+    timer = EpochTimer()
     try:
         validate_config(cfg)  # before any model is loaded
         L.seed_everything(cfg.seed, workers=True)
@@ -72,6 +96,7 @@ def train(cfg: DictConfig) -> dict:
         callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c and "_target_" in c]
         if not loggers:  # the LR monitor refuses to run without a logger
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+        callbacks.append(timer)
         trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
         )
@@ -117,6 +142,7 @@ def train(cfg: DictConfig) -> dict:
             summary["epochs_completed"] = trainer.current_epoch
             summary["global_step"] = trainer.global_step
         summary["wall_time_s"] = time.time() - started
+        summary["train_seconds_per_epoch"] = timer.seconds
         summary["peak_memory_mb"] = _peak_memory_mb()
         if trainer is None or trainer.is_global_zero:
             write_json_atomic(out_dir / "results.json", summary)

@@ -39,8 +39,9 @@ def fault(**kw):
     (["method.prefix_length=1.5"], "method.prefix_length must be a positive integer, got 1.5"),
     (["method.optim.lr=0"], "method.optim.lr must be a positive number, got 0"),
     (["method.depth=[0,7]"], r"layer index \[7\] out of range: model=minilm has layers 0..5"),
-    (["model=tiny-bert", "model.config.model_type=gpt2"],
-     r"does not support model=tiny-bert \(architecture 'gpt2'\); supported architectures: \['bert', 'roberta'\]"),
+    (["model=tiny-bert", "model.config.model_type=distilbert"],
+     r"does not support model=tiny-bert \(architecture 'distilbert'\); supported architectures: \['bart', 'bert', "
+     r"'deberta-v2', 'gpt2', 'llama', 'roberta', 't5'\]"),
 ])
 def test_config_errors_name_the_key(overrides, message, monkeypatch):
     import peft_lightning.backbone as backbone

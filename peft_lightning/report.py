@@ -1,0 +1,146 @@
+"""Compare the jobs of a multirun: a markdown table (and plots) from their results.json files.
+
+    python -m peft_lightning.report outputs/methods/multiruns/<time> --out docs/methods.md
+
+Every job writes results.json whatever happens (run.py), so the report needs nothing else: no
+W&B. The sweep's axes are the overrides that differ between jobs; `seed` is averaged over
+(mean +- std, n). Jobs that failed or were interrupted are listed with their error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+
+METRICS = {  # column -> (results.json path, format)
+    "test acc": (("metrics", "test", "test/acc"), "{:.4f}"),
+    "best dev acc": (("metrics", "best", "val/acc_best"), "{:.4f}"),
+    "trainable": (("parameters", "trainable"), "{:,.0f}"),
+    "trainable %": (("parameters", "trainable_pct"), "{:.3f}"),
+    "train s/epoch": (("train_seconds_per_epoch",), "{:.1f}"),
+}
+
+
+def _get(data: dict, path: tuple):
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    if isinstance(data, list):  # per-epoch seconds: their mean
+        return sum(data) / len(data) if data else None
+    return data
+
+
+def _overrides(job: Path, results: dict | None) -> dict[str, str]:
+    listed = results.get("overrides") if results else None
+    if listed is None:
+        file = job / ".hydra" / "overrides.yaml"
+        listed = [line[2:].strip() for line in file.read_text().splitlines() if line.startswith("- ")] \
+            if file.is_file() else []
+    return dict(item.lstrip("+").split("=", 1) for item in listed if "=" in item)
+
+
+def collect(multirun: Path) -> pd.DataFrame:
+    """One row per job directory (any folder with results.json or .hydra/ under `multirun`)."""
+    rows = []
+    jobs = sorted({p.parent for p in multirun.rglob("results.json")} | {p.parent for p in multirun.rglob(".hydra")},
+                  key=lambda p: (len(p.parts), p.name.zfill(6)))
+    for job in jobs:
+        file = job / "results.json"
+        results = json.loads(file.read_text()) if file.is_file() else None
+        row = {"job": job.name, **_overrides(job, results)}
+        row["status"] = results.get("status", "unknown") if results else "no results.json"
+        row["error"] = (results or {}).get("error", "")
+        for column, (path, _) in METRICS.items():
+            row[column] = _get(results or {}, path)
+        rows.append(row)
+    if not rows:
+        raise FileNotFoundError(f"no job directories (results.json or .hydra/) under {multirun}")
+    return pd.DataFrame(rows)
+
+
+def axes(frame: pd.DataFrame) -> list[str]:
+    """The overrides that vary between jobs (the sweep's axes), seed excluded."""
+    skip = {"job", "status", "error", "seed", *METRICS}
+    return [c for c in frame.columns if c not in skip and frame[c].astype(str).nunique() > 1]
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """Completed jobs grouped by the sweep's axes: mean (+- std over seeds) of every metric."""
+    done = frame[frame["status"] == "completed"]
+    keys = axes(frame) or ["job"]
+    grouped = done.groupby(keys, sort=False, dropna=False)
+    out = grouped[list(METRICS)].mean()
+    std = grouped[list(METRICS)].std()
+    out["n"] = grouped.size()
+    for column in METRICS:
+        out[column + " std"] = std[column]
+    return out.reset_index()
+
+
+def markdown(frame: pd.DataFrame, title: str, command: str | None = None) -> str:
+    summary = summarize(frame)
+    keys = [c for c in summary.columns if c not in METRICS and not c.endswith(" std") and c != "n"]
+    many = bool((summary["n"] > 1).any())
+    lines = [f"# {title}", ""]
+    if command:
+        lines += [f"Produced by `{command}`", ""]
+    lines += [_machine(), ""]
+    header = keys + list(METRICS) + (["n"] if many else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in summary.sort_values("test acc", ascending=False, na_position="last").iterrows():
+        cells = [str(row[k]) for k in keys]
+        for column, (_, fmt) in METRICS.items():
+            value, spread = row[column], row[column + " std"]
+            cell = "" if pd.isna(value) else fmt.format(value)
+            if many and not pd.isna(spread) and column in ("test acc", "best dev acc"):
+                cell += " ± " + fmt.format(spread)
+            cells.append(cell)
+        if many:
+            cells.append(str(int(row["n"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = frame[frame["status"] != "completed"]
+    if len(failed):
+        lines += ["", "Jobs that did not complete:", ""]
+        for _, row in failed.iterrows():
+            what = ", ".join(f"{k}={row[k]}" for k in axes(frame)) or row["job"]
+            lines.append(f"- job {row['job']} ({what}): {row['status']}{': ' + row['error'] if row['error'] else ''}")
+    return "\n".join(lines) + "\n"
+
+
+def _machine() -> str:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({cpu})"
+    import os
+
+    return (f"Machine: {device}, {os.cpu_count()} cores; torch {torch.__version__}, transformers "
+            f"{transformers.__version__}; report written {date.today().isoformat()}.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peft_lightning.report", description=__doc__.splitlines()[0])
+    parser.add_argument("multirun", type=Path, help="a multirun directory (outputs/<task>/multiruns/<time>)")
+    parser.add_argument("--out", type=Path, help="markdown file to write (default: <multirun>/report.md)")
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args(argv)
+    if not args.multirun.is_dir():
+        parser.error(f"{args.multirun} is not a directory")
+    frame = collect(args.multirun)
+    out = args.out or args.multirun / "report.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python -m peft_lightning.report " + " ".join(sys.argv[1:] if argv is None else argv)
+    out.write_text(markdown(frame, args.title or f"Results of {args.multirun}", command))
+    print(out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
