@@ -16,39 +16,12 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import get_linear_schedule_with_warmup
 
-from peft_lightning.backbone import BackboneSpec, count_parameters, load_backbone
+from peft_lightning.backbone import BackboneSpec, count_parameters, load_backbone, load_tokenizer
 from peft_lightning.injection.architectures import ARCHITECTURES
 from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState
+from peft_lightning.methods.heads import HEAD_TYPES, ClassificationHead, Verbalizer
 
 log = logging.getLogger(__name__)
-
-
-POOLINGS = ("auto", "first", "last", "mean")
-
-
-class ClassificationHead(nn.Module):
-    """Randomly initialised linear head on the first token (P-Tuning v2), the last real token
-    (decoders, whose first token sees nothing else; encoder-decoders, as BART's classifier) or the
-    mean of the real tokens. `auto` picks first for encoders and last otherwise."""
-
-    def __init__(self, hidden: int, num_labels: int, dropout: float, pooling: str = "first"):
-        super().__init__()
-        if pooling not in POOLINGS[1:]:
-            raise ValueError(f"method.head.pooling must be one of {POOLINGS}, got '{pooling}'")
-        self.pooling = pooling
-        self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(hidden, num_labels)
-
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "first":
-            pooled = hidden[:, 0]
-        elif self.pooling == "last":  # right padding: the last real token
-            last = attention_mask.sum(1).clamp(min=1) - 1
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        else:
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-        return self.linear(self.dropout(pooled))
 
 
 class PeftClassifier(L.LightningModule):
@@ -56,7 +29,15 @@ class PeftClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.method_cfg = dict(method)
-        self.backbone = load_backbone(BackboneSpec(**model))
+        head = method.get("head", {})
+        head_type = head.get("type", "linear")
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"method.head.type must be one of {HEAD_TYPES}, got {head_type!r}")
+        lm_head = None
+        if head_type == "verbalizer":
+            self.backbone, lm_head = self._load_with_lm_head(BackboneSpec(**model))
+        else:
+            self.backbone = load_backbone(BackboneSpec(**model))
         arch = ARCHITECTURES.get(self.backbone.config.model_type)
         self.kind = arch.kind if arch else "encoder"
         self.input_prompt = None  # an InputPrompt, for methods that prepend input-level prompts
@@ -69,11 +50,14 @@ class PeftClassifier(L.LightningModule):
         pooler = getattr(self.backbone, "pooler", None)
         if isinstance(pooler, nn.Module):
             pooler.requires_grad_(False)
-        head = method.get("head", {})
-        pooling = head.get("pooling", "auto")
-        if pooling == "auto":
-            pooling = "first" if self.kind == "encoder" else "last"
-        self.head = ClassificationHead(self.backbone.config.hidden_size, num_labels, head.get("dropout", 0.1), pooling)
+        if lm_head is not None:
+            self.head = self._verbalizer(lm_head, head.get("label_words") or labels, num_labels, model)
+        else:
+            pooling = head.get("pooling", "auto")
+            if pooling == "auto":
+                pooling = "first" if self.kind == "encoder" else "last"
+            self.head = ClassificationHead(self.backbone.config.hidden_size, num_labels, head.get("dropout", 0.1),
+                                           pooling)
         # Lightning loads our checkpoints non-strictly: they hold only the trainable tensors.
         self.strict_loading = False
         metrics = MetricCollection(
@@ -139,7 +123,51 @@ class PeftClassifier(L.LightningModule):
         return self.input_prompt.strip(hidden, prompt.shape[-2])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if isinstance(self.head, Verbalizer):
+            batch = self.head.with_mask_token(batch)
         return self.head(self.encode(batch), batch["attention_mask"])
+
+    @staticmethod
+    def _load_with_lm_head(spec: BackboneSpec):
+        """(bare backbone, its frozen LM head) from the backbone's LM-head model."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+        from peft_lightning.backbone import load_config
+
+        config = load_config(spec) if spec.config is not None else AutoConfig.from_pretrained(spec.name_or_path)
+        kind = ARCHITECTURES.get(config.model_type)
+        if kind is None or kind.kind == "encoder-decoder":
+            raise ValueError(
+                f"method.head.type=verbalizer needs an encoder with an MLM head or a decoder with an LM head; "
+                f"'{config.model_type}' is not one here. Use head.type=linear."
+            )
+        lm = load_backbone(spec, AutoModelForMaskedLM if kind.kind == "encoder" else AutoModelForCausalLM)
+        backbone = lm.base_model
+        heads = [m for name, m in lm.named_children() if m is not backbone]
+        if len(heads) != 1:
+            raise ValueError(f"cannot find the LM head of {type(lm).__name__}: children {[n for n, _ in lm.named_children()]}")
+        return backbone, heads[0]
+
+    def _verbalizer(self, lm_head, words, num_labels: int, model: dict) -> Verbalizer:
+        words = [str(w) for w in (words or [])]
+        if len(words) != num_labels:
+            raise ValueError(f"method.head.label_words needs one word per class ({num_labels}), got {words}")
+        tokenizer = load_tokenizer(BackboneSpec(**model))
+        ids = []
+        for word in words:
+            # decoders see a label word after a space (BPE tokenizers mark it in the token)
+            pieces = tokenizer((" " if self.kind == "decoder" else "") + word, add_special_tokens=False)["input_ids"]
+            if not pieces:
+                raise ValueError(f"label word {word!r} is empty after tokenization")
+            ids.append(pieces[0])
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"label words {words} share their first token; pick words that differ at the start")
+        if max(ids) >= self.backbone.get_input_embeddings().weight.shape[0]:
+            raise ValueError("label word ids fall outside the backbone's vocabulary: model.tokenizer does not match")
+        mask_id = tokenizer.mask_token_id if self.kind == "encoder" else None
+        if self.kind == "encoder" and mask_id is None:
+            raise ValueError(f"method.head.type=verbalizer on an encoder needs a mask token; {type(tokenizer).__name__} has none")
+        return Verbalizer(lm_head, ids, mask_id)
 
     def parameter_counts(self) -> dict[str, float]:
         return count_parameters(self)

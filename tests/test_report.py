@@ -1,0 +1,38 @@
+"""The comparison report reads a multirun's results.json files, whatever state each job ended in."""
+import json
+
+from peft_lightning.report import collect, main, summarize
+
+
+def job(root, num, overrides, status="completed", acc=None, error=None):
+    d = root / str(num)
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if status is None:  # killed before writing anything
+        return
+    results = {"status": status, "overrides": overrides,
+               "metrics": {"test": {"test/acc": acc}, "best": {"val/acc_best": acc}},
+               "parameters": {"trainable": 100, "trainable_pct": 0.5}, "train_seconds_per_epoch": [10.0, 12.0]}
+    if error:
+        results["error"] = error
+    (d / "results.json").write_text(json.dumps(results))
+
+
+def test_report_groups_by_axes_averages_seeds_and_lists_failures(tmp_path, capsys):
+    job(tmp_path, 0, ["method=lora", "seed=1"], acc=0.80)
+    job(tmp_path, 1, ["method=lora", "seed=2"], acc=0.90)
+    job(tmp_path, 2, ["method=adapter", "seed=1"], acc=0.70)
+    job(tmp_path, 3, ["method=adapter", "seed=2"], status="failed", error="FloatingPointError: Loss became nan")
+    job(tmp_path, 4, ["method=bitfit", "seed=1"], status=None)
+    frame = collect(tmp_path)
+    assert list(frame["status"]) == ["completed", "completed", "completed", "failed", "no results.json"]
+    summary = summarize(frame).set_index("method")
+    assert abs(summary.loc["lora", "test acc"] - 0.85) < 1e-9 and summary.loc["lora", "n"] == 2
+    assert summary.loc["adapter", "n"] == 1
+    assert summary.loc["lora", "train s/epoch"] == 11.0
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+    text = (tmp_path / "r.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| lora") or line.startswith("| adapter")]
+    assert rows[0].startswith("| lora | 0.8500 ± 0.0707")  # best first, mean ± std over seeds
+    assert "job 3 (method=adapter): failed: FloatingPointError: Loss became nan" in text
+    assert "job 4 (method=bitfit): no results.json" in text
