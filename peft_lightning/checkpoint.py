@@ -13,10 +13,20 @@ import os
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+# A backbone built from a config (random weights: tests, smoke runs) has no file to be reloaded
+# from, so its weights travel with the adapter.
+BACKBONE = "backbone_model.safetensors"
+
+
+def _atomic_save(tensors: dict, path: Path) -> None:
+    # write-then-rename: a kill mid-write never leaves a half-written file under the final name
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
 
 
 def save_pretrained(module, directory: str | Path) -> Path:
@@ -25,10 +35,11 @@ def save_pretrained(module, directory: str | Path) -> Path:
     tensors, method = module.export_state()
     config = {k: module.hparams[k] for k in ("model", "num_labels", "labels")}
     config["method"] = method
-    # write-then-rename: a kill mid-write never leaves a half-written file under the final name
-    tmp = directory / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / WEIGHTS)
+    _atomic_save(tensors, directory / WEIGHTS)
+    if module.hparams.model.get("config") is not None:
+        tmp = directory / (BACKBONE + ".tmp")
+        save_model(module.backbone, str(tmp))  # (handles tied weights)
+        os.replace(tmp, directory / BACKBONE)
     tmp = directory / (CONFIG + ".tmp")
     tmp.write_text(json.dumps(config, indent=2))
     os.replace(tmp, directory / CONFIG)
@@ -64,4 +75,6 @@ def load_pretrained(directory: str | Path, model_override: dict | None = None):
                 f"{tuple(own[k].shape)}; the adapter was trained on a backbone of another shape"
             )
     module.load_state_dict(tensors, strict=False)
+    if (directory / BACKBONE).is_file():
+        load_model(module.backbone, str(directory / BACKBONE))
     return module.eval()

@@ -1,0 +1,115 @@
+"""Many tasks on one frozen backbone: each example of a batch runs with its own task's prefix.
+
+Prefix-Tuning's argument for PEFT is exactly this: one copy of the backbone, a small file per
+task, and batches that mix tasks. Deep prefixes make it cheap: the prefix is just the keys/values
+an example attends to, so a batch can carry a different prefix per row (the attention kernel
+takes keys of shape (batch, heads, P, head_dim)), and tasks with different prefix lengths are
+padded to the longest with masked-out positions, which leaves the shorter ones exact.
+
+    model = MultiTaskModel({"sentiment": "runs/a/adapter", "spam": "runs/b/adapter"})
+    logits = model(batch, tasks=["spam", "sentiment", ...])   # one tensor per example
+
+Prompt ensembling (Lester et al.) is the same thing with several prompts of one task:
+`ensemble(model, batch, members)` runs every member on every example in one forward pass.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peft_lightning.checkpoint import load_pretrained
+from peft_lightning.injection.prefix import PrefixState
+
+MIXABLE = ("ptuning_v2", "prefix_tuning")
+
+
+class MultiTaskModel(nn.Module):
+    def __init__(self, adapters: dict[str, str | Path]):
+        super().__init__()
+        if not adapters:
+            raise ValueError("MultiTaskModel needs at least one adapter directory")
+        self.tasks = list(adapters)
+        self.heads = nn.ModuleDict()
+        self.labels: dict[str, list[str] | None] = {}
+        prefixes: dict[str, PrefixState] = {}
+        first = None
+        for task, directory in adapters.items():
+            module = load_pretrained(directory)
+            method = module.hparams.method["name"]
+            if method not in MIXABLE or module.prefix is None:
+                raise ValueError(f"task {task!r}: mixed-task batches need deep prefixes ({', '.join(MIXABLE)} with "
+                                 f"depth deep or a layer list); {directory} holds method={method}")
+            if first is None:
+                first = module
+                self.backbone = module.backbone  # shared; the other tasks' copies are dropped
+            elif module.hparams.model != first.hparams.model:
+                raise ValueError(f"task {task!r} was trained on model {module.hparams.model}, "
+                                 f"task {self.tasks[0]!r} on {first.hparams.model}: one backbone serves them all")
+            elif module.prefix.slots != first.prefix.slots:
+                raise ValueError(f"task {task!r} has prefixes in attention slots {module.prefix.slots}, "
+                                 f"task {self.tasks[0]!r} in {first.prefix.slots}: they must match")
+            with torch.no_grad():
+                prefixes[task] = module.eval().prefix(1)  # computed once: no reparameterization at serving time
+            self.heads[task] = module.head
+            self.labels[task] = module.hparams.labels
+        self.run_backbone = first.run_backbone
+        self.slots = first.prefix.slots
+        self.longest = max(next(iter(s.keys.values())).shape[-2] for s in prefixes.values())
+        # per task: keys/values padded to the longest prefix, (slots, 2, heads, longest, head_dim)
+        stacked, lengths = [], []
+        for task in self.tasks:
+            state = prefixes[task]
+            kv = torch.stack([torch.stack([state.keys[s][0], state.values[s][0]]) for s in self.slots])
+            lengths.append(kv.shape[-2])
+            stacked.append(nn.functional.pad(kv, (0, 0, 0, self.longest - kv.shape[-2])))
+        self.register_buffer("kv", torch.stack(stacked), persistent=False)  # (tasks, slots, 2, H, P, D)
+        self.register_buffer("prefix_mask", torch.arange(self.longest)[None] < torch.tensor(lengths)[:, None],
+                             persistent=False)
+        self.eval()
+
+    def task_index(self, tasks: list[str]) -> torch.Tensor:
+        unknown = sorted(set(tasks) - set(self.tasks))
+        if unknown:
+            raise KeyError(f"unknown task(s) {unknown}; this model serves {self.tasks}")
+        return torch.tensor([self.tasks.index(t) for t in tasks], device=self.kv.device)
+
+    def prefix_for(self, index: torch.Tensor) -> PrefixState:
+        kv = self.kv[index]  # (batch, slots, 2, H, P, D)
+        keys = {slot: kv[:, i, 0] for i, slot in enumerate(self.slots)}
+        values = {slot: kv[:, i, 1] for i, slot in enumerate(self.slots)}
+        return PrefixState(keys, values, self.prefix_mask[index])
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, torch.Tensor], tasks: list[str]) -> list[torch.Tensor]:
+        """Logits per example (tasks may have different label sets), one backbone pass."""
+        if len(tasks) != batch["input_ids"].shape[0]:
+            raise ValueError(f"{len(tasks)} task names for a batch of {batch['input_ids'].shape[0]} examples")
+        index = self.task_index(tasks)
+        hidden = self.run_backbone(batch, prefix=self.prefix_for(index))
+        out: list[torch.Tensor | None] = [None] * len(tasks)
+        for t, task in enumerate(self.tasks):
+            rows = (index == t).nonzero().flatten()
+            if len(rows):
+                logits = self.heads[task](hidden[rows], batch["attention_mask"][rows])
+                for row, value in zip(rows.tolist(), logits):
+                    out[row] = value
+        return out
+
+
+@torch.no_grad()
+def ensemble(model: MultiTaskModel, batch: dict[str, torch.Tensor], members: list[str]) -> dict[str, torch.Tensor]:
+    """Every member prompt (a task of `model`, all with one label set) on every example, in one
+    forward pass. Returns each member's probabilities (members, batch, labels), their mean and
+    the majority vote (ties go to the mean's choice)."""
+    n, k = batch["input_ids"].shape[0], len(members)
+    repeated = {key: value.repeat(k, *[1] * (value.dim() - 1)) for key, value in batch.items()}
+    logits = torch.stack(model(repeated, [m for m in members for _ in range(n)]))
+    probs = logits.softmax(-1).view(k, n, -1)
+    mean = probs.mean(0)
+    votes = nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).sum(0).float()
+    votes += mean * 1e-3  # break ties by the mean probability
+    return {"members": probs, "mean": mean, "vote": votes.argmax(-1)}
+
+

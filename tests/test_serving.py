@@ -1,0 +1,60 @@
+"""Many tasks on one frozen backbone, and prompt ensembling, against running each task alone."""
+import pytest
+import torch
+from conftest import make_batch, tiny_model, train_steps
+
+from peft_lightning.checkpoint import save_pretrained
+from peft_lightning.methods import METHODS
+from peft_lightning.serving import MultiTaskModel, ensemble
+
+
+def trained(tmp_path, name, labels, seed, **method):
+    torch.manual_seed(0)  # the same random backbone for every task (a real one is the same weights)
+    cfg = dict(name=name, prefix_length=4, depth="deep", reparameterization="none", reparam_hidden=16,
+               head={"dropout": 0.0})
+    cfg.update(method)
+    m = METHODS[name](model=tiny_model("bert"), method=cfg, num_labels=len(labels), labels=labels)
+    torch.manual_seed(seed)
+    batch = make_batch(seed=seed)
+    batch["labels"] = batch["labels"] % len(labels)
+    train_steps(m, [batch], 5)
+    save_pretrained(m, tmp_path / f"{name}-{seed}")
+    return m.eval(), tmp_path / f"{name}-{seed}"
+
+
+def test_each_example_uses_its_own_tasks_prefix(tmp_path):
+    a, dir_a = trained(tmp_path, "ptuning_v2", ["neg", "pos"], seed=1)
+    b, dir_b = trained(tmp_path, "prefix_tuning", ["x", "y", "z"], seed=2, prefix_length=6, reparameterization="mlp")
+    torch.manual_seed(0)
+    served = MultiTaskModel({"a": dir_a, "b": dir_b})
+    batch = make_batch(batch=6, seed=5)
+    tasks = ["a", "b", "b", "a", "b", "a"]
+    out = served(batch, tasks)
+    with torch.no_grad():
+        alone = {"a": a(batch), "b": b(batch)}  # every example with one task's prefix
+    for row, task in enumerate(tasks):
+        assert out[row].shape == (2 if task == "a" else 3,)
+        torch.testing.assert_close(out[row], alone[task][row], atol=1e-5, rtol=1e-5)
+
+
+def test_mixing_refuses_methods_without_deep_prefixes(tmp_path):
+    _, dir_a = trained(tmp_path, "ptuning_v2", ["neg", "pos"], seed=1)
+    _, dir_l = trained(tmp_path, "lora", ["neg", "pos"], seed=2)
+    with pytest.raises(ValueError, match="need deep prefixes"):
+        MultiTaskModel({"a": dir_a, "l": dir_l})
+    with pytest.raises(KeyError, match="unknown task"):
+        MultiTaskModel({"a": dir_a})(make_batch(batch=1), ["zzz"])
+
+
+def test_ensemble_equals_members_run_alone(tmp_path):
+    members = [trained(tmp_path, "ptuning_v2", ["neg", "pos"], seed=s) for s in (1, 2, 3)]
+    torch.manual_seed(0)
+    served = MultiTaskModel({f"p{i}": d for i, (_, d) in enumerate(members)})
+    batch = make_batch(batch=4, seed=9)
+    result = ensemble(served, batch, ["p0", "p1", "p2"])
+    with torch.no_grad():
+        alone = torch.stack([m(batch).softmax(-1) for m, _ in members])
+    torch.testing.assert_close(result["members"], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(result["mean"], alone.mean(0), atol=1e-5, rtol=1e-5)
+    votes = (alone.argmax(-1) == 1).sum(0)
+    assert result["vote"].tolist() == (votes >= 2).long().tolist()
