@@ -31,8 +31,8 @@ def _get(data: dict, path: tuple):
         if not isinstance(data, dict) or key not in data:
             return None
         data = data[key]
-    if isinstance(data, list):  # per-epoch seconds: their mean
-        return sum(data) / len(data) if data else None
+    if isinstance(data, list):  # per-epoch seconds: their median (robust to one disturbed epoch)
+        return float(pd.Series(data).median()) if data else None
     return data
 
 

@@ -1,0 +1,98 @@
+"""Export an adapter to the HF `peft` format, for people whose serving stack loads `peft`.
+
+    python -m peft_lightning.export <adapter dir> <out dir>
+
+Writes what `peft.PeftModel.from_pretrained(base_model, out_dir)` loads, for the methods with a
+peft twin:
+  lora                 LoraConfig + lora_A / lora_B per target: peft computes exactly what we do.
+  ptuning_v2, prefix_tuning (deep, every layer)
+                       PrefixTuningConfig + the flat prefix (`prompt_embeddings`, the MLP
+                       ejected); the key/value layout is the same as ours.
+The classification head has no place in peft's format for a bare backbone: it is written next to
+it as head.safetensors (apply it to the last hidden states, as `ClassificationHead` does).
+
+Not identical, by peft's design: peft feeds a prefix through `past_key_values`, which shifts the
+real tokens' position ids by the prefix length (absolute positions for BERT-like models, rotary
+angles for Llama), where ours keeps them. An exported prefix therefore gives close but not equal
+outputs under peft; LoRA is exact.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from peft_lightning.checkpoint import load_pretrained
+
+
+def _require_peft():
+    try:
+        import peft  # noqa: F401
+    except ImportError as err:
+        raise ImportError("exporting to the peft format needs peft: pip install peft") from err
+
+
+def export_peft(module, directory: str | Path) -> Path:
+    _require_peft()
+    from peft import LoraConfig, PrefixTuningConfig
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    method = module.hparams.method
+    name = method["name"]
+    base = module.hparams.model.get("name_or_path")
+    if name == "lora":
+        tensors, targets, conv1d = {}, [], False
+        for key, lora in module.lora.items():
+            target = key.replace("-", ".")
+            targets.append(target)
+            conv1d |= type(module.backbone.get_submodule(target)).__name__ == "Conv1D"
+            tensors[f"base_model.model.{target}.lora_A.weight"] = lora.A.detach().contiguous().cpu()
+            tensors[f"base_model.model.{target}.lora_B.weight"] = lora.B.detach().contiguous().cpu()
+            if lora.gate is not None:
+                raise ValueError("a gated LoRA (unipelt) has no peft twin")
+        config = LoraConfig(r=int(method.get("r", 8)), lora_alpha=float(method.get("alpha", 16)),
+                            lora_dropout=float(method.get("dropout", 0.0)), target_modules=targets,
+                            fan_in_fan_out=conv1d, task_type="FEATURE_EXTRACTION", base_model_name_or_path=base)
+    elif name in ("ptuning_v2", "prefix_tuning") and getattr(module, "depth", None) == "deep":
+        from peft_lightning.backbone import attention_geometry
+
+        if module.kind == "encoder-decoder":
+            raise ValueError("peft's prefix format for encoder-decoders differs; export supports encoders and decoders")
+        layers, kv_heads, head_dim = attention_geometry(module.backbone.config)
+        flat = module.prefix.encoder().detach().contiguous().cpu()  # (P, layers x 2 x kv_heads x head_dim)
+        tensors = {"prompt_embeddings": flat}
+        config = PrefixTuningConfig(num_virtual_tokens=module.prefix_length, num_layers=layers,
+                                    token_dim=kv_heads * head_dim, num_attention_heads=kv_heads,
+                                    task_type="FEATURE_EXTRACTION", base_model_name_or_path=base)
+    else:
+        raise ValueError(
+            f"method={name} (depth={method.get('depth')}) has no peft twin here; export supports lora and "
+            "deep ptuning_v2 / prefix_tuning"
+        )
+    config.save_pretrained(str(directory))
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    head = {f"head.{k}": v.detach().contiguous().cpu() for k, v in module.head.state_dict().items()}
+    if head:
+        save_file(head, str(directory / "head.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peft_lightning.export", description=__doc__.splitlines()[0])
+    parser.add_argument("adapter", type=Path)
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        out = export_peft(load_pretrained(args.adapter), args.out)
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (load with peft.PeftModel.from_pretrained(base_model, '{out}'))")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
