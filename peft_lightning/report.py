@@ -113,6 +113,56 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
+def _numeric(values) -> bool:
+    try:
+        [float(v) for v in values]
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def plots(frame: pd.DataFrame, directory: Path, metric: str = "test acc") -> list[Path]:
+    """PNG plots of `metric` (mean, error bars = std over seeds): against each numeric axis (a
+    line per combination of the other axes), or as grouped bars when every axis is categorical."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(frame)
+    keys = [c for c in axes(frame) if c in summary.columns]
+    if not keys or summary[metric].isna().all():
+        return []
+    written = []
+    numeric = [k for k in keys if _numeric(summary[k].dropna())]
+    for x in numeric or keys[:1]:
+        others = [k for k in keys if k != x]
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        groups = summary.groupby(others, sort=False) if others else [((), summary)]
+        for label, part in groups:
+            label = ", ".join(f"{k}={v}" for k, v in zip(others, label if isinstance(label, tuple) else (label,)))
+            part = part.sort_values(x, key=lambda c: c.astype(float)) if x in numeric else part
+            xs = part[x].astype(float) if x in numeric else part[x].astype(str)
+            if x in numeric:
+                ax.errorbar(xs, part[metric], yerr=part[metric + " std"].fillna(0), marker="o", capsize=3,
+                            label=label or None)
+            else:
+                ax.bar(xs, part[metric], yerr=part[metric + " std"].fillna(0), capsize=3, label=label or None)
+        if x in numeric and summary[x].astype(float).max() / max(summary[x].astype(float).min(), 1e-9) > 10:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(x)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        if others:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = directory / f"{metric.replace(' ', '_')}_vs_{x.replace('.', '_')}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def _machine() -> str:
     import torch
     import transformers
@@ -130,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("multirun", type=Path, help="a multirun directory (outputs/<task>/multiruns/<time>)")
     parser.add_argument("--out", type=Path, help="markdown file to write (default: <multirun>/report.md)")
     parser.add_argument("--title", default=None)
+    parser.add_argument("--no-plots", action="store_true", help="the table only")
     args = parser.parse_args(argv)
     if not args.multirun.is_dir():
         parser.error(f"{args.multirun} is not a directory")
@@ -137,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.multirun / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m peft_lightning.report " + " ".join(sys.argv[1:] if argv is None else argv)
-    out.write_text(markdown(frame, args.title or f"Results of {args.multirun}", command))
+    text = markdown(frame, args.title or f"Results of {args.multirun}", command)
+    if not args.no_plots:
+        for path in plots(frame, out.parent):
+            text += f"\n![{path.stem}]({path.name})\n"
+    out.write_text(text)
     print(out.read_text())
     return 0
 

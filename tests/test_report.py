@@ -36,3 +36,13 @@ def test_report_groups_by_axes_averages_seeds_and_lists_failures(tmp_path, capsy
     assert rows[0].startswith("| lora | 0.8500 ± 0.0707")  # best first, mean ± std over seeds
     assert "job 3 (method=adapter): failed: FloatingPointError: Loss became nan" in text
     assert "job 4 (method=bitfit): no results.json" in text
+
+
+def test_report_plots_metric_against_a_numeric_axis(tmp_path):
+    for i, (method, length, seed, acc) in enumerate([("a", 4, 1, 0.6), ("a", 4, 2, 0.7), ("a", 16, 1, 0.8),
+                                                      ("b", 4, 1, 0.5), ("b", 16, 1, 0.9)]):
+        job(tmp_path, i, [f"method={method}", f"method.prefix_length={length}", f"seed={seed}"], acc=acc)
+    assert main([str(tmp_path), "--out", str(tmp_path / "report" / "r.md")]) == 0
+    text = (tmp_path / "report" / "r.md").read_text()
+    png = tmp_path / "report" / "test_acc_vs_method_prefix_length.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and f"({png.name})" in text

@@ -101,6 +101,21 @@ class EpochSeededSampler(Sampler[int]):
         return iter(order[skip:])
 
 
+def subsample(part: datasets.Dataset, size: int | float, seed: int) -> datasets.Dataset:
+    """`size` examples (int) or that fraction (float) of `part`, drawn with `seed`."""
+    n = len(part)
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
+        raise ValueError(f"data.train_examples must be a positive count or a fraction in (0, 1], got {size!r}")
+    if isinstance(size, float):
+        if size > 1:
+            raise ValueError(f"data.train_examples as a fraction must be at most 1, got {size}")
+        size = max(1, round(size * n))
+    if size > n:
+        raise ValueError(f"data.train_examples={size} but the training split has only {n} examples")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+    return part.select(sorted(order.tolist()))
+
+
 class TextClassificationDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -118,6 +133,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         seed: int = 42,
         files: dict | None = None,
+        train_examples: int | float | None = None,
         **_: object,
     ):
         super().__init__()
@@ -129,6 +145,9 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.group_by_length, self.num_workers = group_by_length, num_workers
         self.seed = seed
         self.files = dict(files) if files else None
+        # low-data regime: keep this many (int) or this fraction (float in (0, 1]) of the training
+        # split, sampled with the run's seed (so seeds give different subsets, reproducibly)
+        self.train_examples = train_examples
         self._resume_point: tuple[int, int] | None = None  # (epoch, samples to skip) after a mid-epoch resume
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.collate = DataCollatorWithPadding(tokenizer)
@@ -169,6 +188,8 @@ class TextClassificationDataModule(L.LightningDataModule):
             tokenize, batched=True, remove_columns=raw["train"].column_names,
             cache_file_names=self._cache_files(identity), desc="tokenize",
         )
+        if self.train_examples is not None:
+            self.data["train"] = subsample(self.data["train"], self.train_examples, self.seed)
         for name, part in self.data.items():
             bad = [i for i, y in enumerate(part["labels"]) if not 0 <= y < self.num_labels]
             if bad:
