@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from peft_lightning.injection.modules import ACTIVATIONS
 from peft_lightning.injection.prompt_encoder import REPARAMETERIZATIONS
+from peft_lightning.methods.adapter import STYLES
+from peft_lightning.methods.heads import HEAD_TYPES, POOLINGS
+from peft_lightning.methods.prompting import INITS
 
 
 class ConfigError(ValueError):
@@ -12,10 +16,24 @@ class ConfigError(ValueError):
 
 def validate_config(cfg: DictConfig) -> None:
     m = cfg.method
-    if "prefix_length" in m:
-        p = m.prefix_length
-        if isinstance(p, bool) or not isinstance(p, int) or p <= 0:
-            raise ConfigError(f"method.prefix_length must be a positive integer, got {p!r}")
+    for key in ("prefix_length", "reparam_hidden", "bottleneck", "r"):
+        if key in m:
+            value = m[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"method.{key} must be a positive integer, got {value!r}")
+    for key, allowed in (("init", INITS), ("style", tuple(STYLES)), ("activation", tuple(ACTIVATIONS))):
+        if key in m and m[key] not in allowed:
+            raise ConfigError(f"method.{key} must be one of {allowed}, got {m[key]!r}")
+    head = m.get("head") or {}
+    for key, allowed in (("type", HEAD_TYPES), ("pooling", POOLINGS)):
+        if key in head and head[key] not in allowed:
+            raise ConfigError(f"method.head.{key} must be one of {allowed}, got {head[key]!r}")
+    if m.get("init") == "text" and not m.get("init_text"):
+        raise ConfigError("method.init=text needs method.init_text (the words to start the prompt from)")
+    size = cfg.data.get("train_examples")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0
+                             or (isinstance(size, float) and size > 1)):
+        raise ConfigError(f"data.train_examples must be a positive count or a fraction in (0, 1], got {size!r}")
     if "reparameterization" in m and m.reparameterization not in REPARAMETERIZATIONS:
         raise ConfigError(f"method.reparameterization must be one of {REPARAMETERIZATIONS}, got {m.reparameterization!r}")
     lr = m.get("optim", {}).get("lr")

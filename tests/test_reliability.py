@@ -42,6 +42,11 @@ def fault(**kw):
     (["model=tiny-bert", "model.config.model_type=distilbert"],
      r"does not support model=tiny-bert \(architecture 'distilbert'\); supported architectures: \['bart', 'bert', "
      r"'deberta-v2', 'gpt2', 'llama', 'roberta', 't5'\]"),
+    (["method=adapter", "method.style=serial"], r"method.style must be one of \('houlsby', 'pfeiffer'\), got 'serial'"),
+    (["method=lora", "method.r=0"], "method.r must be a positive integer, got 0"),
+    (["++method.head.type=mlp"], r"method.head.type must be one of \('linear', 'verbalizer'\), got 'mlp'"),
+    (["method=prompt_tuning", "method.init=text"], "method.init=text needs method.init_text"),
+    (["++data.train_examples=1.5"], r"data.train_examples must be a positive count or a fraction in \(0, 1\], got 1.5"),
 ])
 def test_config_errors_name_the_key(overrides, message, monkeypatch):
     import peft_lightning.backbone as backbone
