@@ -15,8 +15,12 @@ from omegaconf import DictConfig  # noqa: E402
 def main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from peft_lightning.multirun import needs_own_process, run_job_in_own_process
     from peft_lightning.run import train
     from peft_lightning.validation import ConfigError
+
+    if needs_own_process(cfg):  # a DDP job inside a multirun: see peft_lightning/multirun.py
+        return run_job_in_own_process(__file__)
 
     try:
         summary = train(cfg)

@@ -187,3 +187,21 @@ def test_resume_continues_from_saved_step(tmp_path):
     assert trainer.global_step == 12
     for (n, a), (_, b) in zip(straight.trainable_state_dict().items(), resumed.trainable_state_dict().items()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_eval_computes_the_reparameterized_prefix_once_and_notices_updates():
+    m = module(reparameterization="mlp").eval()
+    calls = []
+    m.prefix.encoder.net.register_forward_hook(lambda *a: calls.append(1))
+    batch = make_batch()
+    with torch.no_grad():
+        first = m(batch)
+        torch.testing.assert_close(m(batch), first, atol=0, rtol=0)
+    assert len(calls) == 1  # cached across batches
+    with torch.no_grad():
+        m.prefix.encoder.net[0].weight.add_(0.1)  # an update (as an optimizer step makes)
+        changed = m(batch)
+    assert len(calls) == 2 and not torch.equal(changed, first)
+    m.train()
+    m(batch)
+    assert len(calls) == 3  # training always recomputes (gradients must flow)

@@ -47,9 +47,18 @@ class PromptEncoder(nn.Module):
         nn.init.normal_(self.embedding.weight, std=init_std)
 
     def forward(self) -> torch.Tensor:
-        """(num_tokens, out_dim) prompt vectors."""
+        """(num_tokens, out_dim) prompt vectors. At evaluation (eval mode, no gradients) the
+        reparameterization network runs once, not per batch: its output is cached until a
+        parameter changes (tracked by the tensors' version counters)."""
         table = self.embedding.weight
-        return table if self.net is None else self.net(table)
+        if self.net is None:
+            return table
+        if self.training or torch.is_grad_enabled():
+            return self.net(table)
+        key = tuple((id(p), p._version) for p in self.parameters())
+        if getattr(self, "_cache_key", None) != key:
+            self._cache, self._cache_key = self.net(table), key
+        return self._cache
 
     @torch.no_grad()
     def eject_reparameterization(self) -> None:
