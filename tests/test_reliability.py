@@ -215,3 +215,7 @@ def test_crash_in_one_multirun_job_keeps_the_others(tmp_path):
     done = json.loads((tmp_path / "1" / "results.json").read_text())
     assert failed["status"] == "failed" and "Loss became nan" in failed["error"]
     assert done["status"] == "completed" and done["metrics"]["test"]  # ...and the other job finished
+    from peft_lightning.report import collect, markdown
+
+    report = markdown(collect(tmp_path), "t")
+    assert "job 0 (callbacks.fault.nan_at_step=3): failed: FloatingPointError: Loss became nan" in report

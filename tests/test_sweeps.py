@@ -36,3 +36,27 @@ def test_wandb_sweep_calls_train_py_with_overrides():
     spec = yaml.safe_load((ROOT / "sweeps" / "wandb_sweep.yaml").read_text())
     assert spec["program"] == "train.py" and "${args_no_hyphens}" in spec["command"]
     assert spec["metric"]["name"] == "val/acc_best"
+
+
+@pytest.mark.slow  # ~3 minutes on 2 cores: .ci/run runs the slow tests after the default run
+def test_prefix_length_sweep_runs_on_the_embedded_default_and_reports(tmp_path):
+    """The whole prefix-length sweep (3 methods x 7 lengths) on MiniLM and the embedded data, with
+    a tiny budget per job, then the report: a row per job's settings and a plot."""
+    import json
+    import subprocess
+    import sys
+
+    tiny = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+            "+trainer.limit_test_batches=1", "data.batch_size=4", "data.eval_batch_size=8", "data.max_length=32",
+            "logger=csv", "callbacks=none"]
+    proc = subprocess.run([sys.executable, "train.py", "-m", "+sweeps=prefix_length", *tiny,
+                           f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")]
+    assert len(results) == 21 and all(r["status"] == "completed" for r in results)
+    from peft_lightning.report import main
+
+    assert main([str(tmp_path), "--out", str(tmp_path / "report" / "r.md")]) == 0
+    text = (tmp_path / "report" / "r.md").read_text()
+    assert sum(line.startswith("| ") for line in text.splitlines()) == 1 + 21  # header + one row per setting
+    assert (tmp_path / "report" / "test_acc_vs_method_prefix_length.png").stat().st_size > 1000
