@@ -29,4 +29,5 @@ def method_class(name: str) -> type[PeftClassifier]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "PeftClassifier", "method_class", *[c.__name__ for c in METHODS.values()]]
+__all__ = ["METHODS", "AdapterTuning", "BitFit", "FineTune", "LoRATuning", "PTuning", "PTuningV2", "PeftClassifier",
+           "PrefixTuning", "PromptTuning", "UniPELT", "method_class"]

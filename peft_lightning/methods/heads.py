@@ -59,7 +59,9 @@ class Verbalizer(nn.Module):
         rows = torch.arange(ids.shape[0], device=ids.device)
         last = last_real(mask)
         out = dict(batch)
-        grow = lambda t: torch.cat([t, t[:, -1:]], dim=1)  # noqa: E731 (one more column)
+        def grow(t):  # one more column
+            return torch.cat([t, t[:, -1:]], dim=1)
+
         new_ids = grow(ids).clone()
         new_ids[rows, last + 1] = ids[rows, last]  # the separator moves right
         new_ids[rows, last] = self.mask_token_id
