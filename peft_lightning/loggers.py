@@ -39,8 +39,22 @@ def make_wandb_logger(save_dir: str, project: str, name: str | None = None, grou
                  save_dir)
     os.environ.setdefault("WANDB_SILENT", "true")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
+    swept = job_overrides()
+    if name and swept:  # runs of one sweep differ by their overrides: say them in the name
+        name = f"{name} {','.join(swept)}"
     return WandbLogger(save_dir=save_dir, project=project, name=name, group=group, tags=list(tags or []),
                        offline=offline, **kwargs)
+
+
+def job_overrides(everything: bool = False) -> list[str]:
+    """The command-line overrides of this run or multirun job (without the sweep file's name
+    unless `everything`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    overrides = list(HydraConfig.get().overrides.task)
+    return overrides if everything else [o for o in overrides if not o.lstrip("+").startswith("sweeps=")]
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

@@ -19,7 +19,7 @@ from peft_lightning.backbone import BackboneSpec, load_tokenizer
 from peft_lightning.checkpoint import save_pretrained
 from peft_lightning.data import TextClassificationDataModule
 from peft_lightning.faults import INTERRUPTS, AtomicCheckpointIO, check_checkpoint
-from peft_lightning.loggers import write_json_atomic
+from peft_lightning.loggers import job_overrides, write_json_atomic
 from peft_lightning.methods import method_class
 from peft_lightning.validation import validate_config
 
@@ -32,12 +32,6 @@ def _to_python(value):
     if isinstance(value, torch.Tensor):
         return value.item()
     return value
-
-
-def _overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 class EpochTimer(Callback):
@@ -83,7 +77,7 @@ def train(cfg: DictConfig) -> dict:
     started = time.time()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"status": "running", "overrides": _overrides(), "method": cfg.method.name,
+    summary: dict = {"status": "running", "overrides": job_overrides(everything=True), "method": cfg.method.name,
                      "model": cfg.model.name, "data": cfg.data.name, "seed": cfg.seed}
     trainer = None
     loggers: list = []
