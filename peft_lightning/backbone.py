@@ -79,6 +79,11 @@ def load_tokenizer(spec: BackboneSpec, fallback: str | None = None):
     return AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
 
 
+def checkpointing(model: PreTrainedModel) -> bool:
+    """Whether activation checkpointing is on (transformers 5 renamed the attribute)."""
+    return bool(getattr(model, "is_activation_checkpointing", None) or getattr(model, "is_gradient_checkpointing", False))
+
+
 def count_parameters(module: nn.Module) -> dict[str, float]:
     total = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)

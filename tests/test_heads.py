@@ -39,6 +39,7 @@ def test_verbalizer_reads_the_lm_heads_label_word_scores(arch, lm_class):
     the stock LM-head model's logits for the label words at the read position."""
     torch.manual_seed(0)
     m = verbalized(arch, name="finetune").eval()
+    assert m.backbone.get_input_embeddings().weight.requires_grad  # tied to the LM head, still fine-tuned
     torch.manual_seed(0)
     reference = lm_class.from_config(load_config(BackboneSpec(**lm_model(arch)))).eval()
     reference.load_state_dict({**reference.state_dict(), **{f"{reference.base_model_prefix}.{k}": v

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from peft_lightning.checkpoint import load_pretrained, save_pretrained
 from peft_lightning.methods import PTuningV2
+from peft_lightning.backbone import checkpointing as checkpointing_on
 
 
 def module(arch="bert", **method):
@@ -88,7 +89,7 @@ def test_activation_checkpointing_same_loss_and_gradients(depth, reparam):
         loss = torch.nn.functional.cross_entropy(m(batch), batch["labels"])
         loss.backward()
         grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
-        return loss.detach(), grads, m.backbone.is_gradient_checkpointing
+        return loss.detach(), grads, checkpointing_on(m.backbone)
 
     loss_a, grads_a, on_a = loss_and_grads(False)
     loss_b, grads_b, on_b = loss_and_grads(True)

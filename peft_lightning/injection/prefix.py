@@ -24,6 +24,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
+from peft_lightning.backbone import checkpointing
 from peft_lightning.injection.architectures import AttentionSlot, attention_slots
 
 PREFIX_KWARG = "peft_prefix"
@@ -224,7 +225,7 @@ def _install_patched(model: PreTrainedModel, slots) -> None:
     def drop_prefix(_model, _args, _kwargs, output):
         # Activation checkpointing recomputes the layers during backward, after this hook: keep the
         # state for it then (the next forward replaces it).
-        if not (model.is_gradient_checkpointing and torch.is_grad_enabled()):
+        if not (checkpointing(model) and torch.is_grad_enabled()):
             for module in modules:
                 setattr(module, STATE_ATTR, None)
         return output

@@ -16,7 +16,7 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import get_linear_schedule_with_warmup
 
-from peft_lightning.backbone import BackboneSpec, count_parameters, load_backbone, load_tokenizer
+from peft_lightning.backbone import BackboneSpec, checkpointing, count_parameters, load_backbone, load_tokenizer
 from peft_lightning.injection.architectures import ARCHITECTURES
 from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState
 from peft_lightning.methods.heads import HEAD_TYPES, ClassificationHead, Verbalizer
@@ -79,7 +79,7 @@ class PeftClassifier(L.LightningModule):
         super().train(mode)
         if mode:
             self.backbone.train(bool(self.method_cfg.get("backbone_dropout", False)))
-            if self.backbone.is_gradient_checkpointing:
+            if checkpointing(self.backbone):
                 for module in self.backbone.modules():
                     if getattr(module, "gradient_checkpointing", False):
                         module.training = True
@@ -130,11 +130,11 @@ class PeftClassifier(L.LightningModule):
     @staticmethod
     def _load_with_lm_head(spec: BackboneSpec):
         """(bare backbone, its frozen LM head) from the backbone's LM-head model."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
         from peft_lightning.backbone import load_config
 
-        config = load_config(spec) if spec.config is not None else AutoConfig.from_pretrained(spec.name_or_path)
+        config = load_config(spec)
         kind = ARCHITECTURES.get(config.model_type)
         if kind is None or kind.kind == "encoder-decoder":
             raise ValueError(
@@ -167,7 +167,7 @@ class PeftClassifier(L.LightningModule):
         mask_id = tokenizer.mask_token_id if self.kind == "encoder" else None
         if self.kind == "encoder" and mask_id is None:
             raise ValueError(f"method.head.type=verbalizer on an encoder needs a mask token; {type(tokenizer).__name__} has none")
-        return Verbalizer(lm_head, ids, mask_id)
+        return Verbalizer(lm_head, ids, mask_id, shared={id(p) for p in self.backbone.parameters()})
 
     def parameter_counts(self) -> dict[str, float]:
         return count_parameters(self)

@@ -44,9 +44,13 @@ class ClassificationHead(nn.Module):
 class Verbalizer(nn.Module):
     """Label-word scores from a frozen LM head: logits (batch, num_labels)."""
 
-    def __init__(self, lm_head: nn.Module, label_word_ids: list[int], mask_token_id: int | None):
+    def __init__(self, lm_head: nn.Module, label_word_ids: list[int], mask_token_id: int | None,
+                 shared: set[int] = frozenset()):
         super().__init__()
-        self.lm_head = lm_head.requires_grad_(False)
+        self.lm_head = lm_head
+        for p in lm_head.parameters():  # frozen, except weights tied to the backbone (they follow it)
+            if id(p) not in shared:
+                p.requires_grad_(False)
         self.register_buffer("label_word_ids", torch.tensor(label_word_ids), persistent=False)
         self.mask_token_id = mask_token_id  # None: a decoder, read the next-token prediction
 
