@@ -158,9 +158,7 @@ def main(argv=None) -> int:
         eval_step(m, batch)
     for _ in range(args.rounds):
         for name, m in configs.items():
-            m.train()
-            if hasattr(m, "backbone") and hasattr(m, "method_cfg"):
-                m.train()  # our modules keep the frozen backbone in eval mode (no dropout)
+            m.train()  # (our modules keep their frozen backbone in eval mode: see PeftClassifier.train)
             train_t[name].append(timed(lambda: train_step(m, optimizers[name], batch), args.steps))
             m.eval()
             eval_t[name].append(timed(lambda: eval_step(m, batch), args.steps))

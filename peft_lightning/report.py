@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from datetime import date
@@ -169,8 +170,6 @@ def _machine() -> str:
 
     cpu = platform.processor() or platform.machine()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({cpu})"
-    import os
-
     return (f"Machine: {device}, {os.cpu_count()} cores; torch {torch.__version__}, transformers "
             f"{transformers.__version__}; report written {date.today().isoformat()}.")
 
