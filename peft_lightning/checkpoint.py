@@ -33,7 +33,7 @@ def save_pretrained(module, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, method = module.export_state()
-    config = {k: module.hparams[k] for k in ("model", "num_labels", "labels")}
+    config = {k: module.hparams.get(k) for k in ("model", "num_labels", "labels", "task")}
     config["method"] = method
     _atomic_save(tensors, directory / WEIGHTS)
     if module.hparams.model.get("config") is not None:

@@ -64,4 +64,5 @@ def run_job_in_own_process(script: str) -> float | None:
     if returncode != 0:
         raise RuntimeError(f"job {hc.job.num} ({' '.join(hc.overrides.task)}) exited with {returncode}; "
                            f"see {job_dir}/job.log and {results_file}")
-    return results.get("metrics", {}).get("best", {}).get("val/acc_best")
+    best = results.get("metrics", {}).get("best", {})
+    return next((v for k, v in best.items() if k.startswith("val/") and k.endswith("_best")), None)

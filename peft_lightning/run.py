@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from peft_lightning.backbone import BackboneSpec, load_tokenizer
 from peft_lightning.checkpoint import save_pretrained
-from peft_lightning.data import TextClassificationDataModule
+from peft_lightning.data import TaskDataModule
 from peft_lightning.faults import INTERRUPTS, AtomicCheckpointIO, check_checkpoint
 from peft_lightning.loggers import job_overrides, write_json_atomic
 from peft_lightning.methods import method_class
@@ -64,12 +64,40 @@ def build(cfg: DictConfig):
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     tokenizer = load_tokenizer(BackboneSpec(**model_cfg))
-    datamodule = TextClassificationDataModule(tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
-                                              **data_cfg)
-    module = method_class(method_cfg["name"])(
-        model=model_cfg, method=method_cfg, num_labels=len(data_cfg["labels"]), labels=list(data_cfg["labels"])
-    )
+    labels = list(data_cfg.get("labels") or [])
+    task = task_config(data_cfg)
+    module = method_class(method_cfg["name"])(model=model_cfg, method=method_cfg, num_labels=len(labels),
+                                              labels=labels, task=task)
+    datamodule = TaskDataModule(tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
+                                **{**data_cfg, "task": module.task})
     return datamodule, module
+
+
+def task_config(data_cfg: dict) -> dict:
+    """The module's task settings from a data config: task type, selection metric, generation options."""
+    task = {"name": data_cfg.get("task", "classification")}
+    if data_cfg.get("metric"):
+        task["metric"] = data_cfg["metric"]
+    if task["name"] == "generation":
+        task.update(data_cfg.get("generation") or {})
+    return task
+
+
+def evaluate_extra_sets(cfg: DictConfig, trainer, module, datamodule, ckpt_path) -> dict:
+    """Test on each of `data.extra_eval` (name -> data settings that replace the run's own, e.g.
+    another source or files; its test split is used), logged as test_<name>/<metric>."""
+    results = {}
+    base = OmegaConf.to_container(cfg.data, resolve=True)
+    for name, spec in (base.pop("extra_eval", None) or {}).items():
+        extra = TaskDataModule(tokenizer=datamodule.tokenizer, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
+                               **{**base, "train_examples": None, **spec, "task": module.task})
+        module.test_prefix = f"test_{name}/"
+        try:
+            out = trainer.test(module, datamodule=extra, ckpt_path=ckpt_path)
+        finally:
+            module.test_prefix = "test/"
+        results.update({k: _to_python(v) for k, v in (out[0] if out else {}).items()})
+    return results
 
 
 def train(cfg: DictConfig) -> dict:
@@ -101,6 +129,10 @@ def train(cfg: DictConfig) -> dict:
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path:
             check_checkpoint(ckpt_path)
+        if cfg.get("eval_before_training") and not ckpt_path:  # the untrained (zero-shot) baseline
+            before = trainer.validate(module, datamodule=datamodule)
+            summary["metrics_before_training"] = {k: _to_python(v) for k, v in (before[0] if before else {}).items()}
+            module.reset_validation()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if trainer.interrupted:  # Lightning swallowed an interrupt inside a spawned launcher
             raise KeyboardInterrupt
@@ -110,6 +142,7 @@ def train(cfg: DictConfig) -> dict:
         if cfg.get("test", True) and not trainer.fast_dev_run:
             results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
             test_metrics = {k: _to_python(v) for k, v in (results[0] if results else {}).items()}
+            test_metrics.update(evaluate_extra_sets(cfg, trainer, module, datamodule, best or None))
         if trainer.is_global_zero and not trainer.fast_dev_run:
             # the module holds the best weights after test(ckpt_path=best)
             summary["adapter"] = str(save_pretrained(module, out_dir / "adapter"))

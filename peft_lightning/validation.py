@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 from peft_lightning.injection.modules import ACTIVATIONS
 from peft_lightning.injection.prompt_encoder import REPARAMETERIZATIONS
 from peft_lightning.methods.adapter import STYLES
-from peft_lightning.methods.heads import HEAD_TYPES, POOLINGS
+from peft_lightning.tasks.heads import HEAD_TYPES, POOLINGS
 from peft_lightning.methods.prompting import INITS
 
 

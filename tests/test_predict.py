@@ -6,13 +6,15 @@ import sys
 from test_reliability import ROOT, run
 
 from peft_lightning.data.datamodule import load_raw
+from peft_lightning.tasks import make_task
 
 
 def test_predict_reproduces_the_logged_validation_accuracy(tmp_path):
     proc, results = run(tmp_path / "run", "data.eval_batch_size=64")  # SMALL: 2 validation batches
     assert proc.returncode == 0, proc.stderr[-2000:]
     logged = results["metrics"]["best"]["val/acc_best"]
-    validation = load_raw("embedded:rotten_tomatoes", {"train": 0.8, "validation": 0.1, "test": 0.1, "seed": 42})[0]["validation"]
+    validation = load_raw("embedded:rotten_tomatoes", {"train": 0.8, "validation": 0.1, "test": 0.1, "seed": 42},
+                          make_task("classification", ["negative", "positive"]))[0]["validation"]
     examples = validation.select(range(128))  # the two validation batches the run scored
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in examples["text"]))
     out = subprocess.run([sys.executable, "-m", "peft_lightning.predict", results["adapter"], "--input",

@@ -10,7 +10,8 @@ import torch
 from test_configs import compose_cfg
 
 from peft_lightning.data.datamodule import load_raw
-from peft_lightning.data.files import read_labelled_file
+from peft_lightning.data.files import read_rows, to_roles
+from peft_lightning.tasks import make_task
 from peft_lightning.faults import AtomicCheckpointIO
 from peft_lightning.validation import ConfigError, validate_config
 
@@ -87,7 +88,7 @@ def test_data_errors_name_file_column_row(tmp_path, name, content, message):
     if content is not None:
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises((ValueError, KeyError, FileNotFoundError), match=message):
-        read_labelled_file(path, "text", "label", LABELS)
+        to_roles(read_rows(path), {"text": "text", "label": "label"}, make_task("classification", LABELS), str(path))
 
 
 def test_empty_split_is_named(tmp_path):
@@ -98,7 +99,7 @@ def test_empty_split_is_named(tmp_path):
         (tmp_path / f"{split}.csv").write_text("text,label\n" + body)
     files = {s: str(tmp_path / f"{s}.csv") for s in ("train", "validation", "test")}
     with pytest.raises(ValueError, match=r"test.csv: no data rows"):
-        load_raw("", {}, files, "text", "label", LABELS)
+        load_raw("", {}, make_task("classification", LABELS), None, files)
     dm = TextClassificationDataModule(tokenizer=None, source="", labels=LABELS, split={"train": 1.0, "validation": 0.0,
                                       "test": 0.0}, files=None)
     dm.source = str(tmp_path / "train.csv")
@@ -116,8 +117,8 @@ def test_local_file_trains_through_the_datamodule(tmp_path):
                    for i in range(40))
     (tmp_path / "d.jsonl").write_text(rows)
     tok = AutoTokenizer.from_pretrained(resolve("embedded:minilm")[0])
-    dm = TextClassificationDataModule(tok, source=str(tmp_path / "d.jsonl"), labels=LABELS, text_column="sentence",
-                                      label_column="y", batch_size=4)
+    dm = TextClassificationDataModule(tok, source=str(tmp_path / "d.jsonl"), labels=LABELS,
+                                      columns={"text": "sentence", "label": "y"}, batch_size=4)
     dm.setup()
     assert sum(len(dm.data[s]) for s in ("train", "validation", "test")) == 40
     batch = next(iter(dm.train_dataloader()))

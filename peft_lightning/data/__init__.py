@@ -1,3 +1,3 @@
-from peft_lightning.data.datamodule import TextClassificationDataModule, load_raw
+from peft_lightning.data.datamodule import TaskDataModule, TextClassificationDataModule, load_raw
 
-__all__ = ["TextClassificationDataModule", "load_raw"]
+__all__ = ["TaskDataModule", "TextClassificationDataModule", "load_raw"]

@@ -1,4 +1,4 @@
-"""Text classification data over HF `datasets`: load, split, tokenize (cached), batch.
+"""Task data over HF `datasets`: load (embedded, hub, local files), split, tokenize (cached), batch.
 
 Batches are padded per batch to their longest member (not to max_length, as the official
 P-Tuning v2 code does), and with `group_by_length` similar lengths are batched together, so
@@ -15,40 +15,56 @@ import datasets
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
-from transformers import DataCollatorWithPadding
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from peft_lightning.data.embedded import BUILDERS
-from peft_lightning.data.files import read_labelled_file
+from peft_lightning.data.files import hub_rows, read_rows, to_roles
+from peft_lightning.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
 
 
-def load_raw(source: str, split: dict, files: dict | None = None, text_column: str = "text",
-             label_column: str = "label", labels: list[str] | None = None) -> tuple[datasets.DatasetDict, str]:
-    """(train/validation/test DatasetDict with columns text/label, a content identity for caching).
+def load_raw(source: str, split: dict, task: Task, columns: dict | None = None, files: dict | None = None,
+             subset: str | None = None, splits: dict | None = None) -> tuple[datasets.DatasetDict, str]:
+    """(train/validation/test DatasetDict with the task's role-named columns, a content identity
+    for caching).
 
-    `source` is `embedded:NAME` or a local csv/tsv/jsonl file (split by `split`); `files` maps
-    train/validation/test to their own files instead.
+    `source` is `embedded:NAME`, `hub:PATH` (with `subset` and `splits`: our split -> the hub's,
+    slices allowed, e.g. {train: "train[:90%]", validation: "train[90%:]", test: validation}) or a
+    local csv/tsv/jsonl/parquet file (split by `split`); `files` maps train/validation/test to
+    their own files instead. `columns` maps the task's roles to the data's column names.
     """
+    columns = dict(columns or {r: r for r in task.roles})
     if files:
         missing = {"train", "validation", "test"} - set(files)
         if missing:
             raise ValueError(f"data.files needs train, validation and test; missing {sorted(missing)}")
         parts = datasets.DatasetDict({
-            name: datasets.Dataset.from_dict(read_labelled_file(path, text_column, label_column, labels))
+            name: datasets.Dataset.from_dict(to_roles(read_rows(path), columns, task, str(path)))
             for name, path in files.items()
         })
         return parts, "|".join(f"{p}:{_stamp(Path(p))}" for p in files.values())
+    if source.startswith("hub:"):
+        hub, chosen = source[4:], {"train": "train", "validation": "validation", "test": "test", **(splits or {})}
+        parts = datasets.DatasetDict({
+            name: datasets.Dataset.from_dict(to_roles(hub_rows(hub, subset, expr), columns, task, f"{source} {expr}"))
+            for name, expr in chosen.items()
+        })
+        return parts, f"{source}|{subset}|{json.dumps(chosen, sort_keys=True)}|{json.dumps(columns, sort_keys=True)}"
     if source.startswith("embedded:"):
         name = source.split(":", 1)[1]
         if name not in BUILDERS:
             raise ValueError(f"Unknown embedded dataset '{name}'. Known: {', '.join(sorted(BUILDERS))}.")
-        columns, path = BUILDERS[name]()
+        table, path = BUILDERS[name]()
+        missing = [r for r in task.roles if r not in table]
+        if missing:
+            raise ValueError(f"embedded dataset '{name}' has columns {sorted(table)}, but data.task="
+                             f"{type(task).__name__} needs {list(task.roles)}")
+        table = {r: v for r, v in table.items() if r in (*task.roles, *task.optional_roles)}
     else:
         path = Path(source)
-        columns = read_labelled_file(path, text_column, label_column, labels)
-    full = datasets.Dataset.from_dict(columns)
+        table = to_roles(read_rows(path), columns, task, str(path))
+    full = datasets.Dataset.from_dict(table)
     fractions = [split.get("train", 0.8), split.get("validation", 0.1), split.get("test", 0.1)]
     if abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"data.split fractions must sum to 1, got {fractions}")
@@ -64,7 +80,7 @@ def load_raw(source: str, split: dict, files: dict | None = None, text_column: s
         validation=shuffled.select(range(n_train, n_train + n_val)),
         test=shuffled.select(range(n_train + n_val, n)),
     )
-    return parts, f"{source}|{path}|{_stamp(path)}|{json.dumps(split, sort_keys=True)}"
+    return parts, f"{source}|{path}|{_stamp(path)}|{json.dumps(split, sort_keys=True)}|{json.dumps(columns, sort_keys=True)}"
 
 
 def _stamp(path: Path) -> str:
@@ -116,14 +132,18 @@ def subsample(part: datasets.Dataset, size: int | float, seed: int) -> datasets.
     return part.select(sorted(order.tolist()))
 
 
-class TextClassificationDataModule(L.LightningDataModule):
+class TaskDataModule(L.LightningDataModule):
+    """Batches for any task type (`task`: a Task, or its name); see `load_raw` for the sources."""
+
     def __init__(
         self,
         tokenizer,
         source: str,
-        labels: list[str],
-        text_column: str = "text",
-        label_column: str = "label",
+        labels: list[str] | None = None,
+        task: Task | str = "classification",
+        columns: dict | None = None,
+        subset: str | None = None,
+        splits: dict | None = None,
         split: dict | None = None,
         max_length: int = 128,
         batch_size: int = 32,
@@ -138,8 +158,9 @@ class TextClassificationDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.tokenizer = tokenizer
-        self.source, self.labels = source, list(labels)
-        self.text_column, self.label_column = text_column, label_column
+        self.source, self.labels = source, list(labels or [])
+        self.task = make_task(task, self.labels) if isinstance(task, str) else task
+        self.columns, self.subset, self.splits = dict(columns) if columns else None, subset, splits
         self.split = dict(split or {})
         self.max_length, self.batch_size, self.eval_batch_size = max_length, batch_size, eval_batch_size
         self.group_by_length, self.num_workers = group_by_length, num_workers
@@ -150,7 +171,9 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.train_examples = train_examples
         self._resume_point: tuple[int, int] | None = None  # (epoch, samples to skip) after a mid-epoch resume
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.collate = DataCollatorWithPadding(tokenizer)
+        if tokenizer is not None and tokenizer.pad_token is None:  # GPT-2, Llama: pad with end-of-sequence
+            tokenizer.pad_token = tokenizer.eos_token
+        self.collate = self.task.collator(tokenizer) if tokenizer is not None else None
         self.data: datasets.DatasetDict | None = None
 
     @property
@@ -162,7 +185,8 @@ class TextClassificationDataModule(L.LightningDataModule):
             return None
         key = json.dumps(
             [identity, self.tokenizer.name_or_path, type(self.tokenizer).__name__, self.max_length,
-             self.text_column, self.label_column, datasets.__version__], sort_keys=True,
+             type(self.task).__name__, self.task.kind, getattr(self.task, "options", None), datasets.__version__],
+            sort_keys=True, default=str,
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         folder = self.cache_dir / "tokenized" / digest
@@ -172,17 +196,15 @@ class TextClassificationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
             return
-        raw, identity = load_raw(self.source, self.split, self.files, self.text_column, self.label_column,
-                                 self.labels)
+        raw, identity = load_raw(self.source, self.split, self.task, self.columns, self.files, self.subset,
+                                 self.splits)
         for name, part in raw.items():
             if len(part) == 0:
                 where = self.files[name] if self.files else self.source
                 raise ValueError(f"data split '{name}' ({where}) is empty; check data.split / data.files")
 
         def tokenize(batch):
-            enc = self.tokenizer(batch["text"], truncation=True, max_length=self.max_length)
-            enc["labels"] = batch["label"]
-            return enc
+            return self.task.tokenize(batch, self.tokenizer, self.max_length)
 
         self.data = raw.map(
             tokenize, batched=True, remove_columns=raw["train"].column_names,
@@ -190,16 +212,17 @@ class TextClassificationDataModule(L.LightningDataModule):
         )
         if self.train_examples is not None:
             self.data["train"] = subsample(self.data["train"], self.train_examples, self.seed)
-        for name, part in self.data.items():
-            bad = [i for i, y in enumerate(part["labels"]) if not 0 <= y < self.num_labels]
-            if bad:
-                raise ValueError(
-                    f"{self.source}, split '{name}', row {bad[0]}: label {part['labels'][bad[0]]} is outside "
-                    f"0..{self.num_labels - 1} (data.labels = {self.labels})"
-                )
+        if type(self.task).__name__ == "Classification":
+            for name, part in self.data.items():
+                bad = [i for i, y in enumerate(part["labels"]) if not 0 <= y < self.num_labels]
+                if bad:
+                    raise ValueError(
+                        f"{self.source}, split '{name}', row {bad[0]}: label {part['labels'][bad[0]]} is outside "
+                        f"0..{self.num_labels - 1} (data.labels = {self.labels})"
+                    )
         # token counts for length grouping, once (Lightning asks for the train loader more than once)
         self.train_lengths = [len(x) for x in self.data["train"]["input_ids"]]
-        self.data.set_format("torch")
+        # tensors are made by the task's collator (some columns are lists, or text references)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         part = self.data[split]
@@ -240,3 +263,6 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def predict_dataloader(self):
         return self._loader("test", shuffle=False)
+
+
+TextClassificationDataModule = TaskDataModule  # the name before other task types existed

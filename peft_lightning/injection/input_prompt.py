@@ -28,11 +28,12 @@ class InputPrompt:
         self._prompt: torch.Tensor | None = None  # waiting for the embedding module's next call
         self._joined_length = 0  # prompt length joined in this forward, for the positions hook
         if self.arch.prompt_module is not None:
-            module = model.get_submodule(self.arch.prompt_module)
+            # (module paths are relative to the bare model, also inside an LM wrapper)
+            module = model.base_model.get_submodule(self.arch.prompt_module)
             module.register_forward_pre_hook(self._crop_mask, with_kwargs=True)
             module.register_forward_hook(self._prepend)
         if self.arch.positions_module:
-            model.get_submodule(self.arch.positions_module).register_forward_hook(self._skip_positions)
+            model.base_model.get_submodule(self.arch.positions_module).register_forward_hook(self._skip_positions)
 
     def _crop_mask(self, module, args, kwargs):
         key = self.arch.embedding_mask_kwarg

@@ -12,20 +12,22 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MaxMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from transformers import get_linear_schedule_with_warmup
+from torchmetrics import MaxMetric
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, get_linear_schedule_with_warmup
 
-from peft_lightning.backbone import BackboneSpec, checkpointing, count_parameters, load_backbone, load_tokenizer
+from peft_lightning.backbone import (BackboneSpec, checkpointing, count_parameters, load_backbone, load_config,
+                                     load_tokenizer)
 from peft_lightning.injection.architectures import ARCHITECTURES
 from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState
-from peft_lightning.methods.heads import HEAD_TYPES, ClassificationHead, Verbalizer
+from peft_lightning.tasks import make_task
+from peft_lightning.tasks.heads import HEAD_TYPES, Verbalizer
 
 log = logging.getLogger(__name__)
 
 
 class PeftClassifier(L.LightningModule):
-    def __init__(self, model: dict, method: dict, num_labels: int, labels: list[str] | None = None):
+    def __init__(self, model: dict, method: dict, num_labels: int, labels: list[str] | None = None,
+                 task: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.method_cfg = dict(method)
@@ -33,13 +35,23 @@ class PeftClassifier(L.LightningModule):
         head_type = head.get("type", "linear")
         if head_type not in HEAD_TYPES:
             raise ValueError(f"method.head.type must be one of {HEAD_TYPES}, got {head_type!r}")
+        spec = BackboneSpec(**model)
+        arch = ARCHITECTURES.get(load_config(spec).model_type)
+        self.kind = arch.kind if arch else "encoder"
+        task = dict(task or {"name": "classification"})
+        self.task = make_task(task.pop("name"), labels or [str(i) for i in range(num_labels)], self.kind, **task)
         lm_head = None
         if head_type == "verbalizer":
-            self.backbone, lm_head = self._load_with_lm_head(BackboneSpec(**model))
+            if type(self.task).__name__ != "Classification":
+                raise ValueError("method.head.type=verbalizer scores label words: it needs data.task=classification")
+            self.backbone, lm_head = self._load_with_lm_head(spec)
+        elif self.task.needs_lm:
+            # generation: the backbone is the whole LM, so every method's hooks see its output head
+            self.backbone = load_backbone(spec, AutoModelForSeq2SeqLM if self.kind == "encoder-decoder"
+                                          else AutoModelForCausalLM)
         else:
-            self.backbone = load_backbone(BackboneSpec(**model))
-        arch = ARCHITECTURES.get(self.backbone.config.model_type)
-        self.kind = arch.kind if arch else "encoder"
+            self.backbone = load_backbone(spec)
+        self._tokenizer = None
         self.input_prompt = None  # an InputPrompt, for methods that prepend input-level prompts
         if method.get("activation_checkpointing", False):
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -53,22 +65,14 @@ class PeftClassifier(L.LightningModule):
         if lm_head is not None:
             self.head = self._verbalizer(lm_head, head.get("label_words") or labels, num_labels, model)
         else:
-            pooling = head.get("pooling", "auto")
-            if pooling == "auto":
-                pooling = "first" if self.kind == "encoder" else "last"
-            self.head = ClassificationHead(self.backbone.config.hidden_size, num_labels, head.get("dropout", 0.1),
-                                           pooling)
+            self.head = self.task.head(self.backbone.config.hidden_size, head, self.kind)
         # Lightning loads our checkpoints non-strictly: they hold only the trainable tensors.
         self.strict_loading = False
-        metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(num_labels, average="micro"),
-                "f1": MulticlassF1Score(num_labels, average="macro"),
-            }
-        )
+        metrics = self.task.metrics()
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        self.val_acc_best = MaxMetric()
+        self.test_prefix = "test/"  # extra evaluation sets log under test_<name>/
+        self.val_best = MaxMetric()
 
     def train(self, mode: bool = True):
         """The frozen backbone runs in eval mode (no dropout) unless asked: its weights never
@@ -103,6 +107,10 @@ class PeftClassifier(L.LightningModule):
             # its last real position has read the whole input through cross-attention
             ids, mask = batch["input_ids"], batch["attention_mask"]
             config = self.backbone.config
+            if "decoder_input_ids" in batch:  # generation: the target, shifted right
+                inputs["decoder_input_ids"] = batch["decoder_input_ids"]
+                inputs["decoder_attention_mask"] = batch["decoder_attention_mask"]
+                return inputs
             start = torch.full_like(ids[:, :1], config.decoder_start_token_id)
             decoder_mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask[:, :-1]], dim=1)
             shifted = torch.cat([start, ids[:, :-1]], dim=1).masked_fill(decoder_mask == 0, config.pad_token_id)
@@ -110,22 +118,80 @@ class PeftClassifier(L.LightningModule):
         return inputs
 
     def run_backbone(self, batch, prefix: PrefixState | None = None, prompt: torch.Tensor | None = None):
-        """The backbone's last hidden states aligned with `batch["input_ids"]`, with deep `prefix`
-        keys/values in its attention and/or an input-level `prompt` (P, hidden) in front of the
-        real tokens' embeddings. The one place every method calls the backbone."""
+        """The backbone's last hidden states (the LM's logits, for generation) aligned with
+        `batch["input_ids"]`, with deep `prefix` keys/values in its attention and/or an
+        input-level `prompt` (P, hidden) in front of the real tokens' embeddings. The one place
+        every method calls the backbone."""
         inputs = self.backbone_inputs(batch)
         if prefix is not None:
             inputs[PREFIX_KWARG] = prefix
         if prompt is None:
-            return self.backbone(**inputs).last_hidden_state
+            return self._main_output(self.backbone(**inputs))
         with self.input_prompt.prepended(inputs, prompt) as joined:
-            hidden = self.backbone(**joined).last_hidden_state
+            hidden = self._main_output(self.backbone(**joined))
         return self.input_prompt.strip(hidden, prompt.shape[-2])
 
+    def _main_output(self, output) -> torch.Tensor:
+        return output.logits if self.task.needs_lm else output.last_hidden_state
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task's logits for a batch."""
+        return self.task.logits(self, batch)
+
+    def head_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The head on the method's hidden states (tasks call this, reshaping around it)."""
         if isinstance(self.head, Verbalizer):
             batch = self.head.with_mask_token(batch)
         return self.head(self.encode(batch), batch["attention_mask"])
+
+    # --- generation -----------------------------------------------------------------------------
+    def generation_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """Extra `generate` keywords that carry the method (a prefix, a prompt); methods that
+        change the backbone's modules need none."""
+        return {}
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **options) -> torch.Tensor:
+        """transformers' `generate` (greedy or beam search, KV cache) with the method applied."""
+        extra = self.generation_inputs(input_ids, attention_mask)
+        attention_mask = extra.pop("attention_mask", attention_mask)
+        model = self.backbone
+        if PREFIX_KWARG in extra and "_validate_model_kwargs" not in vars(model):
+            # generate() rejects keywords missing from forward's signature, though forward passes
+            # them on (**kwargs) down to the attention call, where the prefix is read: let ours by
+            def validate(kwargs, _check=type(model)._validate_model_kwargs):
+                return _check(model, {k: v for k, v in kwargs.items() if k != PREFIX_KWARG})
+
+            model._validate_model_kwargs = validate
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **options)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(BackboneSpec(**self.hparams.model))
+            if self._tokenizer.pad_token is None:
+                self._tokenizer.pad_token = self._tokenizer.eos_token
+        return self._tokenizer
+
+    def log_samples(self, samples: list[tuple[str, str]]) -> None:
+        """Generated vs reference texts, appended to <log dir>/samples.jsonl (and W&B's log)."""
+        import json
+        from pathlib import Path
+
+        trainer = self._trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        stage = "test" if trainer.testing else "val"
+        with (folder / "samples.jsonl").open("a") as f:
+            for generated, reference in samples:
+                f.write(json.dumps({"stage": stage, "epoch": self.current_epoch, "step": self.global_step,
+                                    "generated": generated, "reference": reference}) + "\n")
+        for logger in self.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_text(f"{stage}/samples", columns=["generated", "reference"],
+                                data=[list(s) for s in samples], step=self.global_step)
 
     @staticmethod
     def _load_with_lm_head(spec: BackboneSpec):
@@ -183,8 +249,7 @@ class PeftClassifier(L.LightningModule):
 
     def _step(self, batch):
         logits = self(batch)
-        loss = nn.functional.cross_entropy(logits, batch["labels"])
-        return loss, logits
+        return self.task.loss(logits, batch), logits
 
     def training_step(self, batch, batch_idx):
         loss, _ = self._step(batch)
@@ -196,32 +261,45 @@ class PeftClassifier(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         return loss
 
+    def on_validation_epoch_start(self):
+        self._samples_logged = False  # generation logs a few samples per evaluation
+
+    on_test_epoch_start = on_validation_epoch_start
+
     def validation_step(self, batch, batch_idx):
         loss, logits = self._step(batch)
         n = batch["labels"].shape[0]
         self.log("val/loss", loss, sync_dist=True, batch_size=n)
-        self.val_metrics.update(logits, batch["labels"])
+        self.task.update(self.val_metrics, logits, batch, self)
 
     def on_validation_epoch_end(self):
         values = self.val_metrics.compute()
         self.val_metrics.reset()
         self.log_dict(values, prog_bar=True, sync_dist=True)
+        main = f"val/{self.task.metric}"
         if not self.trainer.sanity_checking:
-            self.val_acc_best.update(values["val/acc"])
-        self.log("val/acc_best", self.val_acc_best.compute() if self.val_acc_best.update_called else 0.0,
+            self.val_best.update(values[main])
+        self.log(f"{main}_best", self.val_best.compute() if self.val_best.update_called else 0.0,
                  prog_bar=True, sync_dist=True)
+
+    def reset_validation(self) -> None:
+        """Forget validations so far (e.g. one before training): the best value, and metric states
+        that inference mode made read-only outside it."""
+        self.val_metrics.reset()
+        self.val_best.reset()
 
     def test_step(self, batch, batch_idx):
         loss, logits = self._step(batch)
-        self.log("test/loss", loss, sync_dist=True, batch_size=batch["labels"].shape[0])
-        self.test_metrics.update(logits, batch["labels"])
+        self.log(f"{self.test_prefix}loss", loss, sync_dist=True, batch_size=batch["labels"].shape[0])
+        self.task.update(self.test_metrics, logits, batch, self)
 
     def on_test_epoch_end(self):
-        self.log_dict(self.test_metrics.compute(), sync_dist=True)
+        values = self.test_metrics.compute()
+        self.log_dict({self.test_prefix + k.removeprefix("test/"): v for k, v in values.items()}, sync_dist=True)
         self.test_metrics.reset()
 
     def predict_step(self, batch, batch_idx):
-        return torch.softmax(self(batch), dim=-1)
+        return self.task.predictions(self(batch), batch, self)
 
     def configure_optimizers(self):
         optim = self.method_cfg.get("optim", {})

@@ -33,6 +33,7 @@ from torch import nn
 from peft_lightning.backbone import BackboneSpec, attention_geometry, load_tokenizer
 from peft_lightning.injection import InputPrompt, PrefixEncoder, PromptEncoder, install_prefix_attention
 from peft_lightning.injection.architectures import num_layers
+from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState
 from peft_lightning.methods.base import PeftClassifier
 
 INITS = ("random", "uniform", "vocab", "labels", "text")
@@ -125,6 +126,28 @@ class PromptMethod(PeftClassifier):
         if self.prompt is not None:
             return self.run_backbone(batch, prompt=self.prompt())
         return self.run_backbone(batch, prefix=self.prefix(batch["input_ids"].shape[0]))
+
+    def generation_inputs(self, input_ids, attention_mask) -> dict:
+        """The prefix (one copy: beams and rows broadcast), or the prompt: for an encoder-decoder
+        the prompted encoder output; for a decoder the keys/values the prompt leaves in every
+        layer, which are exactly what the text after it attends to (causal attention: the prompt
+        never sees that text), so `generate` keeps its KV cache and the real tokens their positions."""
+        if self.prefix is not None:
+            return {PREFIX_KWARG: self.prefix(1)}
+        prompt = self.prompt()
+        if self.kind == "encoder-decoder":
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            with self.input_prompt.prepended(inputs, prompt) as joined:
+                encoded = self.backbone.get_encoder()(**joined)
+            return {"encoder_outputs": encoded, "attention_mask": joined["attention_mask"]}
+        install_prefix_attention(self.backbone)  # (idempotent; without a prefix nothing changes)
+        length = prompt.shape[0]
+        embeds = prompt[None].to(self.backbone.get_input_embeddings().weight.dtype)
+        positions = torch.zeros(1, length, dtype=torch.long, device=prompt.device)  # as in training
+        cache = self.backbone(inputs_embeds=embeds, position_ids=positions, use_cache=True).past_key_values
+        layers = cache.layers
+        return {PREFIX_KWARG: PrefixState({i: layer.keys for i, layer in enumerate(layers)},
+                                          {i: layer.values for i, layer in enumerate(layers)})}
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """The adapter to save. With `eject_on_export` (prefix_tuning's default) the

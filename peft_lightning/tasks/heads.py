@@ -3,6 +3,7 @@
   linear      a randomly initialised linear layer on one pooled hidden state (P-Tuning v2):
               the first token (encoders), the last real token (decoders, whose first token sees
               nothing else; encoder-decoders, as BART's classifier) or the mean of real tokens
+  token       (token classification) a linear layer on every token's hidden state
   verbalizer  no new parameters: the backbone's own (frozen) LM head scores one label word per
               class (Prompt Tuning, P-Tuning). Encoders read a [MASK] token inserted before the
               final separator; decoders read the next-token prediction after the last real token.
@@ -39,6 +40,16 @@ class ClassificationHead(nn.Module):
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         return self.linear(self.dropout(pooled))
+
+
+class TokenHead(nn.Module):
+    def __init__(self, hidden: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden, num_labels)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(hidden))
 
 
 class Verbalizer(nn.Module):

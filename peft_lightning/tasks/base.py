@@ -1,0 +1,77 @@
+"""What every task type provides; the defaults are single-label classification's."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from transformers import DataCollatorWithPadding
+
+from peft_lightning.tasks.heads import ClassificationHead
+
+
+class Task:
+    """One task type. Rows reach it with role-named columns (`roles`: text, text_pair, label,
+    choices, tokens, target), already read and validated by the datamodule."""
+
+    roles: tuple[str, ...] = ("text", "label")  # required columns
+    optional_roles: tuple[str, ...] = ("text_pair",)
+    metric = "acc"  # the main metric: checkpoint selection, val/<metric>_best
+    needs_lm = False  # the backbone is loaded with its LM head (generation)
+    outputs_per_example: int | None = None  # head width; None: one per label
+
+    def __init__(self, labels: list[str], kind: str = "encoder", metric: str | None = None, **options):
+        if options:
+            raise ValueError(f"{type(self).__name__} takes no options, got {sorted(options)}")
+        self.labels, self.kind = labels, kind
+        if metric:  # choose the checkpoint-selection metric among the task's own (data.metric)
+            known = list(self.metrics().keys())
+            if metric not in known:
+                raise ValueError(f"data.metric={metric!r} is not a metric of {type(self).__name__}: choose from {known}")
+            self.metric = metric
+
+    @property
+    def num_outputs(self) -> int:
+        return self.outputs_per_example or len(self.labels)
+
+    # --- data ---------------------------------------------------------------------------------
+    def label_value(self, value, where: str):
+        """A raw label (name or index) as the index into `labels`; `where` names file/column/row."""
+        text = str(value).strip()
+        if text in self.labels:
+            return self.labels.index(text)
+        if text.lstrip("-").isdigit() and 0 <= int(text) < len(self.labels):
+            return int(text)
+        raise ValueError(f"{where}: label {text!r} is not in data.labels {self.labels}")
+
+    def tokenize(self, rows: dict[str, list], tokenizer, max_length: int) -> dict[str, list]:
+        pair = rows.get("text_pair")
+        enc = tokenizer(rows["text"], pair, truncation=True, max_length=max_length)
+        enc["labels"] = rows["label"]
+        return enc
+
+    def collator(self, tokenizer):
+        return DataCollatorWithPadding(tokenizer)
+
+    # --- model --------------------------------------------------------------------------------
+    def head(self, hidden: int, head_cfg: dict, kind: str) -> nn.Module | None:
+        """The linear head on the backbone (`kind`: encoder | decoder | encoder-decoder)."""
+        pooling = head_cfg.get("pooling", "auto")
+        if pooling == "auto":
+            pooling = "first" if kind == "encoder" else "last"
+        return ClassificationHead(hidden, self.num_outputs, head_cfg.get("dropout", 0.1), pooling)
+
+    def logits(self, module, batch: dict) -> torch.Tensor:
+        """The head's output for a batch; `module` is the method's LightningModule."""
+        return module.head_logits(batch)
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, batch["labels"])
+
+    def metrics(self) -> MetricCollection:
+        raise NotImplementedError
+
+    def update(self, metrics: MetricCollection, logits: torch.Tensor, batch: dict, module) -> None:
+        metrics.update(logits, batch["labels"])
+
+    def predictions(self, logits: torch.Tensor, batch: dict, module):
+        return torch.softmax(logits, dim=-1)
