@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from peft_lightning.methods import METHODS  # noqa: E402
-from peft_lightning.methods.heads import ClassificationHead  # noqa: E402
+from peft_lightning.tasks.heads import ClassificationHead  # noqa: E402
 
 BACKBONES = {
     "minilm": {"name_or_path": "embedded:minilm"},
