@@ -1,4 +1,5 @@
-"""Train/eval step time of every method against HF peft's twins, full fine-tuning and the floor.
+"""Train/eval step time and peak memory of every method against HF peft's twins, full
+fine-tuning and the floor; and the epoch time of our data pipeline against padding to 128.
 
     python benchmarks/speed.py                      # MiniLM (embedded), batch 32, length 64
     python benchmarks/speed.py --backbone roberta-base-shaped --batch 16
@@ -8,6 +9,10 @@ One process, identical batches, interleaved rounds (every config once per round,
 machine's speed hits all of them alike), medians over rounds. The floor is the frozen backbone
 with gradients flowing back to its input embeddings and nothing trainable inside it: the least
 work any PEFT method that must backpropagate through the backbone can do. Ratios < 1 are faster.
+
+Peak memory of a train step (above the memory the built model already holds) is measured in a
+fresh process per config, since a process's allocator keeps and reuses what earlier configs freed:
+on CUDA `max_memory_allocated`, on CPU the resident set sampled every 0.5 ms during the step.
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ OURS = {  # name -> (method, knobs); peft twin name or None
     "prefix_tuning (MLP)": ("prefix_tuning", dict(reparameterization="mlp", reparam_hidden=512), "peft prefix + MLP"),
     "prompt_tuning": ("prompt_tuning", dict(init="random"), "peft prompt tuning"),
     "p_tuning (LSTM)": ("p_tuning", dict(reparameterization="lstm", reparam_hidden=256), "peft P-tuning"),
+    "ptuning_v2 + activation checkpointing": ("ptuning_v2", dict(reparameterization="none", prefix_dropout=0.0,
+                                                               activation_checkpointing=True), "peft prefix"),
     "lora (r=8)": ("lora", dict(r=8, alpha=16, dropout=0.0), "peft LoRA"),
     "adapter (houlsby, 64)": ("adapter", dict(bottleneck=64), None),
     "bitfit": ("bitfit", dict(backbone_dropout=False), None),
@@ -129,6 +136,104 @@ def timed(fn, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def build_config(name: str, model_spec: dict) -> nn.Module:
+    if name == "floor":
+        return Floor(model_spec)
+    if name in OURS:
+        method, knobs, _ = OURS[name]
+        return ours(method, knobs, model_spec)
+    return PeftTwin(name, model_spec)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def step_memory(name: str, model_spec: dict, batch_size: int, length: int) -> float:
+    """MiB a train step needs above the built model (run in a fresh process: see the docstring)."""
+    import threading
+
+    torch.manual_seed(0)
+    model = build_config(name, model_spec)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).train()
+    batch = {k: v.to(device) for k, v in make_batch(_vocab(model), batch_size, length).items()}
+    params = [p for p in model.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True, device=device)]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        train_step(model, optimizer, batch)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    train_step(model, optimizer, batch)
+    done.set()
+    thread.join()
+    return (max(peak[0], _rss()) - base) / 2**20
+
+
+def _vocab(model: nn.Module) -> int:
+    inner = getattr(model, "backbone", None) or model.model
+    return inner.config.vocab_size
+
+
+def memory_table(names: list[str], args) -> dict[str, float]:
+    """Each config's step memory, each measured by a fresh `python speed.py --memory-of NAME`."""
+    import subprocess
+
+    out = {}
+    for name in names:
+        command = [sys.executable, __file__, "--memory-of", name, "--backbone", args.backbone,
+                   "--batch", str(args.batch), "--length", str(args.length)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("MEMORY ")]
+        out[name] = float(lines[-1].split()[1]) if lines else float("nan")
+    return out
+
+
+def pipeline_epoch(args) -> tuple[float, float, int]:
+    """Seconds for one epoch over the first `--pipeline-examples` Rotten Tomatoes training sentences
+    with P-Tuning v2 on MiniLM: our pipeline (per-batch padding, length-grouped batches) against
+    padding every batch to 128 tokens in shuffled order (the official P-Tuning v2 code)."""
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+
+    from peft_lightning.data import TaskDataModule
+
+    spec = BACKBONES["minilm"]
+    model = ours("ptuning_v2", dict(reparameterization="none", prefix_dropout=0.0), spec)
+    tokenizer = model.tokenizer
+    dm = TaskDataModule(tokenizer, source="embedded:rotten_tomatoes", labels=["negative", "positive"],
+                        batch_size=args.batch, seed=0)
+    dm.setup()
+    dm.data["train"] = dm.data["train"].select(range(args.pipeline_examples))
+    dm.train_lengths = dm.train_lengths[:args.pipeline_examples]
+    ours_loader = dm.train_dataloader()
+    padded = DataLoader(dm.data["train"], batch_size=args.batch, shuffle=True,
+                        collate_fn=DataCollatorWithPadding(tokenizer, padding="max_length", max_length=128))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    model.train()
+    times = {"ours": [], "pad128": []}
+    for _ in range(2):  # interleaved: ours, padded, ours, padded
+        for name, loader in (("ours", ours_loader), ("pad128", padded)):
+            start = time.perf_counter()
+            for batch in loader:
+                train_step(model, optimizer, batch)
+            times[name].append(time.perf_counter() - start)
+    return min(times["ours"]), min(times["pad128"]), args.pipeline_examples
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="minilm")
@@ -137,9 +242,15 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per config per round")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument("--pipeline-examples", type=int, default=1024,
+                        help="training sentences for the data-pipeline epoch comparison (0: skip it)")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # (internal: one config's memory, in a fresh process)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model_spec = BACKBONES[args.backbone]
+    if args.memory_of:
+        print(f"MEMORY {step_memory(args.memory_of, model_spec, args.batch, args.length):.1f}")
+        return 0
     configs: dict[str, nn.Module] = {"floor": Floor(model_spec)}
     for name, (method, knobs, twin) in OURS.items():
         configs[name] = ours(method, knobs, model_spec)
@@ -163,6 +274,8 @@ def main(argv=None) -> int:
             m.eval()
             eval_t[name].append(timed(lambda: eval_step(m, batch), args.steps))
     med = {n: (statistics.median(train_t[n]), statistics.median(eval_t[n])) for n in configs}
+    del configs, optimizers
+    memory = memory_table(list(med), args)
     floor_train, floor_eval = med["floor"]
     twin_of = {name: twin for name, (_, _, twin) in OURS.items()}
     lines = [
@@ -170,14 +283,21 @@ def main(argv=None) -> int:
         f"{args.length}), {args.rounds} interleaved rounds x {args.steps} steps, medians. "
         f"{_machine()}; {date.today().isoformat()}.",
         "",
-        "| config | train ms/step | × floor | × peft twin | eval ms/step | eval × floor |",
-        "|---|---|---|---|---|---|",
+        "| config | train ms/step | × floor | × peft twin | eval ms/step | eval × floor | step memory MiB | "
+        "memory × peft twin |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, (t, e) in med.items():
         twin = twin_of.get(name)
         vs_twin = f"{t / med[twin][0]:.2f}" if twin else ""
+        mem_twin = f"{memory[name] / memory[twin]:.2f}" if twin and memory[twin] > 0 else ""
         lines.append(f"| {name} | {t * 1e3:.1f} | {t / floor_train:.2f} | {vs_twin} | {e * 1e3:.1f} | "
-                     f"{e / floor_eval:.2f} |")
+                     f"{e / floor_eval:.2f} | {memory[name]:.0f} | {mem_twin} |")
+    if args.pipeline_examples:
+        ours_s, padded_s, n = pipeline_epoch(args)
+        lines += ["", f"Data pipeline, one epoch over {n} Rotten Tomatoes training sentences (P-Tuning v2 on MiniLM, "
+                      f"batch {args.batch}, best of 2 interleaved): per-batch padding + length-grouped batches "
+                      f"{ours_s:.1f} s, padding every batch to 128 tokens {padded_s:.1f} s: **{ours_s / padded_s:.2f}×**."]
     text = "\n".join(lines)
     print(text)
     if args.markdown:

@@ -1,6 +1,8 @@
-"""Export an adapter to the HF `peft` format, for people whose serving stack loads `peft`.
+"""Export an adapter to the HF `peft` format, for people whose serving stack loads `peft`, and
+import peft LoRA / prefix-tuning adapters to continue training or serve them here.
 
     python -m peft_lightning.export <adapter dir> <out dir>
+    module = import_peft("<peft adapter dir>", model={"name_or_path": "roberta-base"}, num_labels=2)
 
 Writes what `peft.PeftModel.from_pretrained(base_model, out_dir)` loads, for the methods with a
 peft twin:
@@ -78,6 +80,56 @@ def export_peft(module, directory: str | Path) -> Path:
     if head:
         save_file(head, str(directory / "head.safetensors"), metadata={"format": "pt"})
     return directory
+
+
+def import_peft(directory: str | Path, model: dict | None = None, num_labels: int = 2,
+                labels: list[str] | None = None):
+    """Our module from a peft LoRA or prefix-tuning (no projection) adapter directory, with its
+    `head.safetensors` if present (else a fresh head). `model` defaults to the adapter's
+    base_model_name_or_path."""
+    import json
+    import re
+
+    from safetensors.torch import load_file
+
+    from peft_lightning.methods import METHODS
+
+    directory = Path(directory)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    model = model or {"name_or_path": config.get("base_model_name_or_path")}
+    kind = config.get("peft_type")
+    if kind == "LORA":
+        targets = config["target_modules"]
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        patterns = [rf"(^|\.){re.escape(t)}$" for t in targets]
+        method = {"name": "lora", "r": config["r"], "alpha": config["lora_alpha"],
+                  "dropout": config.get("lora_dropout", 0.0), "target_modules": patterns}
+        module = METHODS["lora"](model=model, method=method, num_labels=num_labels, labels=labels)
+        state = {}
+        for key in module.lora:
+            name = key.replace("-", ".")
+            for ours, theirs in (("A", "lora_A"), ("B", "lora_B")):
+                found = f"base_model.model.{name}.{theirs}.weight"
+                if found not in tensors:
+                    raise KeyError(f"{directory}: no tensor {found} for target {name}")
+                state[f"lora.{key}.{ours}"] = tensors[found]
+    elif kind == "PREFIX_TUNING" and not config.get("prefix_projection"):
+        method = {"name": "ptuning_v2", "prefix_length": config["num_virtual_tokens"], "depth": "deep",
+                  "reparameterization": "none"}
+        module = METHODS["ptuning_v2"](model=model, method=method, num_labels=num_labels, labels=labels)
+        state = {"prefix.encoder.embedding.weight": tensors["prompt_embeddings"]}
+    else:
+        raise ValueError(f"{directory}: importing peft_type={kind} (prefix_projection={config.get('prefix_projection')})"
+                         " is not supported; LoRA and prefix tuning without projection are")
+    head = directory / "head.safetensors"
+    if head.is_file():
+        state.update(load_file(str(head)))
+    missing = [k for k, v in state.items() if module.state_dict()[k].shape != v.shape]
+    if missing:
+        raise ValueError(f"{directory}: tensors {missing[:3]} do not fit model {model}: another backbone?")
+    module.load_state_dict(state, strict=False)
+    return module.eval()
 
 
 def main(argv: list[str] | None = None) -> int:

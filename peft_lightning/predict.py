@@ -3,12 +3,16 @@
     python -m peft_lightning.predict outputs/train/runs/<time>/adapter --input reviews.txt
     echo "a gorgeous, witty film" | python -m peft_lightning.predict <adapter>
 
-Input: one example per line, plain text or JSON with a "text" field. Output: one JSON line per
-example, in input order, with the label, its probability and every label's probability.
+Input: one example per line, plain text or JSON with the task's fields ("text", and "text_pair",
+"choices" or "tokens" where the task has them). Output: one JSON line per example, in input order:
+classification the label, its probability and every label's; regression the score; multiple
+choice the chosen index and probabilities; token classification the tags and entity spans;
+generation the generated text.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -16,25 +20,59 @@ from pathlib import Path
 import torch
 from rich.progress import track
 
-from peft_lightning.backbone import BackboneSpec, load_tokenizer
 from peft_lightning.checkpoint import load_pretrained
 
 
 @torch.no_grad()
-def predict_texts(module, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128,
-                  progress: bool = False) -> torch.Tensor:
-    """Class probabilities (len(texts), num_labels), batched with padding to each batch's longest."""
+def predict_records(module, records: list[dict], batch_size: int = 64, max_length: int = 128,
+                    progress: bool = False) -> list[dict]:
+    """Predictions for any task type, batched through the task's own tokenization and collator."""
     module.eval()
-    out = []
-    batches = range(0, len(texts), batch_size)
+    task, tokenizer = module.task, module.tokenizer
+    roles = [r for r in (*task.roles, *task.optional_roles) if r not in ("label", "target")]
+    dummy = {"Regression": 0.0, "TokenClassification": None, "Generation": None}.get(type(task).__name__, 0)
+    out: list[dict] = []
+    batches = range(0, len(records), batch_size)
     if progress:
         batches = track(batches, description="predicting", total=len(batches), console=_stderr_console())
     for start in batches:
-        enc = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
-                        return_tensors="pt")
-        batch = {k: v.to(module.device) for k, v in enc.items()}
-        out.append(torch.softmax(module(batch).float(), dim=-1).cpu())
-    return torch.cat(out) if out else torch.empty(0, module.hparams.num_labels)
+        chunk = records[start:start + batch_size]
+        rows = {r: [rec[r] for rec in chunk] for r in roles if all(r in rec for rec in chunk)}
+        # placeholder labels: token classification's mark each word's first sub-token
+        rows["label"] = [[0] * len(rec.get("tokens", [])) if dummy is None else dummy for rec in chunk]
+        rows["target"] = [""] * len(chunk)
+        enc = task.tokenize(rows, tokenizer, max_length)
+        batch = task.collator(tokenizer)([{k: enc[k][i] for k in enc} for i in range(len(chunk))])
+        batch = {k: v.to(module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        out.extend(_describe(module, task, chunk, batch))
+    return out
+
+
+def _describe(module, task, chunk, batch) -> list[dict]:
+    kind = type(task).__name__
+    if kind == "Generation":
+        return [{**rec, "generated": text} for rec, text in zip(chunk, task.generate(module, batch))]
+    logits = module(batch).float().cpu()
+    if kind == "Regression":
+        return [{**rec, "score": round(v, 6)} for rec, v in zip(chunk, logits.tolist())]
+    if kind == "TokenClassification":
+        from seqeval.metrics.sequence_labeling import get_entities
+
+        results = []
+        for rec, row, labels in zip(chunk, logits.argmax(-1), batch["labels"].cpu()):
+            tags = [task.labels[i] for i in row[labels != -100].tolist()]
+            spans = [{"type": t, "start": a, "end": b + 1, "text": " ".join(rec["tokens"][a:b + 1])}
+                     for t, a, b in get_entities(tags)]
+            results.append({**rec, "tags": tags, "entities": spans})
+        return results
+    probs = torch.softmax(logits, dim=-1)
+    names = task.labels if kind == "Classification" else [str(i) for i in range(probs.shape[1])]
+    results = []
+    for rec, p in zip(chunk, probs.tolist()):
+        best = max(range(len(p)), key=p.__getitem__)
+        results.append({**rec, "label": names[best], "probability": round(p[best], 6),
+                        "probabilities": {n: round(v, 6) for n, v in zip(names, p)}})
+    return results
 
 
 def _stderr_console():
@@ -43,23 +81,20 @@ def _stderr_console():
     return Console(stderr=True)
 
 
-def read_examples(lines) -> list[str]:
-    texts = []
+def read_records(lines) -> list[dict]:
+    """Plain text lines become {"text": line}; JSON lines are taken as they are."""
+    records = []
     for number, line in enumerate(lines, 1):
-        line = line.rstrip("\n")
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
             try:
-                record = json.loads(line)
+                records.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise ValueError(f"input line {number}: looks like JSON but does not parse ({err})") from err
-            if "text" not in record:
-                raise ValueError(f"input line {number}: JSON without a \"text\" field (fields: {sorted(record)})")
-            texts.append(str(record["text"]))
         else:
-            texts.append(line)
-    return texts
+            records.append({"text": line.rstrip("\n")})
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,25 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = load_pretrained(args.adapter)
         if args.input == "-":
-            texts = read_examples(sys.stdin)
+            records = read_records(sys.stdin)
         else:
             with open(args.input, encoding="utf-8") as f:
-                texts = read_examples(f)
+                records = read_records(f)
+        task = module.task
+        needed = [r for r in task.roles if r not in ("label", "target")]
+        for number, record in enumerate(records, 1):
+            missing = [r for r in needed if r not in record]
+            if missing:
+                raise ValueError(f"input example {number}: missing field(s) {missing}; this {type(task).__name__} "
+                                 f"adapter reads {needed} (optional {list(task.optional_roles)})")
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    tokenizer = load_tokenizer(BackboneSpec(**module.hparams.model))
-    probs = predict_texts(module, tokenizer, texts, args.batch_size, args.max_length, progress=len(texts) > args.batch_size)
-    labels = module.hparams.labels or [str(i) for i in range(probs.shape[1])]
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
-    try:
-        for text, p in zip(texts, probs.tolist()):
-            best = max(range(len(p)), key=p.__getitem__)
-            out.write(json.dumps({"text": text, "label": labels[best], "probability": round(p[best], 6),
-                                  "probabilities": {lab: round(v, 6) for lab, v in zip(labels, p)}}) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    results = predict_records(module, records, args.batch_size, args.max_length,
+                              progress=len(records) > args.batch_size)
+    with contextlib.nullcontext(sys.stdout) if args.output == "-" else open(args.output, "w", encoding="utf-8") as out:
+        for result in results:
+            out.write(json.dumps(result) + "\n")
     return 0
 
 

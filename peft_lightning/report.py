@@ -18,13 +18,22 @@ from pathlib import Path
 
 import pandas as pd
 
-METRICS = {  # column -> (results.json path, format)
-    "test acc": (("metrics", "test", "test/acc"), "{:.4f}"),
-    "best dev acc": (("metrics", "best", "val/acc_best"), "{:.4f}"),
-    "trainable": (("parameters", "trainable"), "{:,.0f}"),
-    "trainable %": (("parameters", "trainable_pct"), "{:.3f}"),
-    "train s/epoch": (("train_seconds_per_epoch",), "{:.1f}"),
-}
+
+
+def metric_columns(metric: str = "acc") -> dict[str, tuple[tuple, str]]:
+    """Report column -> (results.json path, format), for the sweep's selection metric (data.metric)."""
+    return {
+        f"test {metric}": (("metrics", "test", f"test/{metric}"), "{:.4f}"),
+        f"best dev {metric}": (("metrics", "best", f"val/{metric}_best"), "{:.4f}"),
+        "trainable": (("parameters", "trainable"), "{:,.0f}"),
+        "trainable %": (("parameters", "trainable_pct"), "{:.3f}"),
+        "train s/epoch": (("train_seconds_per_epoch",), "{:.1f}"),
+    }
+
+
+def _selection_metric(results: dict | None) -> str | None:
+    best = (results or {}).get("metrics", {}).get("best", {})
+    return next((k[4:-5] for k in best if k.startswith("val/") and k.endswith("_best")), None)
 
 
 def _get(data: dict, path: tuple):
@@ -48,26 +57,36 @@ def _overrides(job: Path, results: dict | None) -> dict[str, str]:
 
 def collect(multirun: Path) -> pd.DataFrame:
     """One row per job directory (any folder with results.json or .hydra/ under `multirun`)."""
-    rows = []
+    rows, found = [], []
     jobs = sorted({p.parent for p in multirun.rglob("results.json")} | {p.parent for p in multirun.rglob(".hydra")},
                   key=lambda p: (len(p.parts), p.name.zfill(6)))
     for job in jobs:
         file = job / "results.json"
         results = json.loads(file.read_text()) if file.is_file() else None
+        found.append((job, results))
+    metric = next((m for _, r in found if (m := _selection_metric(r))), "acc")
+    columns = metric_columns(metric)
+    for job, results in found:
         row = {"job": job.name, **_overrides(job, results)}
         row["status"] = results.get("status", "unknown") if results else "no results.json"
         row["error"] = (results or {}).get("error", "")
-        for column, (path, _) in METRICS.items():
+        for column, (path, _) in columns.items():
             row[column] = _get(results or {}, path)
         rows.append(row)
     if not rows:
         raise FileNotFoundError(f"no job directories (results.json or .hydra/) under {multirun}")
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    frame.attrs["metric"] = metric
+    return frame
+
+
+def _columns(frame: pd.DataFrame) -> dict[str, tuple[tuple, str]]:
+    return metric_columns(frame.attrs.get("metric", "acc"))
 
 
 def axes(frame: pd.DataFrame) -> list[str]:
     """The overrides that vary between jobs (the sweep's axes), seed excluded."""
-    skip = {"job", "status", "error", "seed", *METRICS}
+    skip = {"job", "status", "error", "seed", *_columns(frame)}
     return [c for c in frame.columns if c not in skip and frame[c].astype(str).nunique() > 1]
 
 
@@ -75,31 +94,35 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     """Completed jobs grouped by the sweep's axes: mean (+- std over seeds) of every metric."""
     done = frame[frame["status"] == "completed"]
     keys = axes(frame) or ["job"]
+    columns = list(_columns(frame))
     grouped = done.groupby(keys, sort=False, dropna=False)
-    out = grouped[list(METRICS)].mean()
-    std = grouped[list(METRICS)].std()
+    out = grouped[columns].mean()
+    std = grouped[columns].std()
     out["n"] = grouped.size()
-    for column in METRICS:
+    for column in columns:
         out[column + " std"] = std[column]
     return out.reset_index()
 
 
 def markdown(frame: pd.DataFrame, title: str, command: str | None = None) -> str:
     summary = summarize(frame)
-    keys = [c for c in summary.columns if c not in METRICS and not c.endswith(" std") and c != "n"]
+    columns = _columns(frame)
+    test, dev = list(columns)[:2]
+    keys = [c for c in summary.columns if c not in columns and not c.endswith(" std") and c != "n"]
     many = bool((summary["n"] > 1).any())
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Produced by `{command}`", ""]
     lines += [_machine(), ""]
-    header = keys + list(METRICS) + (["n"] if many else [])
+    header = keys + list(columns) + (["n"] if many else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, row in summary.sort_values("test acc", ascending=False, na_position="last").iterrows():
+    ascending = frame.attrs.get("metric") in ("mse", "loss")
+    for _, row in summary.sort_values(test, ascending=ascending, na_position="last").iterrows():
         cells = [str(row[k]) for k in keys]
-        for column, (_, fmt) in METRICS.items():
+        for column, (_, fmt) in columns.items():
             value, spread = row[column], row[column + " std"]
             cell = "" if pd.isna(value) else fmt.format(value)
-            if many and not pd.isna(spread) and column in ("test acc", "best dev acc"):
+            if many and not pd.isna(spread) and column in (test, dev):
                 cell += " ± " + fmt.format(spread)
             cells.append(cell)
         if many:
@@ -122,14 +145,16 @@ def _numeric(values) -> bool:
         return False
 
 
-def plots(frame: pd.DataFrame, directory: Path, metric: str = "test acc") -> list[Path]:
-    """PNG plots of `metric` (mean, error bars = std over seeds): against each numeric axis (a
-    line per combination of the other axes), or as grouped bars when every axis is categorical."""
+def plots(frame: pd.DataFrame, directory: Path, metric: str | None = None) -> list[Path]:
+    """PNG plots of `metric` (default: the test value of the selection metric; mean, error bars =
+    std over seeds): against each numeric axis (a line per combination of the other axes), or as
+    grouped bars when every axis is categorical."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = metric or next(iter(_columns(frame)))
     summary = summarize(frame)
     keys = [c for c in axes(frame) if c in summary.columns]
     if not keys or summary[metric].isna().all():

@@ -89,6 +89,9 @@ def evaluate_extra_sets(cfg: DictConfig, trainer, module, datamodule, ckpt_path)
     results = {}
     base = OmegaConf.to_container(cfg.data, resolve=True)
     for name, spec in (base.pop("extra_eval", None) or {}).items():
+        spec = dict(spec)
+        if spec.get("files") and set(spec["files"]) == {"test"}:  # an evaluation-only file
+            spec["files"] = dict.fromkeys(("train", "validation", "test"), spec["files"]["test"])
         extra = TaskDataModule(tokenizer=datamodule.tokenizer, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
                                **{**base, "train_examples": None, **spec, "task": module.task})
         module.test_prefix = f"test_{name}/"

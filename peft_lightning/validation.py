@@ -45,6 +45,7 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"method.depth must be 'deep', 'embedding' or a list of layer indices, got {list(depth)}")
     elif depth not in ("deep", "embedding"):
         raise ConfigError(f"method.depth must be 'deep', 'embedding' or a list of layer indices, got {depth!r}")
+    _validate_task(cfg.data)
     _validate_against_backbone(cfg)
     if cfg.data.batch_size <= 0:
         raise ConfigError(f"data.batch_size must be positive, got {cfg.data.batch_size}")
@@ -63,6 +64,10 @@ def _validate_against_backbone(cfg: DictConfig) -> None:
         config = load_config(BackboneSpec(**model))
     except (OSError, ValueError):
         return  # not reachable here (e.g. a hub model offline): loading will say so
+    if cfg.data.get("task") == "generation" and ARCHITECTURES.get(config.model_type, None) is not None \
+            and ARCHITECTURES[config.model_type].kind == "encoder":
+        raise ConfigError(f"data.task=generation needs a decoder or an encoder-decoder; model={cfg.model.name} is an "
+                          "encoder. Use e.g. model=smollm2 (embedded), model=gpt2 or an encoder-decoder.")
     if cfg.method.name != "finetune" and config.model_type not in ARCHITECTURES:
         raise ConfigError(
             f"method={cfg.method.name} does not support model={cfg.model.name} "
@@ -76,3 +81,30 @@ def _validate_against_backbone(cfg: DictConfig) -> None:
                 f"method.depth has layer index {bad} out of range: model={cfg.model.name} has layers "
                 f"0..{config.num_hidden_layers - 1}"
             )
+
+
+def _validate_task(data: DictConfig) -> None:
+    """data.task, its columns, labels and selection metric."""
+    from omegaconf import OmegaConf
+
+    from peft_lightning.tasks import TASKS, make_task
+
+    name = data.get("task", "classification")
+    if name not in TASKS:
+        raise ConfigError(f"data.task must be one of {sorted(TASKS)}, got {name!r}")
+    labels = list(data.get("labels") or [])
+    task = TASKS[name]
+    if name in ("classification", "token_classification") and len(labels) < 2:
+        raise ConfigError(f"data.task={name} needs data.labels with at least 2 names, got {labels}")
+    columns = OmegaConf.to_container(data.columns, resolve=True) if data.get("columns") else None
+    if columns is not None:
+        missing = [r for r in task.roles if r not in columns]
+        unknown = [r for r in columns if r not in (*task.roles, *task.optional_roles)]
+        if missing or unknown:
+            raise ConfigError(f"data.columns for data.task={name} needs {list(task.roles)} (optional "
+                              f"{list(task.optional_roles)}); missing {missing}, unknown {unknown}")
+    options = OmegaConf.to_container(data.generation, resolve=True) if name == "generation" and data.get("generation") else {}
+    try:
+        make_task(name, labels, "decoder" if name == "generation" else "encoder", data.get("metric"), **options)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None

@@ -30,7 +30,10 @@ def compose_cfg(overrides=()):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_resolves(group, option):
-    cfg = compose_cfg([f"{group}={option}"])
+    overrides = [f"{group}={option}"]
+    if group == "data" and "task: generation" in (CONF / group / f"{option}.yaml").read_text():
+        overrides.append("model=gpt2")  # generation needs a decoder (the default backbone is an encoder)
+    cfg = compose_cfg(overrides)
     container = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                  for k in cfg if k != "hydra"}
     assert container["method"]["name"] and container["model"]["name"] and container["data"]["name"]

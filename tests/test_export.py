@@ -54,3 +54,39 @@ def test_prefix_export_holds_the_ejected_prefix_in_peft_layout(tmp_path):
 def test_export_refuses_methods_without_a_peft_twin(tmp_path):
     with pytest.raises(ValueError, match="no peft twin"):
         export_peft(trained("adapter", "bert", bottleneck=4), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["lora", "ptuning_v2"])
+def test_export_then_import_gives_the_same_logits(tmp_path, name):
+    from peft_lightning.export import import_peft
+
+    m = trained(name, "bert", reparameterization="none")
+    export_peft(m, tmp_path / "peft")
+    back = import_peft(tmp_path / "peft", model=tiny_model("bert"), num_labels=2)
+    back.backbone.load_state_dict(m.backbone.state_dict())  # (a random tiny backbone: share its weights)
+    batch = make_batch("bert", seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(back(batch), m(batch), atol=1e-6, rtol=1e-6)
+
+
+def test_import_of_an_adapter_made_by_peft(tmp_path):
+    """A LoRA trained with peft itself (its own target names) computes the same hidden states here."""
+    from peft_lightning.export import import_peft
+
+    torch.manual_seed(0)
+    base = load_backbone(BackboneSpec(**tiny_model("bert"))).eval()
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}  # (peft renames the wrapped layers)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                     task_type="FEATURE_EXTRACTION"))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    lora.save_pretrained(str(tmp_path / "theirs"))
+    ours = import_peft(tmp_path / "theirs", model=tiny_model("bert"), num_labels=2)
+    ours.backbone.load_state_dict(base_state)
+    batch = make_batch("bert", seed=6)
+    with torch.no_grad():
+        theirs = lora.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        torch.testing.assert_close(ours.run_backbone(batch), theirs, atol=1e-5, rtol=1e-5)
+    assert len(ours.lora) == 2 * 3  # query and value in each of the 3 layers

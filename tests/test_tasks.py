@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import tiny_model
+from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -75,7 +76,7 @@ SETTINGS = {  # fixture -> (task, columns, labels, model, method, lr, epochs, me
                         ["0", "1", "2"], "bert", "adapter", 1e-2, 8, "acc"),
     "tokens": ("token_classification", {"tokens": "words", "label": "tags"}, TAGS, "deberta-v2", "ptuning_v2",
                3e-2, 8, "f1"),
-    "generation_decoder": ("generation", {"text": "mr", "target": "ref"}, [], "gpt2", "lora", 3e-2, 10, "bleu"),
+    "generation_decoder": ("generation", {"text": "mr", "target": "ref"}, [], "gpt2", "finetune", 1e-2, 10, "bleu"),
     "generation_encdec": ("generation", {"text": "mr", "target": "ref"}, [], "t5", "prefix_tuning", 1e-2, 10, "bleu"),
 }
 
@@ -103,7 +104,8 @@ def build(name, tokenizer_dir, method=None):
     return module, columns, labels, epochs, metric
 
 
-@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("generation") else n
+                                  for n in SETTINGS])
 def test_task_type_learns(tmp_path, tokenizer_dir, name):
     torch.manual_seed(0)
     module, columns, labels, epochs, metric = build(name, tokenizer_dir)
@@ -183,3 +185,125 @@ def test_prompt_keeps_token_labels_aligned(tokenizer_dir):
     batch = module.task.collator(module.tokenizer)([{k: enc[k][i] for k in enc} for i in range(2)])
     assert batch["labels"].tolist()[0] == [-100, 1, 0, 0, -100]
     assert module(batch).shape[:2] == batch["input_ids"].shape
+
+
+# --- data configs ---------------------------------------------------------------------------------
+HUB = {  # config -> (task, source, subset, columns, labels, metric): the datasets' own columns and label order
+    "sst2": ("classification", "hub:nyu-mll/glue", "sst2", {"text": "sentence", "label": "label"},
+             ["negative", "positive"], "acc"),
+    "rte": ("classification", "hub:nyu-mll/glue", "rte", {"text": "sentence1", "text_pair": "sentence2", "label": "label"},
+            ["entailment", "not_entailment"], "acc"),
+    "mrpc": ("classification", "hub:nyu-mll/glue", "mrpc",
+             {"text": "sentence1", "text_pair": "sentence2", "label": "label"}, ["not_equivalent", "equivalent"], "f1"),
+    "stsb": ("regression", "hub:nyu-mll/glue", "stsb", {"text": "sentence1", "text_pair": "sentence2", "label": "label"},
+             [], "pearson"),
+    "boolq": ("classification", "hub:aps/super_glue", "boolq", {"text": "question", "text_pair": "passage", "label": "label"},
+              ["False", "True"], "acc"),
+    "cb": ("classification", "hub:aps/super_glue", "cb", {"text": "premise", "text_pair": "hypothesis", "label": "label"},
+           ["entailment", "contradiction", "neutral"], "f1"),
+    "copa": ("multiple_choice", "hub:aps/super_glue", "copa",
+             {"text": "premise", "text_pair": "question", "choices": ["choice1", "choice2"], "label": "label"},
+             ["choice1", "choice2"], "acc"),
+    "wic": ("classification", "hub:aps/super_glue", "wic",
+            {"text": ["word", "sentence1"], "text_pair": "sentence2", "label": "label"}, ["False", "True"], "acc"),
+    "conll2003": ("token_classification", "hub:eriktks/conll2003", None, {"tokens": "tokens", "label": "ner_tags"},
+                  ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"], "f1"),
+    "e2e_nlg": ("generation", "hub:GEM/e2e_nlg", None, {"text": "meaning_representation", "target": "target"}, [], "bleu"),
+    "xsum": ("generation", "hub:EdinburghNLP/xsum", None, {"text": "document", "target": "summary"}, [], "rougeL"),
+}
+
+
+@pytest.mark.parametrize("name", list(HUB))
+def test_hub_data_config_carries_columns_labels_metric(name):
+    from test_configs import compose_cfg
+
+    from peft_lightning.tasks import make_task
+    from peft_lightning.validation import validate_config
+
+    task, source, subset, columns, labels, metric = HUB[name]
+    overrides = [f"data={name}"] + (["model=gpt2"] if task == "generation" else [])
+    cfg = compose_cfg(overrides)
+    data = cfg.data
+    assert (data.task, data.source, data.get("subset"), data.metric) == (task, source, subset, metric)
+    assert OmegaConf.to_container(data.columns) == columns
+    assert list(data.labels) == labels
+    validate_config(cfg)  # the task accepts its columns, labels and metric
+    made = make_task(task, labels, "decoder" if task == "generation" else "encoder", metric)
+    assert made.metric == metric and metric in made.metrics().keys()
+    splits = dict(data.splits)
+    assert set(splits) == {"train", "validation", "test"}
+
+
+def test_hub_offline_fails_at_once_naming_the_fix(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from peft_lightning.data.datamodule import load_raw
+    from peft_lightning.tasks import make_task
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match=r"hub:nyu-mll/glue \(rte\).*data\.source=path/to/file"):
+        load_raw("hub:nyu-mll/glue", {}, make_task("classification", ["entailment", "not_entailment"]),
+                 {"text": "sentence1", "text_pair": "sentence2", "label": "label"}, subset="rte")
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("task,rows,columns,labels,message", [
+    ("regression", [{"s": "a b", "score": "high"}], {"text": "s", "label": "score"}, [],
+     r"d.jsonl, line 1, column 'score': regression label 'high' is not a number"),
+    ("multiple_choice", [{"ctx": "a", "c0": "b"}], {"text": "ctx", "choices": ["c0", "c1"], "label": "y"}, ["0", "1"],
+     r"d.jsonl, line 1: column 'c1' missing"),
+    ("token_classification", [{"w": ["a", "ann"], "t": ["O", "B-XYZ"]}], {"tokens": "w", "label": "t"}, TAGS,
+     r"d.jsonl, line 1, column 't', tag 1: label 'B-XYZ' is not in data.labels"),
+    ("classification", [{"a": "x", "y": "no"}], {"text": "a", "text_pair": "b", "label": "y"}, ["no", "yes"],
+     r"d.jsonl, line 1: column 'b' missing"),
+])
+def test_bad_task_data_names_file_column_row(tmp_path, task, rows, columns, labels, message):
+    from peft_lightning.data.files import read_rows, to_roles
+    from peft_lightning.tasks import make_task
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises((ValueError, KeyError), match=message):
+        to_roles(read_rows(path), columns, make_task(task, labels), str(path))
+
+
+def test_embedded_sets_have_their_task_columns():
+    from peft_lightning.data.embedded import BUILDERS
+
+    expected = {"rotten_tomatoes": {"text", "label"}, "rotten_tomatoes_scores": {"text", "label"},
+                "sms_spam": {"text", "label"}, "movie_dialog": {"text", "text_pair", "label"},
+                "city_facts": {"text", "target"}}
+    for name, columns in expected.items():
+        table, _ = BUILDERS[name]()
+        assert set(table) == columns and len({len(v) for v in table.values()}) == 1
+    pairs, _ = BUILDERS["movie_dialog"]()
+    assert 0.45 < sum(pairs["label"]) / len(pairs["label"]) < 0.55  # true replies vs drawn lines
+    scores, _ = BUILDERS["rotten_tomatoes_scores"]()
+    assert min(scores["label"]) >= -4 and max(scores["label"]) <= 4 and len(set(scores["label"])) > 100
+
+
+def test_extra_evaluation_sets_log_under_their_own_names(tmp_path, tokenizer_dir):
+    """data.extra_eval: the run is also tested on other sets (domain transfer), each as test_<name>/."""
+    from peft_lightning.run import evaluate_extra_sets
+
+    module, columns, labels, _, _ = build("pairs", tokenizer_dir)
+    dm = make_data(tmp_path, "pairs", module.tokenizer, module.task, columns, labels)
+    shifted = tmp_path / "shifted.jsonl"  # another distribution: longer premises
+    shifted.write_text("".join(json.dumps({**r, "premise": r["premise"] + " q r s t"}) + "\n"
+                               for r in fixture_rows("pairs", 20, 7)))
+    cfg = OmegaConf.create({"seed": 0, "paths": {"cache_dir": None},
+                            "data": {"source": "", "task": "classification", "labels": labels, "columns": columns,
+                                     "files": dm.files, "max_length": 24, "batch_size": 16, "eval_batch_size": 8,
+                                     "extra_eval": {"shifted": {"files": {"test": str(shifted)}}}}})
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    own = trainer.test(module, datamodule=dm, verbose=False)[0]
+    extra = evaluate_extra_sets(cfg, trainer, module, dm, None)
+    assert set(extra) == {"test_shifted/acc", "test_shifted/f1", "test_shifted/mcc", "test_shifted/loss"}
+    assert "test/acc" in own and module.test_prefix == "test/"
+    # it is really the other set: 20 rows evaluated, so accuracy is a multiple of 1/20
+    assert abs(extra["test_shifted/acc"] * 20 - round(extra["test_shifted/acc"] * 20)) < 1e-4

@@ -25,12 +25,13 @@ TASKS: dict[str, type[Task]] = {
 }
 
 
-def make_task(name: str, labels: list[str] | None = None, kind: str = "encoder", **options) -> Task:
+def make_task(name: str, labels: list[str] | None = None, kind: str = "encoder", metric: str | None = None,
+              **options) -> Task:
     """A task for a backbone of `kind` (encoder | decoder | encoder-decoder); `options` are the
     task's own settings (data.generation for generation)."""
     if name not in TASKS:
         raise ValueError(f"data.task must be one of {sorted(TASKS)}, got {name!r}")
-    return TASKS[name](list(labels or []), kind, **options)
+    return TASKS[name](list(labels or []), kind, metric, **options)
 
 
 __all__ = ["TASKS", "Task", "make_task"]
