@@ -188,13 +188,13 @@ def _vocab(model: nn.Module) -> int:
     return inner.config.vocab_size
 
 
-def memory_table(names: list[str], args) -> dict[str, float]:
+def memory_table(names: list[str], backbone: str, args) -> dict[str, float]:
     """Each config's step memory, each measured by a fresh `python speed.py --memory-of NAME`."""
     import subprocess
 
     out = {}
     for name in names:
-        command = [sys.executable, __file__, "--memory-of", name, "--backbone", args.backbone,
+        command = [sys.executable, __file__, "--memory-of", name, "--backbone", backbone,
                    "--batch", str(args.batch), "--length", str(args.length)]
         result = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in result.stdout.splitlines() if line.startswith("MEMORY ")]
@@ -236,25 +236,45 @@ def pipeline_epoch(args) -> tuple[float, float, int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", choices=sorted(BACKBONES), default="minilm")
+    parser.add_argument("--backbone", choices=[*sorted(BACKBONES), "all"], default="minilm")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per config per round")
-    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     parser.add_argument("--pipeline-examples", type=int, default=1024,
                         help="training sentences for the data-pipeline epoch comparison (0: skip it)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # (internal: one config's memory, in a fresh process)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    model_spec = BACKBONES[args.backbone]
     if args.memory_of:
-        print(f"MEMORY {step_memory(args.memory_of, model_spec, args.batch, args.length):.1f}")
+        print(f"MEMORY {step_memory(args.memory_of, BACKBONES[args.backbone], args.batch, args.length):.1f}")
         return 0
+    lines = [f"{_machine()}; {date.today().isoformat()}. Command: `python benchmarks/speed.py "
+             f"{' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
+    for backbone in sorted(BACKBONES) if args.backbone == "all" else [args.backbone]:
+        lines += step_table(backbone, args) + [""]
+        print("\n".join(lines), flush=True)
+    if args.pipeline_examples:
+        ours_s, padded_s, n = pipeline_epoch(args)
+        lines += [f"Data pipeline, one epoch over {n} Rotten Tomatoes training sentences (P-Tuning v2 on MiniLM, "
+                  f"batch {args.batch}, best of 2 interleaved): per-batch padding + length-grouped batches "
+                  f"{ours_s:.1f} s, padding every batch to 128 tokens {padded_s:.1f} s: **{ours_s / padded_s:.2f}×**."]
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text + "\n")
+    return 0
+
+
+def step_table(backbone: str, args) -> list[str]:
+    """Markdown lines: every config's train/eval step time (interleaved rounds) and step memory."""
+    model_spec = BACKBONES[backbone]
     configs: dict[str, nn.Module] = {"floor": Floor(model_spec)}
     for name, (method, knobs, twin) in OURS.items():
         configs[name] = ours(method, knobs, model_spec)
-        if twin:
+        if twin and twin not in configs:
             configs[twin] = PeftTwin(twin, model_spec)
     vocab = configs["floor"].backbone.config.vocab_size
     batch = make_batch(vocab, args.batch, args.length)
@@ -275,13 +295,12 @@ def main(argv=None) -> int:
             eval_t[name].append(timed(lambda: eval_step(m, batch), args.steps))
     med = {n: (statistics.median(train_t[n]), statistics.median(eval_t[n])) for n in configs}
     del configs, optimizers
-    memory = memory_table(list(med), args)
+    memory = memory_table(list(med), backbone, args)
     floor_train, floor_eval = med["floor"]
     twin_of = {name: twin for name, (_, _, twin) in OURS.items()}
     lines = [
-        f"Backbone {args.backbone}, batch {args.batch} x length {args.length} (random lengths {args.length // 2}.."
-        f"{args.length}), {args.rounds} interleaved rounds x {args.steps} steps, medians. "
-        f"{_machine()}; {date.today().isoformat()}.",
+        f"Backbone {backbone}, batch {args.batch} x length {args.length} (random lengths {args.length // 2}.."
+        f"{args.length}), {args.rounds} interleaved rounds x {args.steps} steps, medians.",
         "",
         "| config | train ms/step | × floor | × peft twin | eval ms/step | eval × floor | step memory MiB | "
         "memory × peft twin |",
@@ -293,17 +312,7 @@ def main(argv=None) -> int:
         mem_twin = f"{memory[name] / memory[twin]:.2f}" if twin and memory[twin] > 0 else ""
         lines.append(f"| {name} | {t * 1e3:.1f} | {t / floor_train:.2f} | {vs_twin} | {e * 1e3:.1f} | "
                      f"{e / floor_eval:.2f} | {memory[name]:.0f} | {mem_twin} |")
-    if args.pipeline_examples:
-        ours_s, padded_s, n = pipeline_epoch(args)
-        lines += ["", f"Data pipeline, one epoch over {n} Rotten Tomatoes training sentences (P-Tuning v2 on MiniLM, "
-                      f"batch {args.batch}, best of 2 interleaved): per-batch padding + length-grouped batches "
-                      f"{ours_s:.1f} s, padding every batch to 128 tokens {padded_s:.1f} s: **{ours_s / padded_s:.2f}×**."]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text + "\n")
-    return 0
+    return lines
 
 
 def _machine() -> str:

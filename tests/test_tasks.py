@@ -307,3 +307,30 @@ def test_extra_evaluation_sets_log_under_their_own_names(tmp_path, tokenizer_dir
     assert "test/acc" in own and module.test_prefix == "test/"
     # it is really the other set: 20 rows evaluated, so accuracy is a multiple of 1/20
     assert abs(extra["test_shifted/acc"] * 20 - round(extra["test_shifted/acc"] * 20)) < 1e-4
+
+
+def test_predict_records_for_every_task_type(tokenizer_dir):
+    """The predict CLI's core: one result per record, in order, shaped by the task (a tag per word,
+    spans that cover their words, a score, a choice, generated text)."""
+    from peft_lightning.predict import predict_records
+
+    words = [["ann", "a", "b"], ["c", "bob", "cal", "d"]]
+    module, *_ = build("tokens", tokenizer_dir)
+    with torch.no_grad():  # a head that tags the names, so spans are predictable
+        module.head.linear.weight.zero_()
+        module.head.linear.bias.copy_(torch.tensor([1.0, 0.0, -1.0]))
+    out = predict_records(module, [{"tokens": w} for w in words], batch_size=1)
+    assert [len(r["tags"]) for r in out] == [3, 4] and all(r["tags"] == ["O"] * len(r["tokens"]) for r in out)
+    module.head.linear.bias.data = torch.tensor([-1.0, 1.0, 0.0])  # everything B-PER: one entity per word
+    out = predict_records(module, [{"tokens": w} for w in words])
+    assert [[(e["start"], e["end"], e["text"]) for e in r["entities"]] for r in out][1] == \
+        [(0, 1, "c"), (1, 2, "bob"), (2, 3, "cal"), (3, 4, "d")]
+    reg, *_ = build("regression", tokenizer_dir)
+    scores = predict_records(reg, [{"text": "a b"}, {"text": "good good"}])
+    assert [set(r) for r in scores] == [{"text", "score"}] * 2
+    mc, *_ = build("multiple_choice", tokenizer_dir)
+    picks = predict_records(mc, [{"text": "a", "choices": ["b good", "c bad", "d bad"]}])
+    assert picks[0]["label"] in {"0", "1", "2"} and abs(sum(picks[0]["probabilities"].values()) - 1) < 1e-4
+    gen, *_ = build("generation_encdec", tokenizer_dir)
+    texts = predict_records(gen, [{"text": "a b c"}, {"text": "d"}])
+    assert [r["text"] for r in texts] == ["a b c", "d"] and all(isinstance(r["generated"], str) for r in texts)
