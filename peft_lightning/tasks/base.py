@@ -8,6 +8,8 @@ from transformers import DataCollatorWithPadding
 
 from peft_lightning.tasks.heads import ClassificationHead
 
+LOWER_IS_BETTER = ("mse",)
+
 
 class Task:
     """One task type. Rows reach it with role-named columns (`roles`: text, text_pair, label,
@@ -27,6 +29,9 @@ class Task:
             known = list(self.metrics().keys())
             if metric not in known:
                 raise ValueError(f"data.metric={metric!r} is not a metric of {type(self).__name__}: choose from {known}")
+            if metric in LOWER_IS_BETTER:  # checkpoints and val/<metric>_best keep the maximum
+                raise ValueError(f"data.metric={metric!r} is better when lower, but selection keeps the highest: "
+                                 f"choose from {[m for m in known if m not in LOWER_IS_BETTER]}")
             self.metric = metric
 
     @property
