@@ -101,6 +101,8 @@ class MultipleChoice(Task):
         text = str(value).strip()
         if not text.isdigit():
             raise ValueError(f"{where}: multiple-choice label {value!r} must be the index of the right choice")
+        if self.labels and int(text) >= len(self.labels):
+            raise ValueError(f"{where}: choice index {text}, but data.labels names {len(self.labels)} choices")
         return int(text)
 
     def metrics(self) -> MetricCollection:
