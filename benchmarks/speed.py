@@ -117,8 +117,17 @@ def make_batch(vocab: int, batch: int, length: int, seed: int = 0):
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (batch,), generator=g)}
 
 
+AUTOCAST = {"enabled": False}  # --bf16: bfloat16 autocast around every forward
+
+
+def _forward(model, batch):
+    device = batch["input_ids"].device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=AUTOCAST["enabled"]):
+        return model(batch).float()
+
+
 def train_step(model, optimizer, batch):
-    loss = nn.functional.cross_entropy(model(batch), batch["labels"])
+    loss = nn.functional.cross_entropy(_forward(model, batch), batch["labels"])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -126,7 +135,7 @@ def train_step(model, optimizer, batch):
 
 @torch.no_grad()
 def eval_step(model, batch):
-    model(batch)
+    _forward(model, batch)
 
 
 def timed(fn, steps: int) -> float:
@@ -195,7 +204,7 @@ def memory_table(names: list[str], backbone: str, args) -> dict[str, float]:
     out = {}
     for name in names:
         command = [sys.executable, __file__, "--memory-of", name, "--backbone", backbone,
-                   "--batch", str(args.batch), "--length", str(args.length)]
+                   "--batch", str(args.batch), "--length", str(args.length)] + (["--bf16"] if args.bf16 else [])
         result = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in result.stdout.splitlines() if line.startswith("MEMORY ")]
         out[name] = float(lines[-1].split()[1]) if lines else float("nan")
@@ -244,9 +253,12 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     parser.add_argument("--pipeline-examples", type=int, default=1024,
                         help="training sentences for the data-pipeline epoch comparison (0: skip it)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU; slow on most CPUs)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every config before timing")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # (internal: one config's memory, in a fresh process)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    AUTOCAST["enabled"] = args.bf16
     if args.memory_of:
         print(f"MEMORY {step_memory(args.memory_of, BACKBONES[args.backbone], args.batch, args.length):.1f}")
         return 0
@@ -277,7 +289,12 @@ def step_table(backbone: str, args) -> list[str]:
         if twin and twin not in configs:
             configs[twin] = PeftTwin(twin, model_spec)
     vocab = configs["floor"].backbone.config.vocab_size
-    batch = make_batch(vocab, args.batch, args.length)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch = {k: v.to(device) for k, v in make_batch(vocab, args.batch, args.length).items()}
+    for name in configs:
+        configs[name] = configs[name].to(device)
+        if args.compile:
+            configs[name].forward = torch.compile(configs[name].forward)
     optimizers = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad] or
                                        [torch.zeros(1, requires_grad=True)], lr=1e-5) for n, m in configs.items()}
     train_t = {n: [] for n in configs}
