@@ -116,8 +116,7 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None) -> str
     lines += [_machine(), ""]
     header = keys + list(columns) + (["n"] if many else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    ascending = frame.attrs.get("metric") in ("mse", "loss")
-    for _, row in summary.sort_values(test, ascending=ascending, na_position="last").iterrows():
+    for _, row in summary.sort_values(test, ascending=False, na_position="last").iterrows():  # selection maximizes
         cells = [str(row[k]) for k in keys]
         for column, (_, fmt) in columns.items():
             value, spread = row[column], row[column + " std"]
