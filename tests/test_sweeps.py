@@ -30,6 +30,21 @@ def test_sweep_composes_with_its_axes(sweep, monkeypatch):
         assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
 
 
+def test_slurm_launcher_combines_with_a_sweep(monkeypatch):
+    """The command in sweeps/slurm.yaml: the sweep keeps its axes, submitit runs the jobs with one
+    SLURM task per DDP device."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    monkeypatch.setenv("PEFT_LIGHTNING_ROOT", str(ROOT))
+    command = next(line for line in (ROOT / "sweeps" / "slurm.yaml").read_text().splitlines() if "train.py" in line)
+    overrides = [o.strip("'") for o in command.split("train.py -m ")[1].split()]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == cfg.trainer.devices == 4
+    assert cfg.hydra.sweeper.params["method.prefix_length"] == "1,4,8,16,32,64,128"
+    assert cfg.task_name == "prefix_length"
+
+
 def test_wandb_sweep_calls_train_py_with_overrides():
     import yaml
 
