@@ -337,3 +337,13 @@ def test_predict_records_for_every_task_type(tokenizer_dir):
     gen, *_ = build("generation_encdec", tokenizer_dir)
     texts = predict_records(gen, [{"text": "a b c"}, {"text": "d"}])
     assert [r["text"] for r in texts] == ["a b c", "d"] and all(isinstance(r["generated"], str) for r in texts)
+
+
+def test_embedded_labels_that_do_not_fit_data_labels_name_the_row():
+    """An embedded set's labels pass the same check as a file's: a data.labels list too short for
+    the set's classes is an error naming the set and row, not a silent out-of-range target."""
+    from peft_lightning.data.datamodule import load_raw
+    from peft_lightning.tasks import make_task
+
+    with pytest.raises(ValueError, match=r"embedded dataset 'sms_spam', row \d+: label '1' is not in data.labels \['ham'\]"):
+        load_raw("embedded:sms_spam", {"train": 0.8, "validation": 0.1, "test": 0.1}, make_task("classification", ["ham"]))

@@ -61,6 +61,9 @@ def load_raw(source: str, split: dict, task: Task, columns: dict | None = None, 
             raise ValueError(f"embedded dataset '{name}' has columns {sorted(table)}, but data.task="
                              f"{type(task).__name__} needs {list(task.roles)}")
         table = {r: v for r, v in table.items() if r in (*task.roles, *task.optional_roles)}
+        if "label" in table:  # the same check as a file's labels: data.labels may not fit the set
+            table["label"] = [task.label_value(v, f"embedded dataset '{name}', row {i}")
+                              for i, v in enumerate(table["label"])]
     else:
         path = Path(source)
         table = to_roles(read_rows(path), columns, task, str(path))
@@ -212,14 +215,6 @@ class TaskDataModule(L.LightningDataModule):
         )
         if self.train_examples is not None:
             self.data["train"] = subsample(self.data["train"], self.train_examples, self.seed)
-        if type(self.task).__name__ == "Classification":
-            for name, part in self.data.items():
-                bad = [i for i, y in enumerate(part["labels"]) if not 0 <= y < self.num_labels]
-                if bad:
-                    raise ValueError(
-                        f"{self.source}, split '{name}', row {bad[0]}: label {part['labels'][bad[0]]} is outside "
-                        f"0..{self.num_labels - 1} (data.labels = {self.labels})"
-                    )
         # token counts for length grouping, once (Lightning asks for the train loader more than once)
         self.train_lengths = [len(x) for x in self.data["train"]["input_ids"]]
         # tensors are made by the task's collator (some columns are lists, or text references)
