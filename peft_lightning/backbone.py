@@ -60,14 +60,16 @@ def load_config(spec: BackboneSpec) -> PretrainedConfig:
     return AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
 
 
-def load_backbone(spec: BackboneSpec, model_class=AutoModel) -> PreTrainedModel:
-    """Load the backbone with every weight frozen."""
+def load_backbone(spec: BackboneSpec, model_class=AutoModel, config: PretrainedConfig | None = None) -> PreTrainedModel:
+    """Load the backbone with every weight frozen; `config`: `load_config(spec)` if already read
+    (a GGUF file's header is not parsed twice)."""
     if spec.config is not None:
-        config = load_config(spec)
-        model = model_class.from_config(config, attn_implementation=spec.attn_implementation)
+        model = model_class.from_config(config or load_config(spec), attn_implementation=spec.attn_implementation)
     else:
         path, gguf = resolve(spec.name_or_path)
         extra = {"gguf_file": gguf} if gguf else {}
+        if config is not None:
+            extra["config"] = config
         model = model_class.from_pretrained(path, attn_implementation=spec.attn_implementation, **extra)
     model.requires_grad_(False)
     return model

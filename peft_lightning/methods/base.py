@@ -19,7 +19,7 @@ from peft_lightning.backbone import (BackboneSpec, checkpointing, count_paramete
                                      load_tokenizer)
 from peft_lightning.injection.architectures import ARCHITECTURES
 from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState
-from peft_lightning.tasks import make_task
+from peft_lightning.tasks import Classification, make_task
 from peft_lightning.tasks.heads import HEAD_TYPES, Verbalizer
 
 log = logging.getLogger(__name__)
@@ -36,21 +36,22 @@ class PeftClassifier(L.LightningModule):
         if head_type not in HEAD_TYPES:
             raise ValueError(f"method.head.type must be one of {HEAD_TYPES}, got {head_type!r}")
         spec = BackboneSpec(**model)
-        arch = ARCHITECTURES.get(load_config(spec).model_type)
+        config = load_config(spec)  # read once: it decides the task's kind, then builds the model
+        arch = ARCHITECTURES.get(config.model_type)
         self.kind = arch.kind if arch else "encoder"
         task = dict(task or {"name": "classification"})
         self.task = make_task(task.pop("name"), labels or [str(i) for i in range(num_labels)], self.kind, **task)
         lm_head = None
         if head_type == "verbalizer":
-            if type(self.task).__name__ != "Classification":
+            if not isinstance(self.task, Classification):
                 raise ValueError("method.head.type=verbalizer scores label words: it needs data.task=classification")
-            self.backbone, lm_head = self._load_with_lm_head(spec)
+            self.backbone, lm_head = self._load_with_lm_head(spec, config)
         elif self.task.needs_lm:
             # generation: the backbone is the whole LM, so every method's hooks see its output head
             self.backbone = load_backbone(spec, AutoModelForSeq2SeqLM if self.kind == "encoder-decoder"
-                                          else AutoModelForCausalLM)
+                                          else AutoModelForCausalLM, config)
         else:
-            self.backbone = load_backbone(spec)
+            self.backbone = load_backbone(spec, config=config)
         self._tokenizer = None
         self.input_prompt = None  # an InputPrompt, for methods that prepend input-level prompts
         if method.get("activation_checkpointing", False):
@@ -194,20 +195,17 @@ class PeftClassifier(L.LightningModule):
                                 data=[list(s) for s in samples], step=self.global_step)
 
     @staticmethod
-    def _load_with_lm_head(spec: BackboneSpec):
+    def _load_with_lm_head(spec: BackboneSpec, config):
         """(bare backbone, its frozen LM head) from the backbone's LM-head model."""
-        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+        from transformers import AutoModelForMaskedLM
 
-        from peft_lightning.backbone import load_config
-
-        config = load_config(spec)
         kind = ARCHITECTURES.get(config.model_type)
         if kind is None or kind.kind == "encoder-decoder":
             raise ValueError(
                 f"method.head.type=verbalizer needs an encoder with an MLM head or a decoder with an LM head; "
                 f"'{config.model_type}' is not one here. Use head.type=linear."
             )
-        lm = load_backbone(spec, AutoModelForMaskedLM if kind.kind == "encoder" else AutoModelForCausalLM)
+        lm = load_backbone(spec, AutoModelForMaskedLM if kind.kind == "encoder" else AutoModelForCausalLM, config)
         backbone = lm.base_model
         heads = [m for name, m in lm.named_children() if m is not backbone]
         if len(heads) != 1:

@@ -34,4 +34,4 @@ def make_task(name: str, labels: list[str] | None = None, kind: str = "encoder",
     return TASKS[name](list(labels or []), kind, metric, **options)
 
 
-__all__ = ["TASKS", "Task", "make_task"]
+__all__ = ["TASKS", "Classification", "Task", "make_task"]
