@@ -117,7 +117,7 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None) -> str
     header = keys + list(columns) + (["n"] if many else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in summary.sort_values(test, ascending=False, na_position="last").iterrows():  # selection maximizes
-        cells = [str(row[k]) for k in keys]
+        cells = [_setting(row[k]) for k in keys]
         for column, (_, fmt) in columns.items():
             value, spread = row[column], row[column + " std"]
             cell = "" if pd.isna(value) else fmt.format(value)
@@ -134,6 +134,28 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None) -> str
             what = ", ".join(f"{k}={row[k]}" for k in axes(frame)) or row["job"]
             lines.append(f"- job {row['job']} ({what}): {row['status']}{': ' + row['error'] if row['error'] else ''}")
     return "\n".join(lines) + "\n"
+
+
+def _setting(value) -> str:
+    """An axis value for the table: Optuna's sampled floats to 4 significant digits."""
+    text = str(value)
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return text if number.is_integer() or len(text) <= 8 else f"{number:.4g}"
+
+
+def _optuna_best(multirun: Path, metric: str) -> list[str]:
+    """The Optuna sweeper's verdict (optimization_results.yaml), when the multirun has one."""
+    file = multirun / "optimization_results.yaml"
+    if not file.is_file():
+        return []
+    import yaml
+
+    found = yaml.safe_load(file.read_text()) or {}
+    params = ", ".join(f"{k}={_setting(v)}" for k, v in (found.get("best_params") or {}).items())
+    return [f"Optuna's best trial: {params} (best dev {metric} {found.get('best_value')})", ""]
 
 
 def _numeric(values) -> bool:
@@ -173,8 +195,9 @@ def plots(frame: pd.DataFrame, directory: Path, metric: str | None = None) -> li
                             label=label or None)
             else:
                 ax.bar(xs, part[metric], yerr=part[metric + " std"].fillna(0), capsize=3, label=label or None)
-        if x in numeric and summary[x].astype(float).max() / max(summary[x].astype(float).min(), 1e-9) > 10:
-            ax.set_xscale("log", base=2)
+        spread = summary[x].astype(float).max() / max(summary[x].astype(float).min(), 1e-12) if x in numeric else 1
+        if spread > 10:  # prefix lengths, example counts: powers of 2; learning rates: decades
+            ax.set_xscale("log", base=10 if spread > 1000 else 2)
         ax.set_xlabel(x)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
@@ -212,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m peft_lightning.report " + " ".join(sys.argv[1:] if argv is None else argv)
     text = markdown(frame, args.title or f"Results of {args.multirun}", command)
+    if best := _optuna_best(args.multirun, frame.attrs["metric"]):
+        text = text.replace("\n| ", "\n" + "\n".join(best) + "\n| ", 1)
     if not args.no_plots:
         for path in plots(frame, out.parent):
             text += f"\n![{path.stem}]({path.name})\n"

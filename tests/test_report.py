@@ -46,3 +46,14 @@ def test_report_plots_metric_against_a_numeric_axis(tmp_path):
     text = (tmp_path / "report" / "r.md").read_text()
     png = tmp_path / "report" / "test_acc_vs_method_prefix_length.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and f"({png.name})" in text
+
+
+def test_report_of_an_optuna_search_shows_its_best_trial_and_rounds_sampled_values(tmp_path):
+    for i, (lr, acc) in enumerate([("0.0013292918943162175", 0.70), ("0.03142880890840111", 0.60)]):
+        job(tmp_path, i, [f"method.optim.lr={lr}", "method.prefix_length=4"], acc=acc)
+    (tmp_path / "optimization_results.yaml").write_text(
+        "name: optuna\nbest_params:\n  method.optim.lr: 0.0013292918943162175\n  method.prefix_length: 4\nbest_value: 0.7\n")
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "Optuna's best trial: method.optim.lr=0.001329, method.prefix_length=4 (best dev acc 0.7)" in text
+    assert "| 0.001329 | 0.7000 |" in text and "| 0.03143 | 0.6000 |" in text
