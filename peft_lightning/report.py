@@ -104,7 +104,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def markdown(frame: pd.DataFrame, title: str, command: str | None = None) -> str:
+def markdown(frame: pd.DataFrame, title: str, command: str | None = None, preface: list[str] = ()) -> str:
     summary = summarize(frame)
     columns = _columns(frame)
     test, dev = list(columns)[:2]
@@ -113,7 +113,7 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None) -> str
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Produced by `{command}`", ""]
-    lines += [_machine(), ""]
+    lines += [_machine(), "", *preface]
     header = keys + list(columns) + (["n"] if many else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in summary.sort_values(test, ascending=False, na_position="last").iterrows():  # selection maximizes
@@ -143,7 +143,7 @@ def _setting(value) -> str:
         number = float(text)
     except ValueError:
         return text
-    return text if number.is_integer() or len(text) <= 8 else f"{number:.4g}"
+    return text if number.is_integer() else f"{number:.4g}"
 
 
 def _optuna_best(multirun: Path, metric: str) -> list[str]:
@@ -234,9 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.multirun / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m peft_lightning.report " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown(frame, args.title or f"Results of {args.multirun}", command)
-    if best := _optuna_best(args.multirun, frame.attrs["metric"]):
-        text = text.replace("\n| ", "\n" + "\n".join(best) + "\n| ", 1)
+    text = markdown(frame, args.title or f"Results of {args.multirun}", command,
+                    preface=_optuna_best(args.multirun, frame.attrs["metric"]))
     if not args.no_plots:
         for path in plots(frame, out.parent):
             text += f"\n![{path.stem}]({path.name})\n"
