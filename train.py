@@ -17,16 +17,16 @@ def main(cfg: DictConfig) -> float | None:
 
     from peft_lightning.multirun import needs_own_process, run_job_in_own_process
     from peft_lightning.run import train
-    from peft_lightning.validation import ConfigError
+    from peft_lightning.errors import ConfigError, UserError
 
     if needs_own_process(cfg):  # a DDP job inside a multirun: see peft_lightning/multirun.py
         return run_job_in_own_process(__file__)
 
     try:
         summary = train(cfg)
-    except ConfigError as err:  # a bad value: say which and exit, no traceback
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except UserError as err:  # bad input (config, data, checkpoint, adapter): say what to fix, no traceback
+        print(f"{'config error' if isinstance(err, ConfigError) else 'error'}: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except SIGTERMException:  # checkpoint saved and results.json written: exit without a traceback
         from peft_lightning.faults import InterruptCheckpoint
 

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from peft_lightning.errors import ConfigError
 from peft_lightning.injection.modules import ACTIVATIONS
 from peft_lightning.injection.prompt_encoder import REPARAMETERIZATIONS
 from peft_lightning.methods.adapter import STYLES
 from peft_lightning.tasks.heads import HEAD_TYPES, POOLINGS
 from peft_lightning.methods.prompting import INITS
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def validate_config(cfg: DictConfig) -> None:
