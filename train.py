@@ -15,7 +15,7 @@ from omegaconf import DictConfig  # noqa: E402
 def main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from peft_lightning.multirun import needs_own_process, run_job_in_own_process
+    from peft_lightning.multirun import needs_own_process, objective, run_job_in_own_process
     from peft_lightning.run import train
     from peft_lightning.errors import ConfigError, UserError
 
@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> float | None:
 
         sys.exit(128 + (signal.SIGINT if InterruptCheckpoint.received == "SIGINT" else signal.SIGTERM))
     # Returned for Hydra sweepers (Optuna): the metric to optimise.
-    return summary["metrics"]["best"].get("val/acc_best")
+    return objective(summary["metrics"]["best"], cfg.data)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ again, with duplicated jobs, runs in the wrong folders and killed processes.
 The fix here: a multirun job that will launch DDP processes runs itself as an ordinary single run
 in a child process, with exactly the job's overrides and the job's output directory. Inside
 that child Lightning's launcher works as it does for any single run; the child writes the job's
-results.json, checkpoints and one W&B run (rank 0), and this process returns the job's metric to
-the sweeper. SLURM jobs are left alone: there srun starts the ranks, not Lightning.
+results.json, checkpoints and one W&B run (rank 0), and this process returns the job's selection
+metric (`objective`) to the sweeper. SLURM jobs are left alone: there srun starts the ranks, not Lightning.
 """
 from __future__ import annotations
 
@@ -50,6 +50,22 @@ def needs_own_process(cfg: DictConfig) -> bool:
     return _devices(cfg) > 1 and not spawned
 
 
+def objective(best: dict, data: DictConfig | dict | None = None) -> float | None:
+    """What train.py returns to a sweeper (Optuna maximises it): the best dev value of the run's
+    selection metric, `val/<data.metric>_best` (f1, pearson, bleu, ...; the task's default metric
+    when data.metric is unset). Without `data` (a job run in a child process, read back from its
+    results.json), the one `val/*_best` the run logged, which is that same metric."""
+    if data is not None:
+        from peft_lightning.tasks import TASKS
+
+        metric = data.get("metric") or TASKS[data.get("task", "classification")].metric
+        return best.get(f"val/{metric}_best")
+    selected = [k for k in best if k.startswith("val/") and k.endswith("_best")]
+    if len(selected) > 1:
+        raise RuntimeError(f"results.json has several selection metrics {selected}; pass the job's data config")
+    return best[selected[0]] if selected else None
+
+
 def run_job_in_own_process(script: str) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -64,5 +80,4 @@ def run_job_in_own_process(script: str) -> float | None:
     if returncode != 0:
         raise RuntimeError(f"job {hc.job.num} ({' '.join(hc.overrides.task)}) exited with {returncode}; "
                            f"see {job_dir}/job.log and {results_file}")
-    best = results.get("metrics", {}).get("best", {})
-    return next((v for k, v in best.items() if k.startswith("val/") and k.endswith("_best")), None)
+    return objective(results.get("metrics", {}).get("best", {}))  # the child's run logged one val/*_best
