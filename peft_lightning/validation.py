@@ -1,7 +1,13 @@
-"""Config checks that run before any model load or training, naming the key and accepted values."""
+"""Config checks that run before any model load or training, naming the key and accepted values.
+
+First every key against the schema (peft_lightning/schema.py: an unknown key is an error, not
+ignored), then the values, then what needs the backbone's config (a small JSON read, no weights).
+"""
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import logging
+
+from omegaconf import DictConfig, OmegaConf
 
 from peft_lightning.errors import ConfigError
 from peft_lightning.injection.modules import ACTIVATIONS
@@ -9,9 +15,15 @@ from peft_lightning.injection.prompt_encoder import REPARAMETERIZATIONS
 from peft_lightning.methods.adapter import STYLES
 from peft_lightning.tasks.heads import HEAD_TYPES, POOLINGS
 from peft_lightning.methods.prompting import INITS
+from peft_lightning.schema import check_keys
+
+log = logging.getLogger(__name__)
+# a prompt with more parameters than this share of the whole model gets a warning
+PROMPT_SHARE_WARNING = 0.5
 
 
 def validate_config(cfg: DictConfig) -> None:
+    check_keys(OmegaConf.to_container(cfg, resolve=False))
     m = cfg.method
     for key in ("prefix_length", "reparam_hidden", "bottleneck", "r"):
         if key in m:
@@ -42,10 +54,53 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"method.depth must be 'deep', 'embedding' or a list of layer indices, got {list(depth)}")
     elif depth not in ("deep", "embedding"):
         raise ConfigError(f"method.depth must be 'deep', 'embedding' or a list of layer indices, got {depth!r}")
+    if m.name == "unipelt" and depth == "embedding":
+        raise ConfigError("method=unipelt gates deep prefixes: method.depth must be 'deep' or a layer list, got 'embedding'")
     _validate_task(cfg.data)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    _validate_data(data, "data")
+    for name, spec in (data.get("extra_eval") or {}).items():
+        _validate_data({**data, **(spec or {})}, f"data.extra_eval.{name}")
+    _validate_trainer(cfg.trainer)
     _validate_against_backbone(cfg)
-    if cfg.data.batch_size <= 0:
-        raise ConfigError(f"data.batch_size must be positive, got {cfg.data.batch_size}")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _validate_data(data: dict, where: str) -> None:
+    """Batch sizes, lengths and split fractions (`where`: data, or one of data.extra_eval's sets)."""
+    for key in ("batch_size", "eval_batch_size", "max_length"):
+        if key in data and not _positive_int(data[key]):
+            raise ConfigError(f"{where}.{key} must be a positive integer, got {data[key]!r}")
+    workers = data.get("num_workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"{where}.num_workers must be an integer >= 0, got {workers!r}")
+    split = data.get("split")
+    if split:
+        # the defaults of peft_lightning.data.datamodule.load_raw for a fraction left out
+        fractions = [split.get("train", 0.8), split.get("validation", 0.1), split.get("test", 0.1)]
+        for name, value in zip(("train", "validation", "test"), fractions):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ConfigError(f"{where}.split.{name} must be a fraction in [0, 1], got {value!r}")
+        if abs(sum(fractions) - 1) > 1e-6:
+            raise ConfigError(f"{where}.split fractions must sum to 1, got {fractions}")
+
+
+def _validate_trainer(trainer: DictConfig) -> None:
+    import torch
+
+    accelerator = trainer.get("accelerator")
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible here "
+                              "(torch.cuda.is_available() is False); use trainer=cpu or trainer.accelerator=cpu")
+        devices, count = trainer.get("devices", 1), torch.cuda.device_count()
+        if isinstance(devices, str) and devices.isdigit():
+            devices = int(devices)
+        if isinstance(devices, int) and not isinstance(devices, bool) and devices > count:
+            raise ConfigError(f"trainer.devices={devices} but {count} CUDA GPU(s) are visible here")
 
 
 def _validate_against_backbone(cfg: DictConfig) -> None:
@@ -78,6 +133,78 @@ def _validate_against_backbone(cfg: DictConfig) -> None:
                 f"method.depth has layer index {bad} out of range: model={cfg.model.name} has layers "
                 f"0..{config.num_hidden_layers - 1}"
             )
+    _validate_max_length(cfg, config)
+    if "prefix_length" in cfg.method:
+        _warn_if_prompt_dominates(cfg, config)
+
+
+def position_limit(config) -> int | None:
+    """How many token positions a backbone can embed; None: relative positions only (T5,
+    DeBERTa-v2/v3), nothing to overflow. Position ids beyond the table index past its end."""
+    if config.model_type in ("t5", "mt5", "umt5", "longt5"):  # relative position buckets, any length
+        return None
+    if config.model_type.startswith("deberta") and not getattr(config, "position_biased_input", True):
+        return None
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and config.model_type in ("roberta", "xlm-roberta", "camembert", "data2vec-text", "longformer"):
+        # RoBERTa's position ids start after the padding index: pad_token_id + 1 rows are never used
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
+
+
+def _validate_max_length(cfg: DictConfig, config) -> None:
+    """data.max_length against the backbone's position table. Prompts and prefixes take no
+    positions here (injection/input_prompt.py and prefix.py give the real tokens positions
+    0..L-1), so the prompt length does not count."""
+    from peft_lightning.injection.architectures import ARCHITECTURES
+    from peft_lightning.tasks.generation import DEFAULTS
+
+    limit = position_limit(config)
+    max_length = cfg.data.get("max_length", 128)  # TaskDataModule's default
+    if limit is None:
+        return
+    if max_length > limit:
+        raise ConfigError(f"data.max_length={max_length} is more than model={cfg.model.name} can embed: its position "
+                          f"table has {limit} positions; set data.max_length={limit} or less")
+    arch = ARCHITECTURES.get(config.model_type)
+    if cfg.data.get("task") == "generation" and arch is not None and arch.kind == "decoder":
+        new = (cfg.data.get("generation") or {}).get("max_new_tokens", DEFAULTS["max_new_tokens"])
+        # generation starts from the source (truncated to max_length // 2) and appends max_new_tokens
+        if max_length // 2 + new > limit:
+            raise ConfigError(f"data.generation.max_new_tokens={new} after a source of up to data.max_length // 2 = "
+                              f"{max_length // 2} tokens needs {max_length // 2 + new} positions; model="
+                              f"{cfg.model.name} has {limit}")
+
+
+def _warn_if_prompt_dominates(cfg: DictConfig, config) -> None:
+    """Warn when the prompt alone outweighs the frozen model: counted on the meta device (shapes,
+    no memory, no weights). For an encoder-decoder (more attention slots than layers) and with
+    UniPELT's adapters and LoRA the trainable share is higher still: this is a lower bound."""
+    import torch
+    from transformers import AutoModel
+
+    from peft_lightning.backbone import attention_geometry
+    from peft_lightning.injection.prefix_encoder import PrefixEncoder
+    from peft_lightning.injection.prompt_encoder import PromptEncoder
+
+    m = cfg.method
+    P, reparam, hidden = m.prefix_length, m.get("reparameterization", "none"), m.get("reparam_hidden", 512)
+    depth = m.get("depth", "deep")
+    with torch.device("meta"):
+        backbone = AutoModel.from_config(config)
+        if depth == "embedding":
+            prompt = PromptEncoder(P, config.hidden_size, reparam, hidden, config.hidden_size)
+        else:
+            layers, kv_heads, head_dim = attention_geometry(config)
+            slots = list(range(layers)) if depth == "deep" else list(depth)
+            prompt = PrefixEncoder(P, slots, kv_heads, head_dim, reparam, hidden, embed_dim=config.hidden_size)
+    trained = sum(p.numel() for p in prompt.parameters())
+    frozen = sum(p.numel() for p in backbone.parameters())
+    share = trained / (trained + frozen)
+    if share > PROMPT_SHARE_WARNING:
+        log.warning("method.prefix_length=%d: the prompt alone has %s parameters, %.0f%% of the model (%s in "
+                    "model=%s); a prompt this long trains more than the model it adapts", P, f"{trained:,}",
+                    100 * share, f"{frozen:,}", cfg.model.name)
 
 
 def _validate_task(data: DictConfig) -> None:

@@ -1,0 +1,199 @@
+"""The config schema: every key a composed config may hold, declared once, checked before any model loads.
+
+Hydra composes whatever it is given: a misspelt key added with `+` (`+method.prefix_lenght=64`,
+`+data.file=x.csv`) sits beside the real one and the code, which reads the real one, silently
+ignores it. `check_keys` walks the composed config against the declarations below and stops at the
+first unknown key, naming it and the closest known key:
+
+    config error: unknown key method.prefix_lenght (did you mean method.prefix_length?)
+
+One declaration per thing:
+  top level, paths       TOP, PATHS below
+  model                  BackboneSpec's fields (what `build` passes it) + name
+  method                 METHOD_KEYS: the knobs every method shares + each method's own; a test
+                         checks them against conf/method/<name>.yaml
+  data                   TaskDataModule's parameters (+ name, metric, extra_eval); per task type:
+                         `columns` takes the task's roles, `generation` its options
+  trainer, logger.*,     anything with `_target_` takes the target's keyword parameters, read with
+  callbacks.*            inspect.signature (Trainer.__init__ for trainer), so they follow the installed version
+
+A spec is ANY (any value), a dict (these keys, each with its spec), Each(spec) (free names, each
+under spec: logger and callbacks entries, extra_eval sets), TARGET (an instantiated node), or a
+function of the node that returns a spec (method by its name, data by its task).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from peft_lightning.errors import ConfigError
+
+ANY = None
+TARGET = "target"
+HYDRA_KEYS = ("_target_", "_args_", "_recursive_", "_convert_", "_partial_")
+
+
+@dataclass(frozen=True)
+class Each:
+    """A mapping whose names are free (logger entries, extra_eval sets); each value under `spec`."""
+
+    spec: Any
+
+
+# --- methods ------------------------------------------------------------------------------------
+_SHARED = {
+    "name": ANY, "activation_checkpointing": ANY, "backbone_dropout": ANY,
+    "head": {"type": ANY, "label_words": ANY, "pooling": ANY, "dropout": ANY},
+    "optim": {"lr": ANY, "weight_decay": ANY, "warmup_ratio": ANY},
+}
+_PROMPT = dict.fromkeys(("prefix_length", "reparameterization", "reparam_hidden", "depth", "init", "init_text",
+                         "eject_on_export", "prefix_dropout"))
+_ADAPTER = dict.fromkeys(("style", "bottleneck", "activation"))
+_LORA = dict.fromkeys(("r", "alpha", "dropout", "target_modules"))
+# each method's own keys (beside _SHARED); UniPELT's adapter is always Pfeiffer-style: no `style`
+METHOD_KEYS: dict[str, dict] = {
+    "ptuning_v2": _PROMPT, "prefix_tuning": _PROMPT, "prompt_tuning": _PROMPT, "p_tuning": _PROMPT,
+    "adapter": _ADAPTER, "lora": _LORA,
+    "unipelt": {**_PROMPT, "bottleneck": ANY, "activation": ANY, **_LORA},
+    "bitfit": {}, "finetune": {},
+}
+# keys a method takes that its yaml leaves out (they only matter with another key's value)
+OPTIONAL_METHOD_KEYS = {"init_text"}  # with init=text
+
+
+def method_schema(node: dict) -> dict:
+    name = node.get("name")
+    if name not in METHOD_KEYS:
+        raise ConfigError(f"method.name must be one of {sorted(METHOD_KEYS)}, got {name!r}{_hint(name, METHOD_KEYS)}")
+    return {**_SHARED, **METHOD_KEYS[name]}
+
+
+# --- data ---------------------------------------------------------------------------------------
+SPLITS = dict.fromkeys(("train", "validation", "test"))
+# TaskDataModule parameters that `build` fills in itself, not from data.*
+_DATAMODULE_OWN = {"self", "tokenizer", "cache_dir", "seed"}
+# what an extra evaluation set may replace: where its data comes from and how it is batched (the
+# run's task, labels and metric apply to it; its test split is used)
+_EXTRA_EVAL_FIXED = {"name", "task", "labels", "metric", "generation", "extra_eval", "train_examples"}
+
+
+def data_schema(node: dict, extra: bool = False) -> dict:
+    from peft_lightning.data import TaskDataModule
+    from peft_lightning.tasks import TASKS
+    from peft_lightning.tasks.generation import DEFAULTS as GENERATION_OPTIONS
+
+    name = node.get("task", "classification")
+    if name not in TASKS:
+        raise ConfigError(f"data.task must be one of {sorted(TASKS)}, got {name!r}{_hint(name, TASKS)}")
+    task = TASKS[name]
+    params = inspect.signature(TaskDataModule.__init__).parameters.values()
+    spec: dict = {p.name: ANY for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                  and p.name not in _DATAMODULE_OWN}
+    spec.update(name=ANY, metric=ANY, split={**SPLITS, "seed": ANY}, splits=SPLITS, files=SPLITS,
+                columns=dict.fromkeys((*task.roles, *task.optional_roles)),
+                extra_eval=Each(lambda n: data_schema({**n, "task": name}, extra=True)))
+    if name == "generation":
+        spec["generation"] = dict.fromkeys(GENERATION_OPTIONS)
+    if extra:
+        spec = {k: v for k, v in spec.items() if k not in _EXTRA_EVAL_FIXED}
+    return spec
+
+
+# --- the rest -----------------------------------------------------------------------------------
+def model_schema(node: dict) -> dict:
+    from peft_lightning.backbone import BackboneSpec
+
+    return {"name": ANY, **{f.name: ANY for f in dataclasses.fields(BackboneSpec)}}
+
+
+PATHS = dict.fromkeys(("root_dir", "log_dir", "output_dir", "cache_dir"))
+# run.py passes these to the Trainer itself: a value in trainer.* would be silently replaced
+TRAINER_SET_BY_RUN = {"callbacks": "the callbacks group (callbacks=..., +callbacks.<name>=...)",
+                      "logger": "the logger group (logger=...)", "plugins": "run.py (atomic checkpoint writes)"}
+TOP = {
+    "task_name": ANY, "seed": ANY, "ckpt_path": ANY, "test": ANY, "eval_before_training": ANY,
+    "model": model_schema, "method": method_schema, "data": data_schema, "trainer": TARGET,
+    "logger": Each(TARGET), "callbacks": Each(TARGET), "paths": PATHS,
+}
+
+
+def check_keys(cfg: dict) -> None:
+    """Raise ConfigError at the first key of `cfg` (a plain, unresolved container of the composed
+    config) that no declaration knows, or at a group node of the wrong shape."""
+    _check({k: v for k, v in cfg.items() if k != "hydra"}, TOP, "")
+
+
+def _check(node: Any, spec: Any, path: str) -> None:
+    if spec is ANY or node is None or _interpolation(node):
+        return
+    if isinstance(spec, Each):
+        for name, value in _mapping(node, path, "a mapping of names to settings").items():
+            _check(value, spec.spec, f"{path}.{name}")
+        return
+    if spec == TARGET:
+        return _check_target(node, path)
+    if callable(spec):
+        spec = spec(_mapping(node, path, "a mapping"))
+    node = _mapping(node, path, f"a mapping with keys {sorted(spec)}")
+    for key, value in node.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in spec:
+            raise ConfigError(f"unknown key {where}{_hint(key, spec, path)}")
+        _check(value, spec[key], where)
+
+
+def _check_target(node: Any, path: str) -> None:
+    """An instantiated node: its keys are the target's keyword parameters (anything if it takes
+    **kwargs); nested instantiated nodes (trainer.strategy) are checked the same way."""
+    from hydra._internal.utils import _locate  # what hydra.utils.instantiate resolves _target_ with
+
+    node = _mapping(node, path, "a mapping with _target_")
+    if not node:
+        return  # an emptied entry (logger.csv={}): run.py skips it
+    target = node.get("_target_")
+    if not isinstance(target, str):
+        raise ConfigError(f"{path} needs _target_ (the class or function to instantiate), got keys {sorted(node)}")
+    try:
+        obj = _locate(target)
+    except Exception as err:  # ImportError, AttributeError, ...: hydra wraps them differently by version
+        raise ConfigError(f"{path}._target_={target!r} cannot be imported: {' '.join(str(err).split())}") from None
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
+        params = None
+    takes_any = params is None or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    known = {*HYDRA_KEYS, *(params or {})}
+    for key, value in node.items():
+        where = f"{path}.{key}"
+        if path == "trainer" and key in TRAINER_SET_BY_RUN:
+            raise ConfigError(f"{where} cannot be set: it comes from {TRAINER_SET_BY_RUN[key]}")
+        if not takes_any and key not in known:
+            raise ConfigError(f"unknown key {where}, not an argument of {target}"
+                              f"{_hint(key, known - set(HYDRA_KEYS), path)}")
+        if isinstance(value, dict) and "_target_" in value:
+            _check_target(value, where)
+
+
+def _mapping(node: Any, path: str, what: str) -> dict:
+    if not isinstance(node, dict):
+        raise ConfigError(f"{path} must be {what}, got {node!r}")
+    return node
+
+
+def _interpolation(node: Any) -> bool:
+    return isinstance(node, str) and node.startswith("${")
+
+
+def _hint(key: Any, known, path: str | None = None) -> str:
+    """' (did you mean <path>.<closest>?)', or the known keys when none is close."""
+    known = sorted(str(k) for k in known)
+    close = difflib.get_close_matches(str(key), known, n=1)
+    if path is None:
+        return f" (did you mean {close[0]!r}?)" if close else ""
+    if close:
+        return f" (did you mean {path + '.' if path else ''}{close[0]}?)"
+    return f"; {path or 'the top level'} takes {', '.join(known)}"
+

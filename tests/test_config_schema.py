@@ -1,0 +1,243 @@
+"""Config schema (issue 14, items 6 and 15): an unknown key, a misspelt preset or a bad value is an
+error naming it, before any model loads; the schema's declarations match the config files."""
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from test_configs import CONF, compose_cfg
+
+from peft_lightning.errors import ConfigError
+from peft_lightning.validation import validate_config
+
+ROOT = CONF.parent
+FAULT = "+callbacks.fault._target_=peft_lightning.faults.FaultInjection"
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Validation must decide before any model is loaded."""
+    import peft_lightning.backbone as backbone
+
+    def load_backbone(*a, **k):
+        raise AssertionError("a model was loaded before validation")
+
+    monkeypatch.setattr(backbone, "load_backbone", load_backbone)
+
+
+# --- unknown keys: the key and the closest known one --------------------------------------------
+@pytest.mark.parametrize("overrides,message", [
+    # the issue's two: a typo Hydra itself suggests adding with +, and data.file for data.files
+    (["+method.prefix_lenght=64"], r"^unknown key method.prefix_lenght \(did you mean method.prefix_length\?\)$"),
+    (["+data.file=x.csv"], r"^unknown key data.file \(did you mean data.files\?\)$"),
+    (["+seeed=3"], r"^unknown key seeed \(did you mean seed\?\)$"),
+    (["+model.name_or_pth=x"], r"^unknown key model.name_or_pth \(did you mean model.name_or_path\?\)$"),
+    (["+method.head.pooing=mean"], r"^unknown key method.head.pooing \(did you mean method.head.pooling\?\)$"),
+    (["+method.optim.wd=0.1"], r"^unknown key method.optim.wd; method.optim takes lr, warmup_ratio, weight_decay$"),
+    # a key of another method: LoRA has no prefix, UniPELT's adapter has no style
+    (["method=lora", "+method.prefix_length=8"], r"^unknown key method.prefix_length; method takes .*target_modules"),
+    (["method=unipelt", "+method.style=houlsby"], r"^unknown key method.style; method takes "),
+    (["+data.split.tset=0.1"], r"^unknown key data.split.tset \(did you mean data.split.test\?\)$"),
+    (["+data.columns.txt=sentence"], r"^unknown key data.columns.txt \(did you mean data.columns.text\?\)$"),
+    (["+data.files={train: a.csv, validation: b.csv, tset: c.csv}"],
+     r"^unknown key data.files.tset \(did you mean data.files.test\?\)$"),
+    (["+data.files=a.csv"], r"^data.files must be a mapping with keys \['test', 'train', 'validation'\], got 'a.csv'$"),
+    (["data=city_facts", "+data.generation.beams=2"],
+     r"^unknown key data.generation.beams \(did you mean data.generation.num_beams\?\)$"),
+    (["+data.generation={num_beams: 2}"], r"^unknown key data.generation; data takes "),  # a classification task
+    (["+data.extra_eval={other: {file: {test: o.csv}}}"],
+     r"^unknown key data.extra_eval.other.file \(did you mean data.extra_eval.other.files\?\)$"),
+    (["+data.extra_eval={other: {task: regression}}"], r"^unknown key data.extra_eval.other.task; "),
+    (["+trainer.max_epoch=5"], r"^unknown key trainer.max_epoch, not an argument of lightning.pytorch.trainer.Trainer "
+                               r"\(did you mean trainer.max_epochs\?\)$"),
+    (["+trainer.logger=false"], r"^trainer.logger cannot be set: it comes from the logger group"),
+    (["+callbacks.model_checkpoint.save_top_kk=3"], r"^unknown key callbacks.model_checkpoint.save_top_kk, not an "
+                                                    r"argument of .*ModelCheckpoint \(did you mean .*save_top_k\?\)$"),
+    (["logger=csv", "+logger.csv.save_dri=x"], r"^unknown key logger.csv.save_dri, .*\(did you mean logger.csv.save_dir\?\)$"),
+    ([FAULT, "+callbacks.fault.signal_at_stp=3"], r"\(did you mean callbacks.fault.signal_at_step\?\)$"),
+    (["+logger.mine._target_=lightning.pytorch.loggers.CSVLoger"], r"^logger.mine._target_='lightning.pytorch.loggers."
+                                                                   r"CSVLoger' cannot be imported"),
+    (["+callbacks.mine.monitor=val/acc"], r"^callbacks.mine needs _target_"),
+    (["+paths.cache_dri=x"], r"^unknown key paths.cache_dri \(did you mean paths.cache_dir\?\)$"),
+    (["method.name=ptuning_v3"], r"^method.name must be one of \[.*\], got 'ptuning_v3' \(did you mean 'ptuning_v2'\?\)$"),
+    (["data.task=classifcation"], r"^data.task must be one of \[.*\], got 'classifcation' \(did you mean 'classification'\?\)$"),
+])
+def test_unknown_key_names_the_key_and_the_closest(overrides, message, no_weights):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_cfg(overrides))
+
+
+def test_known_added_keys_pass(no_weights):
+    """Keys the docs and tests add with + are all declared."""
+    validate_config(compose_cfg(["+trainer.limit_train_batches=2", "+data.files={train: a, validation: b, test: c}",
+                                 "+data.extra_eval={other: {files: {test: o.csv}, columns: {text: t, label: y}}}",
+                                 FAULT, "+callbacks.fault.signal_at_step=3", "method=prompt_tuning",
+                                 "method.init=text", "+method.init_text=a review", "++data.train_examples=0.5"]))
+
+
+def test_schema_matches_the_method_files():
+    """Each method's declared keys are exactly the keys of conf/method/<name>.yaml (plus the
+    optional init_text), and every method the code has is declared."""
+    from peft_lightning.methods import METHODS
+    from peft_lightning.schema import METHOD_KEYS, OPTIONAL_METHOD_KEYS, method_schema
+
+    assert set(METHOD_KEYS) == set(METHODS)
+    for path in sorted((CONF / "method").glob("*.yaml")):
+        file = yaml.safe_load(path.read_text())
+        schema = method_schema(file)
+        assert set(file) <= set(schema), path.name
+        assert set(schema) - set(file) <= OPTIONAL_METHOD_KEYS, (path.name, set(schema) - set(file))
+        for nested in ("head", "optim"):
+            assert set(file[nested]) == set(schema[nested]), (path.name, nested)
+
+
+def test_schema_covers_the_top_level_of_train_yaml():
+    from peft_lightning.schema import TOP
+
+    train = yaml.safe_load((CONF / "train.yaml").read_text())
+    groups = {next(iter(d)).split()[-1] if isinstance(d, dict) else d for d in train["defaults"]}
+    assert set(train) - {"defaults", "hydra"} <= set(TOP)
+    # experiment and debug are _global_ presets and hydra is Hydra's own: no key of theirs
+    assert groups - {"_self_", "hydra", "experiment", "debug"} <= set(TOP)
+
+
+# --- misspelt presets: Hydra's list of options, not the default run ------------------------------
+def _train(*args, timeout=120):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("override,missing,listed", [
+    ("experiment=ptuning_v2_rtt", "experiment/ptuning_v2_rtt", ["ptuning_v2_rt", "smollm2_city_facts"]),
+    ("debug=fast_dev_rn", "debug/fast_dev_rn", ["fast_dev_run", "limit", "overfit"]),
+])
+def test_misspelt_preset_lists_the_options(override, missing, listed):
+    out = _train("--cfg", "job", override)  # today's optional group composed the default run here
+    assert out.returncode != 0
+    assert f"Could not find '{missing}'" in out.stderr
+    assert all(f"\t{name}\n" in out.stderr for name in listed), out.stderr
+
+
+@pytest.mark.parametrize("override,key,value", [
+    ("experiment=smollm2_city_facts", "task_name", "smollm2_city_facts"),
+    ("debug=limit", "trainer.limit_train_batches", 5),
+])
+def test_documented_presets_still_compose(override, key, value):
+    from omegaconf import OmegaConf
+
+    out = _train("--cfg", "job", override)
+    assert out.returncode == 0, out.stderr
+    assert OmegaConf.select(OmegaConf.create(out.stdout), key) == value
+
+
+def test_cli_unknown_key_exits_2_before_any_model_load(tmp_path):
+    """roberta-large is not in the cache here: reaching the model load would fail differently."""
+    out = _train("+method.prefix_lenght=64", "model=roberta-large", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "config error: unknown key method.prefix_lenght (did you mean method.prefix_length?)" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# --- values (item 15) ---------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,message", [
+    (["data.batch_size=0"], r"^data.batch_size must be a positive integer, got 0$"),
+    (["data.batch_size=-8"], r"^data.batch_size must be a positive integer, got -8$"),
+    (["data.batch_size=abc"], r"^data.batch_size must be a positive integer, got 'abc'$"),
+    (["data.eval_batch_size=0"], r"^data.eval_batch_size must be a positive integer, got 0$"),
+    (["data.eval_batch_size=2.5"], r"^data.eval_batch_size must be a positive integer, got 2.5$"),
+    (["data.max_length=0"], r"^data.max_length must be a positive integer, got 0$"),
+    (["data.split.train=1.0", "data.split.validation=-0.1"], r"^data.split.validation must be a fraction in \[0, 1\], got -0.1$"),
+    (["data.split.train=0.7"], r"^data.split fractions must sum to 1, got \[0.7, 0.1, 0.1\]$"),
+    (["+data.extra_eval={other: {files: {test: o.csv}, eval_batch_size: 0}}"],
+     r"^data.extra_eval.other.eval_batch_size must be a positive integer, got 0$"),
+    (["method=unipelt", "method.depth=embedding"], r"^method=unipelt gates deep prefixes: method.depth must be"),
+    # the backbone's position table (its config only): MiniLM (BERT) has 512 positions
+    (["data.max_length=513"], r"^data.max_length=513 is more than model=minilm can embed: its position table has 512 "
+                              r"positions; set data.max_length=512 or less$"),
+    # RoBERTa's positions start after pad_token_id: 66 rows, pad 1 -> 64 usable
+    (["model=tiny-bert", "model.config.model_type=roberta", "model.config.max_position_embeddings=66",
+      "+model.config.pad_token_id=1", "data.max_length=65"], r"^data.max_length=65 .* its position table has 64 "),
+    # a decoder generates after the source (max_length // 2) up to max_new_tokens: 32 + 40 > 64
+    (["model=tiny-bert", "model.config.model_type=gpt2", "model.config.max_position_embeddings=64", "data=city_facts",
+      "data.max_length=64"], r"^data.generation.max_new_tokens=40 after a source of up to data.max_length // 2 = 32 "
+                             r"tokens needs 72 positions; model=tiny-bert has 64$"),
+])
+def test_bad_values_name_the_key(overrides, message, no_weights):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_cfg(overrides))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["data.max_length=512"],
+    ["model=tiny-bert", "model.config.model_type=roberta", "model.config.max_position_embeddings=66",
+     "+model.config.pad_token_id=1", "data.max_length=64", "method=prompt_tuning"],  # the prompt takes no positions
+    ["model=tiny-bert", "model.config.model_type=gpt2", "model.config.max_position_embeddings=64", "data=city_facts",
+     "data.max_length=64", "data.generation.max_new_tokens=32"],
+    ["model=tiny-bert", "model.config.model_type=t5", "+model.config.d_kv=8", "data.max_length=100000"],  # relative
+    ["data.split.train=0.9", "data.split.validation=0.1", "data.split.test=0.0"],
+])
+def test_values_at_the_limit_pass(overrides, no_weights):
+    validate_config(compose_cfg(overrides))
+
+
+def test_position_limits_per_architecture():
+    from transformers import BartConfig, BertConfig, DebertaV2Config, GPT2Config, LlamaConfig, RobertaConfig, T5Config
+
+    from peft_lightning.validation import position_limit
+
+    assert position_limit(BertConfig(max_position_embeddings=512)) == 512
+    assert position_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512  # roberta-base
+    assert position_limit(GPT2Config(n_positions=1024)) == 1024
+    assert position_limit(BartConfig(max_position_embeddings=1024)) == 1024
+    assert position_limit(LlamaConfig(max_position_embeddings=8192)) == 8192
+    assert position_limit(T5Config()) is None
+    assert position_limit(DebertaV2Config(position_biased_input=False)) is None  # deberta-v3
+
+
+def test_gpu_trainer_without_gpu_names_trainer_accelerator(monkeypatch, no_weights):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^trainer.accelerator=gpu but no CUDA GPU is visible here"):
+        validate_config(compose_cfg(["trainer=gpu"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"^trainer.devices=4 but 1 CUDA GPU\(s\) are visible here$"):
+        validate_config(compose_cfg(["trainer=gpu", "trainer.devices=4"]))
+    validate_config(compose_cfg(["trainer=gpu"]))
+
+
+def test_absurd_prefix_length_warns(caplog, no_weights):
+    """MiniLM has 22.7M parameters; 10,000 deep virtual tokens are 6 layers x 2 x 384 x 10,000 = 46M."""
+    with caplog.at_level(logging.WARNING, logger="peft_lightning.validation"):
+        validate_config(compose_cfg(["method.prefix_length=16"]))
+        assert not caplog.records
+        validate_config(compose_cfg(["method.prefix_length=10000"]))
+    assert [r.getMessage() for r in caplog.records] == [
+        "method.prefix_length=10000: the prompt alone has 46,080,000 parameters, 67% of the model (22,713,216 in "
+        "model=minilm); a prompt this long trains more than the model it adapts"]
+
+
+# --- the sweeper's objective (item 11) -----------------------------------------------------------
+def test_objective_is_the_configured_selection_metric():
+    from peft_lightning.multirun import objective
+
+    best = {"val/f1_best": 0.71}
+    assert objective(best, {"task": "classification", "metric": "f1"}) == 0.71
+    assert objective({"val/pearson_best": 0.52}, {"task": "regression", "metric": None}) == 0.52  # the task's default
+    assert objective({"val/bleu_best": 31.0}, {"task": "generation", "metric": "bleu"}) == 31.0
+    assert objective(best) == 0.71  # a DDP job's results.json, read back by its multirun parent
+
+
+@pytest.mark.slow  # a real (tiny) Optuna trial: ~30 s
+def test_optuna_gets_a_number_for_a_regression_task(tmp_path):
+    """data.metric=pearson: train.py used to return val/acc_best (None), and the trial failed."""
+    out = _train("-m", "+sweeps=optuna", "hydra.sweeper.n_trials=1", "model=tiny-bert", "data=rotten_tomatoes_scores",
+                 "data.max_length=32", "data.batch_size=8", "logger=csv", "callbacks=none", "test=false",
+                 "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
+                 f"hydra.sweep.dir={tmp_path}", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert isinstance(result["best_value"], float) and -1 <= result["best_value"] <= 1
