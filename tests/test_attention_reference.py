@@ -10,10 +10,10 @@ with the prefix keys/values written in front, prefix columns visible to every qu
 per-example prefix mask hides them, padding columns hidden, a causal mask among the real tokens of
 the decoders only, key/value heads repeated for grouped-query attention, and, for Llama, rotary
 embeddings applied to the real queries/keys at positions 0..L-1 and never to the prefix keys (they
-have no position: the same as a prefix handed over as already-rotated `past_key_values`, which is
-how HF peft and P-Tuning v2 feed theirs). Nothing here goes through `_with_prefix` or
-transformers' kernels, so SDPA and eager are each checked against the same reference, not against
-each other.
+have no position: the same as a prefix handed over as `past_key_values`, as HF peft and the
+P-Tuning v2 code feed theirs, since a cache holds keys that are already rotated). Nothing here
+goes through `_with_prefix` or transformers' kernels, so SDPA and eager are each checked against
+the same reference, not against each other.
 """
 import math
 
