@@ -4,9 +4,10 @@ The vectors are joined to the output of the architecture's embedding module (see
 `architectures.py`), so the real tokens' embeddings, position ids and token types are computed
 exactly as without a prompt: no shift by the prompt length, no overflow of max positions.
 Decoders (GPT-2, Llama) derive positions and output shapes from the input length: there we embed
-the tokens ourselves and pass `inputs_embeds` with the real tokens' position ids; where it adds position embeddings after our join (BART's
-encoder) the prompt positions get none. The caller's outputs are stripped of the prompt
-positions, so token-level outputs stay aligned with the input tokens (and labels).
+the tokens ourselves and pass `inputs_embeds` with the real tokens' position ids (the prompt
+positions get position id 0); where it adds position embeddings after our join (BART's encoder) the
+prompt positions get none. The caller's outputs are stripped of the prompt positions, so
+token-level outputs stay aligned with the input tokens (and labels).
 
 The hook fires once per `prepended` block: encoder-decoders share one embedding table between
 encoder and decoder, and only the encoder (called first) gets the prompt.

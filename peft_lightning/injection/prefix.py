@@ -7,6 +7,12 @@ entry in transformers' `AttentionInterface`. Every attention module of a support
 calls it with its already-projected (and, for RoPE models, already-rotated) query, key and value;
 we join the learned prefix keys/values in front of the real ones, extend the mask so every real
 token may attend to the prefix, and hand over to the stock SDPA or the model's own eager kernel.
+Prefix keys are used as given: for RoPE models (Llama) they are never rotated (the prefix has no
+position; the real tokens keep theirs, 0..L-1), which is also what a prefix handed over as
+`past_key_values` gets in HF peft, since a cache holds already-rotated keys. The learned prefix
+keys/values have the model's key/value heads (grouped-query models: fewer than query heads), and
+the kernel repeats them with the real ones. tests/test_attention_reference.py checks all of this
+against a hand-written attention.
 
 The prefix itself travels as a forward keyword argument (`peft_prefix=PrefixState(...)`), which
 transformers passes untouched down to the attention call. That keeps the mechanism stateless:
