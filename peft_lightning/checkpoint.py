@@ -73,10 +73,12 @@ def read_config(config_file: Path) -> dict:
         raise AdapterError(f"{config_file}: missing key(s) {missing}; an adapter config has {list(CONFIG_KEYS)}")
     model, method = config["model"], config["method"]
     if not isinstance(model, dict) or not (model.get("name_or_path") or model.get("config")):
-        raise AdapterError(f"{config_file}: key 'model' must be an object with 'name_or_path' or 'config', got {model!r}")
+        raise AdapterError(f"{config_file}: key 'model' must be an object with 'name_or_path' or 'config', "
+                           f"got {model!r}")
     unknown = sorted(set(model) - set(MODEL_KEYS))
     if unknown:
-        raise AdapterError(f"{config_file}: unknown key(s) {['model.' + k for k in unknown]}; model has {list(MODEL_KEYS)}")
+        raise AdapterError(f"{config_file}: unknown key(s) {['model.' + k for k in unknown]}; "
+                           f"model has {list(MODEL_KEYS)}")
     if not isinstance(method, dict) or "name" not in method:
         raise AdapterError(f"{config_file}: key 'method.name' is missing (one of {sorted(METHODS)})")
     if method["name"] not in METHODS:
@@ -85,7 +87,8 @@ def read_config(config_file: Path) -> dict:
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 0:
         raise AdapterError(f"{config_file}: key 'num_labels' must be a count, got {num_labels!r}")
     if labels is not None and (not isinstance(labels, list) or (labels and len(labels) != num_labels)):
-        raise AdapterError(f"{config_file}: key 'labels' must be a list of num_labels={num_labels} names, got {labels!r}")
+        raise AdapterError(f"{config_file}: key 'labels' must be a list of num_labels={num_labels} names, "
+                           f"got {labels!r}")
     task = config.get("task")
     if task is not None and (not isinstance(task, dict) or task.get("name", "classification") not in TASKS):
         raise AdapterError(f"{config_file}: key 'task.name' must be one of {sorted(TASKS)}, got {task!r}")

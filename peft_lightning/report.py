@@ -226,7 +226,8 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metric
                     ax.set_xticks(range(len(part)), part[x].astype(str))
             if part[metrics[0]].notna().any():  # the setting selection picks: best dev, not best test
                 best = part.loc[part[metrics[0]].idxmax()]
-                at = float(best[x]) if x in numeric else list(part.index).index(best.name) - (len(metrics) - 1) / 2 * width
+                shift = (len(metrics) - 1) / 2 * width  # the criterion's bar is the first of each group
+                at = float(best[x]) if x in numeric else list(part.index).index(best.name) - shift
                 ax.plot([at], [best[metrics[0]]], marker="*", markersize=16, color=color, markeredgecolor="black",
                         linestyle="none", label=f"selected: highest {metrics[0]}" if number == 0 else None)
         spread = summary[x].astype(float).max() / max(summary[x].astype(float).min(), 1e-12) if x in numeric else 1

@@ -98,5 +98,5 @@ def test_predict_cli_echoes_pairs_it_used_and_names_bad_input_lines(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "peft_lightning.predict", str(adapter), "--input",
                           str(tmp_path / "bad.jsonl")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'bad.jsonl'}, line 3: missing field(s) ['text']; this adapter "
-                                  "reads ['text'] (optional ['text_pair'])")
+    assert bad.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'bad.jsonl'}, line 3: missing field(s) "
+                                                   "['text']; this adapter reads ['text'] (optional ['text_pair'])")
