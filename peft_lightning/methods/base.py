@@ -280,7 +280,7 @@ class PeftClassifier(L.LightningModule):
         values = {**self.val_metrics.compute(), "val/loss": self.val_loss.compute()}
         self.val_metrics.reset()
         self.val_loss.reset()
-        self.log_dict(values, prog_bar=True, sync_dist=True)  # (equal on every rank: the sync is a no-op)
+        self.log_dict(values, prog_bar=True, sync_dist=True)  # (already equal on every rank; the sync changes nothing)
         main = f"val/{self.task.metric}"
         if not self.trainer.sanity_checking:
             self.val_best.update(values[main])
