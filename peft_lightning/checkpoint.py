@@ -15,6 +15,8 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from peft_lightning.errors import AdapterError
+
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 # A backbone built from a config (random weights: tests, smoke runs) has no file to be reloaded
@@ -46,35 +48,111 @@ def save_pretrained(module, directory: str | Path) -> Path:
     return directory
 
 
+# what save_pretrained writes: adapter_config.json keys, and the model keys (BackboneSpec's)
+CONFIG_KEYS = ("model", "method", "num_labels", "labels", "task")
+REQUIRED_KEYS = ("model", "method", "num_labels")
+MODEL_KEYS = ("name_or_path", "config", "attn_implementation", "tokenizer")
+
+
+def read_config(config_file: Path) -> dict:
+    """adapter_config.json, checked key by key: every problem is an AdapterError naming file and key."""
+    from peft_lightning.methods import METHODS
+    from peft_lightning.tasks import TASKS
+
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{config_file} is not valid JSON ({err}); re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise AdapterError(f"{config_file}: unknown key(s) {unknown}; an adapter config has {list(CONFIG_KEYS)}")
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise AdapterError(f"{config_file}: missing key(s) {missing}; an adapter config has {list(CONFIG_KEYS)}")
+    model, method = config["model"], config["method"]
+    if not isinstance(model, dict) or not (model.get("name_or_path") or model.get("config")):
+        raise AdapterError(f"{config_file}: key 'model' must be an object with 'name_or_path' or 'config', "
+                           f"got {model!r}")
+    unknown = sorted(set(model) - set(MODEL_KEYS))
+    if unknown:
+        raise AdapterError(f"{config_file}: unknown key(s) {['model.' + k for k in unknown]}; "
+                           f"model has {list(MODEL_KEYS)}")
+    if not isinstance(method, dict) or "name" not in method:
+        raise AdapterError(f"{config_file}: key 'method.name' is missing (one of {sorted(METHODS)})")
+    if method["name"] not in METHODS:
+        raise AdapterError(f"{config_file}: method.name={method['name']!r} is not a method; known: {sorted(METHODS)}")
+    num_labels, labels = config["num_labels"], config.get("labels")
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 0:
+        raise AdapterError(f"{config_file}: key 'num_labels' must be a count, got {num_labels!r}")
+    if labels is not None and (not isinstance(labels, list) or (labels and len(labels) != num_labels)):
+        raise AdapterError(f"{config_file}: key 'labels' must be a list of num_labels={num_labels} names, "
+                           f"got {labels!r}")
+    task = config.get("task")
+    if task is not None and (not isinstance(task, dict) or task.get("name", "classification") not in TASKS):
+        raise AdapterError(f"{config_file}: key 'task.name' must be one of {sorted(TASKS)}, got {task!r}")
+    return config
+
+
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _load_tensors(file: Path) -> dict:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"{file} is truncated or corrupt ({err}); save the adapter again") from None
+
+
 def load_pretrained(directory: str | Path, model_override: dict | None = None):
-    """Rebuild the module on a fresh frozen backbone and load the trainable tensors."""
+    """Rebuild the module on a fresh frozen backbone and load the trainable tensors. Anything
+    missing, damaged or inconsistent in the directory is an AdapterError naming the file (and
+    key): an adapter never loads half-way and answers at random."""
     from peft_lightning.methods import method_class
 
     directory = Path(directory)
-    config_file, weights_file = directory / CONFIG, directory / WEIGHTS
+    config_file, weights_file, backbone_file = directory / CONFIG, directory / WEIGHTS, directory / BACKBONE
     for f in (config_file, weights_file):
         if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: not a peft-lightning adapter directory")
-    config = json.loads(config_file.read_text())
+            raise AdapterError(f"{f} not found: not a peft-lightning adapter directory")
+    config = read_config(config_file)
     if model_override:
         config["model"] = {**config["model"], **model_override}
-    module = method_class(config["method"]["name"])(**config)
+    if config["model"].get("config") is not None and not backbone_file.is_file():
+        # a backbone built from a config has random weights: without its file the adapter would
+        # sit on another random backbone, and answer at random
+        raise AdapterError(f"{backbone_file} not found: model.config in {config_file} builds a randomly initialised "
+                           "backbone, whose weights must be saved with the adapter")
     try:
-        tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights_file} is truncated or corrupt ({err}); re-export it from a .ckpt") from err
+        module = method_class(config["method"]["name"])(**config)
+    except (ValueError, KeyError, TypeError) as err:  # a value of the config the method refuses
+        if isinstance(err, AdapterError):
+            raise
+        raise AdapterError(f"{config_file}: {type(err).__name__}: {_one_line(err)}") from err
+    except OSError as err:  # model.name_or_path is not a model here
+        raise AdapterError(f"{config_file}: key 'model' {config['model']} cannot be loaded ({_one_line(err)})") from err
+    tensors = _load_tensors(weights_file)
     expected = module.trainable_state_keys()
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
-        raise KeyError(f"{weights_file}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise AdapterError(f"{weights_file}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}: the "
+                           f"tensors do not fit method {config['method']} of {config_file}")
     own = module.state_dict()
     for k, v in tensors.items():
         if own[k].shape != v.shape:
-            raise ValueError(
-                f"{weights_file}: tensor '{k}' has shape {tuple(v.shape)} but this backbone needs "
-                f"{tuple(own[k].shape)}; the adapter was trained on a backbone of another shape"
+            raise AdapterError(
+                f"{weights_file}: tensor '{k}' has shape {tuple(v.shape)} but key 'model' of {config_file} builds a "
+                f"backbone that needs {tuple(own[k].shape)}; the adapter was trained on another model"
             )
     module.load_state_dict(tensors, strict=False)
-    if (directory / BACKBONE).is_file():
-        load_model(module.backbone, str(directory / BACKBONE))
+    if backbone_file.is_file():
+        try:
+            load_model(module.backbone, str(backbone_file))  # (ties shared weights again)
+        except (SafetensorError, OSError) as err:
+            raise AdapterError(f"{backbone_file} is truncated or corrupt ({err}); save the adapter again") from None
+        except RuntimeError as err:
+            raise AdapterError(f"{backbone_file} does not fit key 'model' of {config_file}: {_one_line(err)}") from None
     return module.eval()

@@ -27,6 +27,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from peft_lightning.checkpoint import load_pretrained
+from peft_lightning.errors import AdapterError, UserError
 
 
 def _require_peft():
@@ -54,7 +55,7 @@ def export_peft(module, directory: str | Path) -> Path:
             tensors[f"base_model.model.{target}.lora_A.weight"] = lora.A.detach().contiguous().cpu()
             tensors[f"base_model.model.{target}.lora_B.weight"] = lora.B.detach().contiguous().cpu()
             if lora.gate is not None:
-                raise ValueError("a gated LoRA (unipelt) has no peft twin")
+                raise AdapterError("a gated LoRA (unipelt) has no peft twin")
         config = LoraConfig(r=int(method.get("r", 8)), lora_alpha=float(method.get("alpha", 16)),
                             lora_dropout=float(method.get("dropout", 0.0)), target_modules=targets,
                             fan_in_fan_out=conv1d, task_type="FEATURE_EXTRACTION", base_model_name_or_path=base)
@@ -62,7 +63,7 @@ def export_peft(module, directory: str | Path) -> Path:
         from peft_lightning.backbone import attention_geometry
 
         if module.kind == "encoder-decoder":
-            raise ValueError("peft's prefix format for encoder-decoders differs; export supports encoders and decoders")
+            raise AdapterError("peft's prefix format for encoder-decoders differs; export supports encoders and decoders")
         layers, kv_heads, head_dim = attention_geometry(module.backbone.config)
         flat = module.prefix.encoder().detach().contiguous().cpu()  # (P, layers x 2 x kv_heads x head_dim)
         tensors = {"prompt_embeddings": flat}
@@ -70,7 +71,7 @@ def export_peft(module, directory: str | Path) -> Path:
                                     token_dim=kv_heads * head_dim, num_attention_heads=kv_heads,
                                     task_type="FEATURE_EXTRACTION", base_model_name_or_path=base)
     else:
-        raise ValueError(
+        raise AdapterError(
             f"method={name} (depth={method.get('depth')}) has no peft twin here; export supports lora and "
             "deep ptuning_v2 / prefix_tuning"
         )
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_peft(load_pretrained(args.adapter), args.out)
-    except (FileNotFoundError, ValueError, KeyError, ImportError) as err:
+    except (UserError, ImportError) as err:  # bad input, or peft missing: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} (load with peft.PeftModel.from_pretrained(base_model, '{out}'))")

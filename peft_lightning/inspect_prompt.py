@@ -18,6 +18,7 @@ import torch
 
 from peft_lightning.backbone import BackboneSpec, load_tokenizer
 from peft_lightning.checkpoint import load_pretrained
+from peft_lightning.errors import AdapterError, UserError
 
 
 @torch.no_grad()
@@ -25,13 +26,13 @@ def nearest_tokens(module, tokenizer, top: int = 5) -> list[list[tuple[str, floa
     """Per virtual token, the `top` (token, cosine similarity) pairs."""
     encoder = getattr(module, "prompt_encoder", None)
     if encoder is None:
-        raise ValueError(f"method={module.hparams.method['name']} has no virtual tokens")
+        raise AdapterError(f"method={module.hparams.method['name']} has no virtual tokens")
     if module.prompt is not None:
         vectors = encoder()
     elif encoder.net is not None:
         vectors = encoder.embedding.weight
     else:
-        raise ValueError("this deep prefix has no reparameterization: its vectors are keys/values, not embeddings")
+        raise AdapterError("this deep prefix has no reparameterization: its vectors are keys/values, not embeddings")
     vocab = module.backbone.get_input_embeddings().weight
     sims = torch.nn.functional.normalize(vectors.float(), dim=-1) @ torch.nn.functional.normalize(vocab.float(), dim=-1).T
     scores, ids = sims.topk(top, dim=-1)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = load_pretrained(args.adapter)
         rows = nearest_tokens(module, load_tokenizer(BackboneSpec(**module.hparams.model)), args.top)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for i, row in enumerate(rows):

@@ -21,31 +21,52 @@ import torch
 from rich.progress import track
 
 from peft_lightning.checkpoint import load_pretrained
+from peft_lightning.errors import DataError, DataFileNotFound, UserError
 
 
 @torch.no_grad()
 def predict_records(module, records: list[dict], batch_size: int = 64, max_length: int = 128,
                     progress: bool = False) -> list[dict]:
-    """Predictions for any task type, batched through the task's own tokenization and collator."""
+    """Predictions for any task type, batched through the task's own tokenization and collator.
+    Each record is encoded on its own terms: a batch may mix records with and without an optional
+    field (`text_pair`), and each gives what it gives when predicted alone."""
+    if batch_size <= 0 or max_length <= 0:
+        raise ValueError(f"batch_size and max_length must be positive, got {batch_size} and {max_length}")
     module.eval()
     task, tokenizer = module.task, module.tokenizer
-    roles = [r for r in (*task.roles, *task.optional_roles) if r not in ("label", "target")]
-    dummy = {"Regression": 0.0, "TokenClassification": None, "Generation": None}.get(type(task).__name__, 0)
     out: list[dict] = []
     batches = range(0, len(records), batch_size)
     if progress:
         batches = track(batches, description="predicting", total=len(batches), console=_stderr_console())
+    collate = task.collator(tokenizer)
     for start in batches:
         chunk = records[start:start + batch_size]
-        rows = {r: [rec[r] for rec in chunk] for r in roles if all(r in rec for rec in chunk)}
-        # placeholder labels: token classification's mark each word's first sub-token
-        rows["label"] = [[0] * len(rec.get("tokens", [])) if dummy is None else dummy for rec in chunk]
-        rows["target"] = [""] * len(chunk)
-        enc = task.tokenize(rows, tokenizer, max_length)
-        batch = task.collator(tokenizer)([{k: enc[k][i] for k in enc} for i in range(len(chunk))])
+        batch = collate(encode_records(task, tokenizer, chunk, max_length))
         batch = {k: v.to(module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         out.extend(_describe(module, task, chunk, batch))
     return out
+
+
+def encode_records(task, tokenizer, records: list[dict], max_length: int) -> list[dict]:
+    """One feature dict per record, in order. Records are tokenized in groups of those that carry
+    the same roles (a null value counts as absent), so a pair is never dropped, nor invented,
+    because of its neighbours in the batch."""
+    roles = [r for r in (*task.roles, *task.optional_roles) if r not in ("label", "target")]
+    dummy = {"Regression": 0.0, "TokenClassification": None, "Generation": None}.get(type(task).__name__, 0)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, rec in enumerate(records):
+        groups.setdefault(tuple(r for r in roles if rec.get(r) is not None), []).append(i)
+    features: list[dict] = [{}] * len(records)
+    for present, members in groups.items():
+        group = [records[i] for i in members]
+        rows = {r: [rec[r] for rec in group] for r in present}
+        # placeholder labels: token classification's mark each word's first sub-token
+        rows["label"] = [[0] * len(rec.get("tokens", [])) if dummy is None else dummy for rec in group]
+        rows["target"] = [""] * len(group)
+        enc = task.tokenize(rows, tokenizer, max_length)
+        for j, i in enumerate(members):
+            features[i] = {k: enc[k][j] for k in enc}
+    return features
 
 
 def _describe(module, task, chunk, batch) -> list[dict]:
@@ -81,20 +102,40 @@ def _stderr_console():
     return Console(stderr=True)
 
 
-def read_records(lines) -> list[dict]:
-    """Plain text lines become {"text": line}; JSON lines are taken as they are."""
+def read_records(lines, source: str = "input", needed: tuple[str, ...] = ("text",), optional: tuple[str, ...] = ()
+                 ) -> list[dict]:
+    """Plain text lines become {"text": line}; JSON lines are taken as they are (objects only),
+    and must hold the `needed` fields (null counts as missing)."""
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"input line {number}: looks like JSON but does not parse ({err})") from err
+                raise DataError(f"{source}, line {number}: looks like JSON but does not parse ({err})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{source}, line {number}: a JSON line must be an object")
         else:
-            records.append({"text": line.rstrip("\n")})
+            record = {"text": line.rstrip("\n")}
+        missing = [r for r in needed if record.get(r) is None]
+        if missing:
+            raise DataError(f"{source}, line {number}: missing field(s) {missing}; this adapter reads "
+                            f"{list(needed)} (optional {list(optional)})")
+        records.append(record)
     return records
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a count that must be at least 1 (0 would mean an empty output, or no text)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,26 +143,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("adapter", type=Path, help="an adapter directory (adapter_config.json + safetensors)")
     parser.add_argument("--input", default="-", help="text file, one example per line (default: stdin)")
     parser.add_argument("--output", default="-", help="JSON-lines file to write (default: stdout)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--max-length", type=positive_int, default=128)
     args = parser.parse_args(argv)
     try:
         module = load_pretrained(args.adapter)
-        if args.input == "-":
-            records = read_records(sys.stdin)
-        else:
-            with open(args.input, encoding="utf-8") as f:
-                records = read_records(f)
         task = module.task
-        needed = [r for r in task.roles if r not in ("label", "target")]
-        for number, record in enumerate(records, 1):
-            missing = [r for r in needed if r not in record]
-            if missing:
-                raise ValueError(f"input example {number}: missing field(s) {missing}; this {type(task).__name__} "
-                                 f"adapter reads {needed} (optional {list(task.optional_roles)})")
-    except (FileNotFoundError, ValueError, KeyError) as err:
+        fields = (tuple(r for r in task.roles if r not in ("label", "target")), tuple(task.optional_roles))
+        if args.input == "-":
+            records = read_records(sys.stdin, "stdin", *fields)
+        else:
+            if not Path(args.input).is_file():
+                raise DataFileNotFound(f"input file {args.input} not found (--input)")
+            with open(args.input, encoding="utf-8") as f:
+                records = read_records(f, args.input, *fields)
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     results = predict_records(module, records, args.batch_size, args.max_length,
                               progress=len(records) > args.batch_size)
     with contextlib.nullcontext(sys.stdout) if args.output == "-" else open(args.output, "w", encoding="utf-8") as out:

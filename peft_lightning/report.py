@@ -5,6 +5,9 @@
 Every job writes results.json whatever happens (run.py), so the report needs nothing else: no
 W&B. The sweep's axes are the overrides that differ between jobs; `seed` is averaged over
 (mean +- std, n). Jobs that failed or were interrupted are listed with their error.
+
+Settings are ranked, and the best one marked, by the best dev value of the selection metric
+(`val/<metric>_best`), never by test: the test value is shown beside it, for the record.
 """
 from __future__ import annotations
 
@@ -21,10 +24,13 @@ import pandas as pd
 
 
 def metric_columns(metric: str = "acc") -> dict[str, tuple[tuple, str]]:
-    """Report column -> (results.json path, format), for the sweep's selection metric (data.metric)."""
+    """Report column -> (results.json path, format), for the sweep's selection metric (data.metric).
+    The first column, the best dev value, is the criterion: settings are ranked and picked by it.
+    The test value (of the best-dev checkpoint) is shown beside it and never ranks anything:
+    choosing by test would report a test score that was selected on test."""
     return {
-        f"test {metric}": (("metrics", "test", f"test/{metric}"), "{:.4f}"),
         f"best dev {metric}": (("metrics", "best", f"val/{metric}_best"), "{:.4f}"),
+        f"test {metric}": (("metrics", "test", f"test/{metric}"), "{:.4f}"),
         "trainable": (("parameters", "trainable"), "{:,.0f}"),
         "trainable %": (("parameters", "trainable_pct"), "{:.3f}"),
         "train s/epoch": (("train_seconds_per_epoch",), "{:.1f}"),
@@ -107,16 +113,18 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
 def markdown(frame: pd.DataFrame, title: str, command: str | None = None, preface: list[str] = ()) -> str:
     summary = summarize(frame)
     columns = _columns(frame)
-    test, dev = list(columns)[:2]
+    dev, test = list(columns)[:2]
     keys = [c for c in summary.columns if c not in columns and not c.endswith(" std") and c != "n"]
     many = bool((summary["n"] > 1).any())
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Produced by `{command}`", ""]
     lines += [_machine(), "", *preface]
+    lines += [f"Ranked by {dev} (the selection metric; ties in job order); {test} is the test score of each "
+              "run's best-dev checkpoint, shown alongside, never used to rank.", ""]
     header = keys + list(columns) + (["n"] if many else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, row in summary.sort_values(test, ascending=False, na_position="last").iterrows():  # selection maximizes
+    for _, row in rank(summary, dev).iterrows():
         cells = [_setting(row[k]) for k in keys]
         for column, (_, fmt) in columns.items():
             value, spread = row[column], row[column + " std"]
@@ -134,6 +142,11 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
             what = ", ".join(f"{k}={row[k]}" for k in axes(frame)) or row["job"]
             lines.append(f"- job {row['job']} ({what}): {row['status']}{': ' + row['error'] if row['error'] else ''}")
     return "\n".join(lines) + "\n"
+
+
+def rank(summary: pd.DataFrame, dev: str) -> pd.DataFrame:
+    """Best dev value first (selection maximizes); a stable sort, so ties keep the sweep's job order."""
+    return summary.sort_values(dev, ascending=False, na_position="last", kind="stable")
 
 
 def _setting(value) -> str:
@@ -167,18 +180,26 @@ def _numeric(values) -> bool:
 
 
 def plots(frame: pd.DataFrame, directory: Path, metric: str | None = None) -> list[Path]:
-    """PNG plots of `metric` (default: the test value of the selection metric; mean, error bars =
-    std over seeds): against each numeric axis (a line per combination of the other axes), or as
-    grouped bars when every axis is categorical."""
+    """PNG plots of the selection metric (mean, error bars = std over seeds): the best dev value
+    (solid; a star marks each line's best-dev setting, the one selection picks) with the test
+    value of the same runs beside it (dashed), against each numeric axis (a line per combination
+    of the other axes), or as grouped bars when every axis is categorical. `metric`: one report
+    column alone instead."""
+    summary = summarize(frame)
+    keys = [c for c in axes(frame) if c in summary.columns]
+    dev, test = list(_columns(frame))[:2]
+    return plot_summary(summary, keys, directory, [metric] if metric else [dev, test])
+
+
+def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metrics: list[str]) -> list[Path]:
+    """The plots of `plots` from a summary (summarize's frame: the metric columns, their " std"
+    columns and the axis columns `keys`); the first of `metrics` is the criterion, starred."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = metric or next(iter(_columns(frame)))
-    summary = summarize(frame)
-    keys = [c for c in axes(frame) if c in summary.columns]
-    if not keys or summary[metric].isna().all():
+    if not keys or summary[metrics[0]].isna().all():
         return []
     written = []
     numeric = [k for k in keys if _numeric(summary[k].dropna())]
@@ -186,25 +207,38 @@ def plots(frame: pd.DataFrame, directory: Path, metric: str | None = None) -> li
         others = [k for k in keys if k != x]
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         groups = summary.groupby(others, sort=False) if others else [((), summary)]
-        for label, part in groups:
+        width = 0.8 / len(metrics)
+        for number, (label, part) in enumerate(groups):
             label = ", ".join(f"{k}={v}" for k, v in zip(others, label if isinstance(label, tuple) else (label,)))
             part = part.sort_values(x, key=lambda c: c.astype(float)) if x in numeric else part
-            xs = part[x].astype(float) if x in numeric else part[x].astype(str)
-            if x in numeric:
-                ax.errorbar(xs, part[metric], yerr=part[metric + " std"].fillna(0), marker="o", capsize=3,
-                            label=label or None)
-            else:
-                ax.bar(xs, part[metric], yerr=part[metric + " std"].fillna(0), capsize=3, label=label or None)
+            color = f"C{number % 10}"
+            for i, metric in enumerate(metrics):
+                name = f"{label}, {metric}" if label else metric
+                style = dict(label=name, color=color, alpha=1.0 if i == 0 else 0.6)
+                if x in numeric:
+                    ax.errorbar(part[x].astype(float), part[metric], yerr=part[metric + " std"].fillna(0), capsize=3,
+                                marker="o" if i == 0 else "s", linestyle="-" if i == 0 else "--",
+                                mfc=color if i == 0 else "none", **style)
+                else:
+                    where = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(part))]
+                    ax.bar(where, part[metric], width, yerr=part[metric + " std"].fillna(0), capsize=3,
+                           hatch="" if i == 0 else "//", **style)
+                    ax.set_xticks(range(len(part)), part[x].astype(str))
+            if part[metrics[0]].notna().any():  # the setting selection picks: best dev, not best test
+                best = part.loc[part[metrics[0]].idxmax()]
+                shift = (len(metrics) - 1) / 2 * width  # the criterion's bar is the first of each group
+                at = float(best[x]) if x in numeric else list(part.index).index(best.name) - shift
+                ax.plot([at], [best[metrics[0]]], marker="*", markersize=16, color=color, markeredgecolor="black",
+                        linestyle="none", label=f"selected: highest {metrics[0]}" if number == 0 else None)
         spread = summary[x].astype(float).max() / max(summary[x].astype(float).min(), 1e-12) if x in numeric else 1
         if spread > 10:  # prefix lengths, example counts: powers of 2; learning rates: decades
             ax.set_xscale("log", base=10 if spread > 1000 else 2)
         ax.set_xlabel(x)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(" / ".join(metrics))
         ax.grid(alpha=0.3)
-        if others:
-            ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         fig.tight_layout()
-        path = directory / f"{metric.replace(' ', '_')}_vs_{x.replace('.', '_')}.png"
+        path = directory / f"{metrics[0].replace(' ', '_')}_vs_{x.replace('.', '_')}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)

@@ -206,3 +206,43 @@ def test_eval_computes_the_reparameterized_prefix_once_and_notices_updates():
     m.train()
     m(batch)
     assert len(calls) == 3  # training always recomputes (gradients must flow)
+
+
+@pytest.mark.parametrize("reparam", ["mlp", "lstm"])
+def test_eval_cache_follows_dtype_and_in_place_changes(reparam):
+    """The cached reparameterized prefix is recomputed after `.to(float64)` (new storage, same
+    Parameter objects, same version counters) and after in-place updates: each value equals the
+    uncached computation."""
+    from peft_lightning.injection.prompt_encoder import PromptEncoder
+
+    enc = PromptEncoder(4, 12, reparam, hidden_size=8, embed_dim=6).eval()
+
+    def uncached():
+        return enc.net(enc.embedding.weight)  # the network itself, past the cache
+
+    with torch.no_grad():
+        first = enc()
+        torch.testing.assert_close(first, uncached(), atol=0, rtol=0)
+        enc.to(torch.float64)
+        after = enc()
+        assert after.dtype == torch.float64
+        torch.testing.assert_close(after, uncached(), atol=0, rtol=0)
+        enc.embedding.weight.mul_(2.0)  # an optimizer-style in-place update
+        doubled = enc()
+        torch.testing.assert_close(doubled, uncached(), atol=0, rtol=0)
+        assert not torch.allclose(doubled, after)
+        enc.load_state_dict({k: v + 0.5 for k, v in enc.state_dict().items()})  # copy_ into the same storage
+        torch.testing.assert_close(enc(), uncached(), atol=0, rtol=0)
+
+
+def test_module_to_float64_evaluates_in_float64_with_the_cached_prefix():
+    m = module(reparameterization="mlp").eval()
+    batch = make_batch()
+    with torch.no_grad():
+        m(batch)  # fills the cache in float32
+        m.to(torch.float64)
+        cached = m(batch)
+        m.prefix.encoder.clear_cache()
+        fresh = m(batch)
+    assert cached.dtype == torch.float64
+    torch.testing.assert_close(cached, fresh, atol=0, rtol=0)

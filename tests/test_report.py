@@ -4,14 +4,14 @@ import json
 from peft_lightning.report import collect, main, summarize
 
 
-def job(root, num, overrides, status="completed", acc=None, error=None):
+def job(root, num, overrides, status="completed", acc=None, error=None, test=None):
     d = root / str(num)
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     if status is None:  # killed before writing anything
         return
     results = {"status": status, "overrides": overrides,
-               "metrics": {"test": {"test/acc": acc}, "best": {"val/acc_best": acc}},
+               "metrics": {"test": {"test/acc": acc if test is None else test}, "best": {"val/acc_best": acc}},
                "parameters": {"trainable": 100, "trainable_pct": 0.5}, "train_seconds_per_epoch": [10.0, 12.0]}
     if error:
         results["error"] = error
@@ -44,7 +44,7 @@ def test_report_plots_metric_against_a_numeric_axis(tmp_path):
         job(tmp_path, i, [f"method={method}", f"method.prefix_length={length}", f"seed={seed}"], acc=acc)
     assert main([str(tmp_path), "--out", str(tmp_path / "report" / "r.md")]) == 0
     text = (tmp_path / "report" / "r.md").read_text()
-    png = tmp_path / "report" / "test_acc_vs_method_prefix_length.png"
+    png = tmp_path / "report" / "best_dev_acc_vs_method_prefix_length.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and f"({png.name})" in text
 
 
@@ -57,3 +57,18 @@ def test_report_of_an_optuna_search_shows_its_best_trial_and_rounds_sampled_valu
     text = (tmp_path / "r.md").read_text()
     assert "Optuna's best trial: method.optim.lr=0.001329, method.prefix_length=4 (best dev acc 0.7)" in text
     assert "| 0.001329 | 0.7000 |" in text and "| 0.03143 | 0.6000 |" in text
+
+
+def test_report_ranks_by_dev_not_by_test(tmp_path):
+    """Where dev and test disagree, the order (and the pick) follows dev; test is shown beside it."""
+    for i, (length, dev, test) in enumerate([(16, 0.68, 0.69), (64, 0.70, 0.70), (128, 0.71, 0.68), (4, 0.65, 0.66),
+                                             (8, 0.68, 0.65)]):
+        job(tmp_path, i, ["method=ptuning_v2", f"method.prefix_length={length}"], acc=dev, test=test)
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "| method.prefix_length | best dev acc | test acc |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    # by dev: 128 (0.71) first although its test is the lowest; the 0.68 tie keeps job order (16, then 8)
+    assert [row.split(" | ")[0][2:] for row in rows] == ["128", "64", "16", "8", "4"]
+    assert rows[0] == "| 128 | 0.7100 | 0.6800 | 100 | 0.500 | 11.0 |"
+    assert "Ranked by best dev acc" in text

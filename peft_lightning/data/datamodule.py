@@ -14,11 +14,12 @@ from pathlib import Path
 import datasets
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from peft_lightning.data.embedded import BUILDERS
 from peft_lightning.data.files import hub_rows, read_rows, to_roles
+from peft_lightning.errors import DataError
 from peft_lightning.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,17 @@ class TaskDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         part = self.data[split]
         if not shuffle:
-            return DataLoader(part, batch_size=self.eval_batch_size, shuffle=False,
+            # under DDP each rank evaluates its own share, each example exactly once; Lightning keeps
+            # a DistributedSampler it is given (its own would pad the ranks with repeated examples)
+            trainer = self.trainer
+            sampler = None
+            if trainer is not None and trainer.world_size > 1:
+                if len(part) < trainer.world_size:
+                    raise DataError(f"data split '{split}' has {len(part)} examples, fewer than the "
+                                    f"{trainer.world_size} DDP processes that evaluate it; give it at least "
+                                    f"{trainer.world_size} (or evaluate on fewer devices)")
+                sampler = UnpaddedDistributedSampler(part, trainer.world_size, trainer.global_rank)
+            return DataLoader(part, batch_size=self.eval_batch_size, shuffle=False, sampler=sampler,
                               collate_fn=self.collate, num_workers=self.num_workers)
         sampler = EpochSeededSampler(self.train_lengths, self.batch_size, self.seed, self.group_by_length, self._samples_to_skip)
         return DataLoader(part, batch_size=self.batch_size, sampler=sampler,
@@ -258,6 +269,21 @@ class TaskDataModule(L.LightningDataModule):
 
     def predict_dataloader(self):
         return self._loader("test", shuffle=False)
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Evaluation under DDP: rank r takes indices r, r + world_size, ... in order, so every example
+    is evaluated exactly once (ranks differ by at most one example; torchmetrics gathers uneven
+    states). torch's DistributedSampler instead pads every rank to the same size with repeated
+    examples, which counts up to world_size - 1 of them twice in the metrics."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 TextClassificationDataModule = TaskDataModule  # the name before other task types existed

@@ -49,16 +49,22 @@ class PromptEncoder(nn.Module):
     def forward(self) -> torch.Tensor:
         """(num_tokens, out_dim) prompt vectors. At evaluation (eval mode, no gradients) the
         reparameterization network runs once, not per batch: its output is cached until a
-        parameter changes (tracked by the tensors' version counters)."""
+        parameter changes. A change is an in-place update (optimizer step, load_state_dict:
+        the version counter) or new storage (`.to(dtype/device)` swaps `.data`: the data
+        pointer, dtype and device). Edits through `p.data` bypass version counters: call
+        `clear_cache()` after them."""
         table = self.embedding.weight
         if self.net is None:
             return table
         if self.training or torch.is_grad_enabled():
             return self.net(table)
-        key = tuple((id(p), p._version) for p in self.parameters())
+        key = tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in self.parameters())
         if getattr(self, "_cache_key", None) != key:
             self._cache, self._cache_key = self.net(table), key
         return self._cache
+
+    def clear_cache(self) -> None:
+        self._cache = self._cache_key = None
 
     @torch.no_grad()
     def eject_reparameterization(self) -> None:

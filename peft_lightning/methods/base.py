@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, MeanMetric
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, get_linear_schedule_with_warmup
 
 from peft_lightning.backbone import (BackboneSpec, checkpointing, count_parameters, load_backbone, load_config,
@@ -74,6 +74,11 @@ class PeftClassifier(L.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         self.test_prefix = "test/"  # extra evaluation sets log under test_<name>/
         self.val_best = MaxMetric()
+        # The evaluation loss as the mean over the whole set, whatever the batches: each batch's
+        # mean weighted by its number of loss terms (examples; labelled tokens for token-level
+        # losses, where a per-example weight is wrong), summed across DDP ranks once, at compute,
+        # like the other metrics (uneven ranks and batches give the single-process value).
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     def train(self, mode: bool = True):
         """The frozen backbone runs in eval mode (no dropout) unless asked: its weights never
@@ -266,14 +271,16 @@ class PeftClassifier(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         loss, logits = self._step(batch)
-        n = batch["labels"].shape[0]
-        self.log("val/loss", loss, sync_dist=True, batch_size=n)
+        self.val_loss.update(loss.detach().float(), weight=self.task.loss_terms(batch))
         self.task.update(self.val_metrics, logits, batch, self)
 
     def on_validation_epoch_end(self):
-        values = self.val_metrics.compute()
+        # metric states are gathered across DDP ranks here, once per epoch (torchmetrics syncs at
+        # compute), so every rank runs the same collectives however many batches it had
+        values = {**self.val_metrics.compute(), "val/loss": self.val_loss.compute()}
         self.val_metrics.reset()
-        self.log_dict(values, prog_bar=True, sync_dist=True)
+        self.val_loss.reset()
+        self.log_dict(values, prog_bar=True, sync_dist=True)  # (already equal on every rank; the sync changes nothing)
         main = f"val/{self.task.metric}"
         if not self.trainer.sanity_checking:
             self.val_best.update(values[main])
@@ -284,17 +291,19 @@ class PeftClassifier(L.LightningModule):
         """Forget validations so far (e.g. one before training): the best value, and metric states
         that inference mode made read-only outside it."""
         self.val_metrics.reset()
+        self.val_loss.reset()
         self.val_best.reset()
 
     def test_step(self, batch, batch_idx):
         loss, logits = self._step(batch)
-        self.log(f"{self.test_prefix}loss", loss, sync_dist=True, batch_size=batch["labels"].shape[0])
+        self.test_loss.update(loss.detach().float(), weight=self.task.loss_terms(batch))
         self.task.update(self.test_metrics, logits, batch, self)
 
     def on_test_epoch_end(self):
-        values = self.test_metrics.compute()
+        values = {**self.test_metrics.compute(), "test/loss": self.test_loss.compute()}
         self.log_dict({self.test_prefix + k.removeprefix("test/"): v for k, v in values.items()}, sync_dist=True)
         self.test_metrics.reset()
+        self.test_loss.reset()
 
     def predict_step(self, batch, batch_idx):
         return self.task.predictions(self(batch), batch, self)

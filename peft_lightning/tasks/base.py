@@ -72,6 +72,11 @@ class Task:
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         return nn.functional.cross_entropy(logits, batch["labels"])
 
+    def loss_terms(self, batch: dict) -> int:
+        """How many terms `loss` averages over (examples here, labelled tokens for token-level
+        losses): the weight that makes batch means combine into the mean over a whole set."""
+        return batch["labels"].shape[0]
+
     def metrics(self) -> MetricCollection:
         raise NotImplementedError
 

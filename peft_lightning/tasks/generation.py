@@ -116,6 +116,10 @@ class Generation(Task):
             logits, labels = logits[:, :-1], labels[:, 1:]
         return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
 
+    def loss_terms(self, batch):
+        labels = batch["labels"][:, 1:] if self.kind == "decoder" else batch["labels"]
+        return int((labels != IGNORE).sum())
+
     def metrics(self) -> MetricCollection:
         return MetricCollection({"bleu": SacreBLEUScore(tokenize="13a"), "rougeL": _Rouge()})
 

@@ -96,6 +96,9 @@ class TokenClassification(Task):
     def loss(self, logits, batch):
         return nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
 
+    def loss_terms(self, batch):
+        return int((batch["labels"] != IGNORE).sum())
+
     def metrics(self) -> MetricCollection:
         return MetricCollection({
             "f1": EntityF1(self.labels, "f1"), "precision": EntityF1(self.labels, "precision"),

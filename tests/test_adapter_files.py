@@ -1,0 +1,106 @@
+"""Damaged adapter directories fail with an AdapterError naming the file and key, never load
+half-way; the CLIs that read adapters (predict, export, inspect_prompt) say so in one line, exit 2."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_batch, tiny_model
+
+from peft_lightning.checkpoint import BACKBONE, CONFIG, WEIGHTS, load_pretrained, save_pretrained
+from peft_lightning.errors import AdapterError
+from peft_lightning.methods import METHODS
+
+BAD = Path(__file__).parent / "data" / "bad"
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A tiny ptuning_v2 adapter on a random (config-built) BERT: its backbone travels with it."""
+    torch.manual_seed(0)
+    spec = tiny_model("bert")
+    spec["config"]["vocab_size"] = 30522  # the embedded tokenizer's, for the CLIs
+    spec["tokenizer"] = "embedded:minilm"
+    method = dict(name="ptuning_v2", prefix_length=3, depth="deep", reparameterization="mlp", reparam_hidden=8,
+                  head={"dropout": 0.0})
+    m = METHODS["ptuning_v2"](model=spec, method=method, num_labels=2, labels=["neg", "pos"])
+    return save_pretrained(m, tmp_path_factory.mktemp("good") / "adapter"), m
+
+
+def damaged(adapter, tmp_path, edit=None, remove=None, truncate=None, replace=None):
+    folder = shutil.copytree(adapter, tmp_path / "adapter")
+    if remove:
+        (folder / remove).unlink()
+    if truncate:
+        data = (folder / truncate).read_bytes()
+        (folder / truncate).write_bytes(data[: len(data) // 2])
+    if replace:
+        shutil.copy(BAD / replace, folder / CONFIG)
+    if edit:
+        config = json.loads((folder / CONFIG).read_text())
+        edit(config)
+        (folder / CONFIG).write_text(json.dumps(config))
+    return folder
+
+
+def _set(path, value):
+    def edit(config):
+        *parents, last = path.split(".")
+        for key in parents:
+            config = config[key]
+        config[last] = value
+    return edit
+
+
+CASES = {
+    "backbone missing": (dict(remove=BACKBONE), rf"{BACKBONE} not found: model.config in .*{CONFIG} builds a randomly"),
+    "config missing": (dict(remove=CONFIG), rf"{CONFIG} not found: not a peft-lightning adapter directory"),
+    "weights missing": (dict(remove=WEIGHTS), rf"{WEIGHTS} not found"),
+    "broken json": (dict(replace="adapter_config_truncated.json"), rf"{CONFIG} is not valid JSON \(Expecting"),
+    "no method": (dict(edit=lambda c: c.pop("method")), rf"{CONFIG}: missing key\(s\) \['method'\]"),
+    "no method name": (dict(edit=lambda c: c["method"].pop("name")), rf"{CONFIG}: key 'method.name' is missing"),
+    "unknown method": (dict(edit=_set("method.name", "magic")), rf"{CONFIG}: method.name='magic' is not a method"),
+    "unknown key": (dict(edit=_set("prefix_lenght", 4)), rf"{CONFIG}: unknown key\(s\) \['prefix_lenght'\]"),
+    "unknown model key": (dict(edit=_set("model.revision", "main")), r"unknown key\(s\) \['model.revision'\]"),
+    "another model": (dict(edit=_set("model.config.hidden_size", 48)),
+                      rf"{WEIGHTS}: tensor '.*' has shape .* but key 'model' of .*{CONFIG} builds a backbone"),
+    "bad method value": (dict(edit=_set("method.reparameterization", "gru")),
+                         rf"{CONFIG}: ValueError: reparameterization must be one of"),
+    "truncated weights": (dict(truncate=WEIGHTS), rf"{WEIGHTS} is truncated or corrupt"),
+    "truncated backbone": (dict(truncate=BACKBONE), rf"{BACKBONE} is truncated or corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_damaged_adapter_is_an_adapter_error_naming_file_and_key(adapter, tmp_path, case):
+    damage, message = CASES[case]
+    folder = damaged(adapter[0], tmp_path, **damage)
+    with pytest.raises(AdapterError, match=message) as info:
+        load_pretrained(folder)
+    assert "\n" not in str(info.value)
+
+
+def test_the_intact_adapter_loads_and_answers_as_saved(adapter):
+    folder, m = adapter
+    batch = make_batch(length=8)
+    batch["input_ids"] = batch["input_ids"] + 1000  # (the 30522-word vocabulary)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(folder)(batch), m.eval()(batch), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cli", ["predict", "export", "inspect_prompt"])
+@pytest.mark.parametrize("case", ["backbone missing", "broken json", "another model"])
+def test_clis_print_one_line_and_exit_2(adapter, tmp_path, capsys, monkeypatch, cli, case):
+    import importlib
+    import io
+
+    damage, message = CASES[case]
+    folder = damaged(adapter[0], tmp_path, **damage)
+    main = importlib.import_module(f"peft_lightning.{cli}").main
+    monkeypatch.setattr("sys.stdin", io.StringIO("a fine film\n"))
+    assert main([str(folder), *([str(tmp_path / "out")] if cli == "export" else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(message, err[0]), err
