@@ -85,7 +85,9 @@ def load_tokenizer(spec: BackboneSpec, fallback: str | None = None):
 
 def checkpointing(model: PreTrainedModel) -> bool:
     """Whether activation checkpointing is on (transformers 5 renamed the attribute)."""
-    return bool(getattr(model, "is_activation_checkpointing", None) or getattr(model, "is_gradient_checkpointing", False))
+    if hasattr(model, "is_activation_checkpointing"):  # (the old name warns on read)
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def count_parameters(module: nn.Module) -> dict[str, float]:

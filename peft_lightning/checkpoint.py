@@ -83,6 +83,13 @@ def read_config(config_file: Path) -> dict:
         raise AdapterError(f"{config_file}: key 'method.name' is missing (one of {sorted(METHODS)})")
     if method["name"] not in METHODS:
         raise AdapterError(f"{config_file}: method.name={method['name']!r} is not a method; known: {sorted(METHODS)}")
+    from peft_lightning.errors import ConfigError
+    from peft_lightning.schema import check_method
+
+    try:  # the method's keys against the same declaration a training config is checked with
+        check_method(method)
+    except ConfigError as err:
+        raise AdapterError(f"{config_file}: {err}") from None
     num_labels, labels = config["num_labels"], config.get("labels")
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 0:
         raise AdapterError(f"{config_file}: key 'num_labels' must be a count, got {num_labels!r}")

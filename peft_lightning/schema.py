@@ -126,6 +126,11 @@ def check_keys(cfg: dict) -> None:
     _check({k: v for k, v in cfg.items() if k != "hydra"}, TOP, "")
 
 
+def check_method(method: dict) -> None:
+    """A method config alone (an adapter's adapter_config.json holds one): unknown keys are errors."""
+    _check(method, method_schema, "method")
+
+
 def _check(node: Any, spec: Any, path: str) -> None:
     if spec is ANY or node is None or _interpolation(node):
         return

@@ -63,6 +63,8 @@ CASES = {
     "no method name": (dict(edit=lambda c: c["method"].pop("name")), rf"{CONFIG}: key 'method.name' is missing"),
     "unknown method": (dict(edit=_set("method.name", "magic")), rf"{CONFIG}: method.name='magic' is not a method"),
     "unknown key": (dict(edit=_set("prefix_lenght", 4)), rf"{CONFIG}: unknown key\(s\) \['prefix_lenght'\]"),
+    "unknown method key": (dict(edit=_set("method.prefix_lenght", 4)),
+                           rf"{CONFIG}: unknown key method.prefix_lenght \(did you mean method.prefix_length\?\)"),
     "unknown model key": (dict(edit=_set("model.revision", "main")), r"unknown key\(s\) \['model.revision'\]"),
     "another model": (dict(edit=_set("model.config.hidden_size", 48)),
                       rf"{WEIGHTS}: tensor '.*' has shape .* but key 'model' of .*{CONFIG} builds a backbone"),
