@@ -55,7 +55,10 @@ class PeftClassifier(L.LightningModule):
         self._tokenizer = None
         self.input_prompt = None  # an InputPrompt, for methods that prepend input-level prompts
         if method.get("activation_checkpointing", False):
-            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.backbone, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+                self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.train(True)  # Lightning keeps the modes it finds (see train())
         self.build()
         # Our head reads the last hidden states, never the backbone's pooler: it stays frozen, or
