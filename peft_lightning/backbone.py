@@ -91,9 +91,9 @@ def for_split_words(tokenizer):
 
     A byte-level BPE tokenizer (RoBERTa, GPT-2, BART, SmolLM2 ...) sees a word boundary only in a
     leading space ("Ġ"): without `add_prefix_space` it encodes the words "New", "York" as the
-    pieces of "NewYork", mid-word pieces that the backbone never saw at a word start. A Metaspace
-    tokenizer ("▁", sentencepiece) that prepends only to the first piece does the same. Found by
-    the backend's pre-tokenizer, whatever the tokenizer's class; the copy is made once and kept.
+    pieces of "NewYork", mid-word pieces that the backbone never saw at a word start. Found by the
+    backend's pre-tokenizer, whatever the tokenizer's class; the copy is made once and kept.
+    (Metaspace "▁" tokenizers already mark each pre-split word, even with prepend_scheme=first.)
     """
     if not getattr(tokenizer, "is_fast", False):
         return tokenizer
@@ -118,8 +118,8 @@ def for_split_words(tokenizer):
 
 
 def _mark_word_starts(node) -> bool:
-    """Turn on the word-start marker of every ByteLevel / Metaspace pre-tokenizer in a backend
-    spec (JSON), in place; whether anything changed."""
+    """Turn on add_prefix_space in every ByteLevel pre-tokenizer of a backend spec (JSON), in
+    place; whether anything changed."""
     if not isinstance(node, dict):
         return False
     changed = False
@@ -129,11 +129,6 @@ def _mark_word_starts(node) -> bool:
             changed |= _mark_word_starts(child)
     elif kind == "ByteLevel" and not node.get("add_prefix_space", False):
         node["add_prefix_space"], changed = True, True
-    elif kind == "Metaspace":
-        if node.get("prepend_scheme", "always") != "always":
-            node["prepend_scheme"], changed = "always", True
-        if node.get("add_prefix_space") is False:  # tokenizers < 0.14 spelled it this way
-            node["add_prefix_space"], changed = True, True
     return changed
 
 

@@ -269,6 +269,10 @@ def test_given_splits_are_kept_and_their_overlaps_counted(tmp_path, caplog):
     assert raw.stats["sizes"] == {"train": 10, "validation": 2, "test": 3}
     assert raw.stats["cross_split_duplicates"] == {"validation~train": 1, "test~train": 2, "test~validation": 1}
     assert "2 of 3 test examples repeat a train input" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # one file in every role (an extra_eval test set): no warning
+        raw = load_raw("", {}, make_task("classification", LABELS), None, dict.fromkeys(files, files["test"]))
+    assert set(raw.stats["cross_split_duplicates"].values()) == {"same file"} and "repeat" not in caplog.text
 
 
 @pytest.mark.slow  # a real run: about a minute on 2 shared cores
@@ -356,7 +360,7 @@ def read(path, columns=None, task="classification", labels=LABELS):
     ("duplicate_column.csv", None, "classification",
      r"duplicate_column.csv, line 1 \(the header\): column 'text' appears 2 times"),
     ("duplicate_key.jsonl", None, "classification", r"duplicate_key.jsonl, line 2: key 'text' appears twice"),
-    ("null_text.jsonl", None, "classification", r"null_text.jsonl, line 2, column 'text': expected text, got null"),
+    ("null_text.jsonl", None, "classification", r"null_text.jsonl, line 2, column 'text': expected text, got null; fix the row"),
     ("number_text.jsonl", None, "classification", r"number_text.jsonl, line 1, column 'text': expected text, got a number 12345"),
     ("list_text.jsonl", None, "classification", r"list_text.jsonl, line 1, column 'text': expected text, got a list"),
     ("null_label.jsonl", None, "classification", r"null_label.jsonl, line 1, column 'label': the label is empty \(null\)"),
@@ -383,7 +387,7 @@ def test_null_or_list_text_in_parquet_names_the_row(tmp_path):
 
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"text": ["fine", None], "label": ["neg", "pos"]}), path)
-    with pytest.raises(DataError, match=r"d.parquet, row 1, column 'text': expected text, got null"):
+    with pytest.raises(DataError, match=r"d.parquet, row 1, column 'text': expected text, got null;"):
         read(path)
     pq.write_table(pa.table({"text": [["a", "b"]], "label": ["neg"]}), path)
     with pytest.raises(DataError, match=r"d.parquet, row 0, column 'text': expected text, got a list"):

@@ -65,6 +65,8 @@ def load_raw(source: str, split: dict, task: Task, columns: dict | None = None, 
             raise ConfigError(f"data.files needs train, validation and test; missing {sorted(missing)}")
         tables = {name: to_roles(read_rows(path), columns, task, str(path)) for name, path in files.items()}
         stats = {"split_by": "data.files"}
+        # one file in two roles is deliberate (an evaluation-only extra_eval set): not an overlap to warn of
+        same = {(a, b) for a, b in CROSS if Path(files[a]).resolve() == Path(files[b]).resolve()}
     elif source.startswith("hub:"):
         hub, chosen = source[4:], {"train": "train", "validation": "validation", "test": "test", **(splits or {})}
         if dev_from_train is not None:
@@ -117,7 +119,7 @@ def load_raw(source: str, split: dict, task: Task, columns: dict | None = None, 
         tables = {part: _take(table, groups, chosen_groups) for part, chosen_groups in cuts.items()}
         stats["split_by"] = f"data.split {fractions} seed {split.get('seed', 42)}"
     stats = {"sizes": {name: len(next(iter(t.values()))) for name, t in tables.items()}, **stats,
-             "cross_split_duplicates": _overlaps(tables, source)}
+             "cross_split_duplicates": _overlaps(tables, source, same if files else set())}
     parts = datasets.DatasetDict({name: datasets.Dataset.from_dict(tables[name])
                                   for name in ("train", "validation", "test")})
     return Raw(parts, _content_hash(tables), stats)
@@ -173,11 +175,15 @@ def _take(table: dict[str, list], groups: list[list[int]], chosen: list[int]) ->
     return {column: [values[i] for i in rows] for column, values in table.items()}
 
 
-def _overlaps(tables: dict[str, dict], source: str) -> dict[str, int]:
-    """How many rows of a later split repeat an input of an earlier one (normalized text)."""
+def _overlaps(tables: dict[str, dict], source: str, same: set = frozenset()) -> dict[str, int | str]:
+    """How many rows of a later split repeat an input of an earlier one (normalized text);
+    `same`: pairs of splits read from one file ("same file", not counted)."""
     keys = {name: input_keys(t) for name, t in tables.items()}
     out = {}
     for later, earlier in CROSS:
+        if (later, earlier) in same:
+            out[f"{later}~{earlier}"] = "same file"
+            continue
         known = set(keys[earlier])
         out[f"{later}~{earlier}"] = sum(k in known for k in keys[later])
         if out[f"{later}~{earlier}"]:

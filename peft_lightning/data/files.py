@@ -98,7 +98,8 @@ def to_roles(rows: Iterable[tuple[str, dict]], columns: dict, task, source: str)
 def _text(value, where: str, column: str) -> str:
     if isinstance(value, str):
         return value
-    raise DataError(f"{where}, column '{column}': expected text, got {_kind(value)} {_short(value)}; "
+    shown = "" if value is None else f" {_short(value)}"
+    raise DataError(f"{where}, column '{column}': expected text, got {_kind(value)}{shown}; "
                     "fix the row (text columns must hold strings)")
 
 
