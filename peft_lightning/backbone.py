@@ -6,7 +6,9 @@ through the ordinary `from_pretrained` path, so hub names keep working for users
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +83,53 @@ def load_tokenizer(spec: BackboneSpec, fallback: str | None = None):
         raise ValueError("A model built from a config needs model.tokenizer set to a tokenizer name or path.")
     path, gguf = resolve(name)
     return AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
+
+
+def for_split_words(tokenizer):
+    """`tokenizer`, or a copy of it that marks every pre-split word as the start of a word
+    (token classification feeds words, `is_split_into_words=True`).
+
+    A byte-level BPE tokenizer (RoBERTa, GPT-2, BART, SmolLM2 ...) sees a word boundary only in a
+    leading space ("Ġ"): without `add_prefix_space` it encodes the words "New", "York" as the
+    pieces of "NewYork", mid-word pieces that the backbone never saw at a word start. Found by the
+    backend's pre-tokenizer, whatever the tokenizer's class; the copy is made once and kept.
+    (Metaspace "▁" tokenizers already mark each pre-split word, even with prepend_scheme=first.)
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        return tokenizer
+    cached = getattr(tokenizer, "_peft_split_words", None)
+    if cached is not None:
+        return cached
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    fixed = tokenizer
+    if _mark_word_starts(spec.get("pre_tokenizer")):
+        fixed = copy.deepcopy(tokenizer)
+        backend = Tokenizer.from_str(json.dumps(spec))
+        backend.encode_special_tokens = tokenizer.backend_tokenizer.encode_special_tokens
+        fixed._tokenizer = backend
+        fixed.add_prefix_space = True
+        fixed.init_kwargs = {**tokenizer.init_kwargs, "add_prefix_space": True}
+        log.info("%s: words are encoded with a leading word boundary (add_prefix_space) for pre-split input",
+                 type(tokenizer).__name__)
+    tokenizer._peft_split_words = fixed
+    return fixed
+
+
+def _mark_word_starts(node) -> bool:
+    """Turn on add_prefix_space in every ByteLevel pre-tokenizer of a backend spec (JSON), in
+    place; whether anything changed."""
+    if not isinstance(node, dict):
+        return False
+    changed = False
+    kind = node.get("type")
+    if kind == "Sequence":
+        for child in node.get("pretokenizers", []):
+            changed |= _mark_word_starts(child)
+    elif kind == "ByteLevel" and not node.get("add_prefix_space", False):
+        node["add_prefix_space"], changed = True, True
+    return changed
 
 
 def checkpointing(model: PreTrainedModel) -> bool:

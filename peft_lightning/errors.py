@@ -34,6 +34,10 @@ class DataFileNotFound(UserError, FileNotFoundError):
     """A data file does not exist."""
 
 
+class DataSourceUnavailable(UserError, ConnectionError):
+    """A hub data source cannot be reached (offline): the message says how to use a local copy."""
+
+
 class CheckpointError(UserError, ValueError):
     """A resume checkpoint (`ckpt_path`) is missing, damaged, unsafe or of another run."""
 

@@ -110,7 +110,7 @@ def train(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"status": "running", "overrides": job_overrides(everything=True), "method": cfg.method.name,
                      "model": cfg.model.name, "data": cfg.data.name, "seed": cfg.seed}
-    trainer = None
+    trainer = datamodule = None
     loggers: list = []
     timer = EpochTimer()
     try:
@@ -171,6 +171,8 @@ def train(cfg: DictConfig) -> dict:
         if trainer is not None:
             summary["epochs_completed"] = trainer.current_epoch
             summary["global_step"] = trainer.global_step
+        if getattr(datamodule, "stats", None):  # split sizes, duplicates removed / across splits
+            summary["data_stats"] = datamodule.stats
         summary["wall_time_s"] = time.time() - started
         summary["train_seconds_per_epoch"] = timer.seconds
         summary["peak_memory_mb"] = _peak_memory_mb()

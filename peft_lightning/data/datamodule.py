@@ -9,87 +9,228 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import lightning as L
+import numpy as np
+import tokenizers
 import torch
+import transformers
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from peft_lightning.data.embedded import BUILDERS
 from peft_lightning.data.files import hub_rows, read_rows, to_roles
-from peft_lightning.errors import DataError
+from peft_lightning.errors import ConfigError, DataError
 from peft_lightning.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
 
 
+DATA_RULES = 2  # version of the reading, deduplication and split rules; in the cache key: bump on a change
+INPUT_ROLES = ("text", "text_pair", "choices", "tokens")  # what an example's input is made of
+DEV_FROM_TRAIN = {"fraction": 0.05, "min_size": 100, "max_fraction": 0.2, "seed": 42}
+CROSS = (("validation", "train"), ("test", "train"), ("test", "validation"))
+
+
+class Raw(NamedTuple):
+    parts: datasets.DatasetDict  # train / validation / test, role-named columns
+    identity: str  # a hash of every row of every split (the tokenization cache key's data part)
+    stats: dict  # split sizes, duplicates removed, cross-split duplicates (results.json "data_stats")
+
+
 def load_raw(source: str, split: dict, task: Task, columns: dict | None = None, files: dict | None = None,
-             subset: str | None = None, splits: dict | None = None) -> tuple[datasets.DatasetDict, str]:
-    """(train/validation/test DatasetDict with the task's role-named columns, a content identity
-    for caching).
+             subset: str | None = None, splits: dict | None = None, dev_from_train: dict | None = None) -> Raw:
+    """The train/validation/test splits with the task's role-named columns, their content identity
+    and statistics.
 
     `source` is `embedded:NAME`, `hub:PATH` (with `subset` and `splits`: our split -> the hub's,
-    slices allowed, e.g. {train: "train[:90%]", validation: "train[90%:]", test: validation}) or a
-    local csv/tsv/jsonl/parquet file (split by `split`); `files` maps train/validation/test to
-    their own files instead. `columns` maps the task's roles to the data's column names.
+    e.g. {train: train, test: validation}; with `dev_from_train` (see DEV_FROM_TRAIN) the
+    validation split is a seeded random share of the hub's train split) or a local
+    csv/tsv/jsonl/parquet file (split by `split`); `files` maps train/validation/test to their own
+    files instead. `columns` maps the task's roles to the data's column names.
+
+    Whatever the framework splits itself (an embedded set, one local file, a hub train split that
+    gives the dev set) is deduplicated first: one example per normalized input (casefolded,
+    whitespace collapsed, over text, text_pair, choices and tokens), so no input is in two splits.
+    Splits given as such (data.files, hub splits) are kept, and their overlaps counted and warned of.
     """
     columns = dict(columns or {r: r for r in task.roles})
     if files:
         missing = {"train", "validation", "test"} - set(files)
         if missing:
-            raise ValueError(f"data.files needs train, validation and test; missing {sorted(missing)}")
-        parts = datasets.DatasetDict({
-            name: datasets.Dataset.from_dict(to_roles(read_rows(path), columns, task, str(path)))
-            for name, path in files.items()
-        })
-        return parts, "|".join(f"{p}:{_stamp(Path(p))}" for p in files.values())
-    if source.startswith("hub:"):
+            raise ConfigError(f"data.files needs train, validation and test; missing {sorted(missing)}")
+        tables = {name: to_roles(read_rows(path), columns, task, str(path)) for name, path in files.items()}
+        stats = {"split_by": "data.files"}
+        # one file in two roles is deliberate (an evaluation-only extra_eval set): not an overlap to warn of
+        same = {(a, b) for a, b in CROSS if Path(files[a]).resolve() == Path(files[b]).resolve()}
+    elif source.startswith("hub:"):
         hub, chosen = source[4:], {"train": "train", "validation": "validation", "test": "test", **(splits or {})}
-        parts = datasets.DatasetDict({
-            name: datasets.Dataset.from_dict(to_roles(hub_rows(hub, subset, expr), columns, task, f"{source} {expr}"))
-            for name, expr in chosen.items()
-        })
-        return parts, f"{source}|{subset}|{json.dumps(chosen, sort_keys=True)}|{json.dumps(columns, sort_keys=True)}"
-    if source.startswith("embedded:"):
-        name = source.split(":", 1)[1]
-        if name not in BUILDERS:
-            raise ValueError(f"Unknown embedded dataset '{name}'. Known: {', '.join(sorted(BUILDERS))}.")
-        table, path = BUILDERS[name]()
-        missing = [r for r in task.roles if r not in table]
-        if missing:
-            raise ValueError(f"embedded dataset '{name}' has columns {sorted(table)}, but data.task="
-                             f"{type(task).__name__} needs {list(task.roles)}")
-        table = {r: v for r, v in table.items() if r in (*task.roles, *task.optional_roles)}
-        if "label" in table:  # the same check as a file's labels: data.labels may not fit the set
-            table["label"] = [task.label_value(v, f"embedded dataset '{name}', row {i}")
-                              for i, v in enumerate(table["label"])]
+        if dev_from_train is not None:
+            if "validation" in (splits or {}):
+                raise ConfigError("data.splits.validation and data.dev_from_train are both set; the dev set comes "
+                                  "from one of them: drop data.splits.validation or set data.dev_from_train=null")
+            chosen.pop("validation")
+        tables = {name: to_roles(hub_rows(hub, subset, expr), columns, task, f"{source} {expr}")
+                  for name, expr in chosen.items()}
+        stats = {"split_by": "hub splits"}
+        if dev_from_train is not None:
+            spec = _dev_spec(dev_from_train)
+            groups, stats = _deduplicate(tables["train"], f"{source} train")
+            order = np.random.default_rng(spec["seed"]).permutation(len(groups)).tolist()
+            n = len(groups)
+            n_dev = min(max(math.ceil(round(spec["fraction"] * n, 6)), spec["min_size"]), int(spec["max_fraction"] * n))
+            if n_dev < 1 or n_dev >= n:
+                raise ConfigError(f"data.dev_from_train={spec} leaves {n_dev} of {n} training examples for dev; "
+                                  "change its fraction / min_size / max_fraction")
+            tables["validation"] = _take(tables["train"], groups, order[:n_dev])
+            tables["train"] = _take(tables["train"], groups, order[n_dev:])
+            stats["split_by"] = f"hub splits, dev = a seeded {n_dev} of the {n} training examples"
     else:
-        path = Path(source)
-        table = to_roles(read_rows(path), columns, task, str(path))
-    full = datasets.Dataset.from_dict(table)
+        if source.startswith("embedded:"):
+            name = source.split(":", 1)[1]
+            if name not in BUILDERS:
+                raise ConfigError(f"Unknown embedded dataset '{name}'. Known: {', '.join(sorted(BUILDERS))}.")
+            table, _ = BUILDERS[name]()
+            missing = [r for r in task.roles if r not in table]
+            if missing:
+                raise ConfigError(f"embedded dataset '{name}' has columns {sorted(table)}, but data.task="
+                                  f"{type(task).__name__} needs {list(task.roles)}")
+            table = {r: v for r, v in table.items() if r in (*task.roles, *task.optional_roles)}
+            if "label" in table:  # the same check as a file's labels: data.labels may not fit the set
+                table["label"] = [task.label_value(v, f"embedded dataset '{name}', row {i}")
+                                  for i, v in enumerate(table["label"])]
+        else:
+            table = to_roles(read_rows(source), columns, task, str(source))
+        fractions = _fractions(split)
+        groups, stats = _deduplicate(table, source)
+        # Seeded shuffle (the permutation Dataset.shuffle(seed) draws), then contiguous 80/10/10
+        # slices: the split is a pure function of the seed and the deduplicated data.
+        order = np.random.default_rng(split.get("seed", 42)).permutation(len(groups)).tolist()
+        n = len(groups)
+        n_train, n_val = int(fractions[0] * n), int(fractions[1] * n)
+        cuts = {"train": order[:n_train], "validation": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+        for part, chosen_groups in cuts.items():
+            if not chosen_groups:
+                raise DataError(f"data split '{part}' of {source} is empty: {n} rows split {fractions}; check data.split")
+        tables = {part: _take(table, groups, chosen_groups) for part, chosen_groups in cuts.items()}
+        stats["split_by"] = f"data.split {fractions} seed {split.get('seed', 42)}"
+    stats = {"sizes": {name: len(next(iter(t.values()))) for name, t in tables.items()}, **stats,
+             "cross_split_duplicates": _overlaps(tables, source, same if files else set())}
+    parts = datasets.DatasetDict({name: datasets.Dataset.from_dict(tables[name])
+                                  for name in ("train", "validation", "test")})
+    return Raw(parts, _content_hash(tables), stats)
+
+
+def normalized(text: str) -> str:
+    """Text as duplicates are compared: casefolded, whitespace collapsed."""
+    return " ".join(text.casefold().split())
+
+
+def input_keys(table: dict[str, list]) -> list[str]:
+    """Each row's normalized input over every input role. The separators are whitespace, which
+    `normalized` never leaves inside a string, so roles cannot run into each other."""
+    roles = [r for r in INPUT_ROLES if r in table]
+
+    def text(value):
+        return "\x1e".join(normalized(v) for v in value) if isinstance(value, list) else normalized(value)
+
+    return ["\x1f".join(text(table[r][i]) for r in roles) for i in range(len(table[roles[0]]))]
+
+
+def _deduplicate(table: dict[str, list], source: str) -> tuple[list[list[int]], dict]:
+    """Groups of row indices, one group per distinct input, and what was removed. Labelled data
+    keeps the first row of each input. Generation keeps each input's distinct targets (several
+    references of one input) together in one group, so an input never lands in two splits."""
+    keys = input_keys(table)
+    targets = table.get("target")
+    labels = table.get("label")
+    groups: list[list[int]] = []
+    first: dict[str, int] = {}
+    seen: dict[str, set] = {}
+    removed = conflicts = 0
+    for i, key in enumerate(keys):
+        g = first.get(key)
+        if g is None:
+            first[key] = len(groups)
+            groups.append([i])
+            seen[key] = {normalized(targets[i])} if targets is not None else set()
+        elif targets is not None and normalized(targets[i]) not in seen[key]:
+            seen[key].add(normalized(targets[i]))
+            groups[g].append(i)
+        else:
+            removed += 1
+            conflicts += labels is not None and labels[i] != labels[groups[g][0]]
+    if removed:
+        log.info("%s: %d duplicate examples removed before the split (the same normalized input%s)", source,
+                 removed, f"; {conflicts} of them with another label" if conflicts else "")
+    return groups, {"duplicates_removed": removed, "duplicates_with_other_label": conflicts}
+
+
+def _take(table: dict[str, list], groups: list[list[int]], chosen: list[int]) -> dict[str, list]:
+    rows = [i for g in chosen for i in groups[g]]
+    return {column: [values[i] for i in rows] for column, values in table.items()}
+
+
+def _overlaps(tables: dict[str, dict], source: str, same: set = frozenset()) -> dict[str, int | str]:
+    """How many rows of a later split repeat an input of an earlier one (normalized text);
+    `same`: pairs of splits read from one file ("same file", not counted)."""
+    keys = {name: input_keys(t) for name, t in tables.items()}
+    out = {}
+    for later, earlier in CROSS:
+        if (later, earlier) in same:
+            out[f"{later}~{earlier}"] = "same file"
+            continue
+        known = set(keys[earlier])
+        out[f"{later}~{earlier}"] = sum(k in known for k in keys[later])
+        if out[f"{later}~{earlier}"]:
+            log.warning("%s: %d of %d %s examples repeat a %s input (normalized text); their scores overstate "
+                        "generalization", source, out[f"{later}~{earlier}"], len(keys[later]), later, earlier)
+    return out
+
+
+def _content_hash(tables: dict[str, dict]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tables):
+        for column in sorted(tables[name]):
+            values = tables[name][column]
+            digest.update(f"{name}/{column}/{len(values)}".encode())
+            for start in range(0, len(values), 10_000):
+                digest.update(json.dumps(values[start:start + 10_000]).encode())
+    return digest.hexdigest()
+
+
+def _fractions(split: dict) -> list[float]:
+    unknown = sorted(set(split) - {"train", "validation", "test", "seed"})
+    if unknown:
+        raise ConfigError(f"data.split has unknown keys {unknown}; known: train, validation, test, seed")
     fractions = [split.get("train", 0.8), split.get("validation", 0.1), split.get("test", 0.1)]
+    for name, value in zip(("train", "validation", "test"), fractions):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ConfigError(f"data.split.{name} must be a fraction in [0, 1], got {value!r}")
     if abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"data.split fractions must sum to 1, got {fractions}")
-    # Seeded shuffle, then contiguous 80/10/10 slices: the split is a pure function of the seed.
-    shuffled = full.shuffle(seed=split.get("seed", 42))
-    n = len(shuffled)
-    n_train, n_val = int(fractions[0] * n), int(fractions[1] * n)
-    for name, size in (("train", n_train), ("validation", n_val), ("test", n - n_train - n_val)):
-        if size == 0:
-            raise ValueError(f"data split '{name}' of {source} is empty: {n} rows split {fractions}; check data.split")
-    parts = datasets.DatasetDict(
-        train=shuffled.select(range(n_train)),
-        validation=shuffled.select(range(n_train, n_train + n_val)),
-        test=shuffled.select(range(n_train + n_val, n)),
-    )
-    return parts, f"{source}|{path}|{_stamp(path)}|{json.dumps(split, sort_keys=True)}|{json.dumps(columns, sort_keys=True)}"
+        raise ConfigError(f"data.split fractions must sum to 1, got {fractions}")
+    return fractions
 
 
-def _stamp(path: Path) -> str:
-    stat = path.stat()
-    return f"{stat.st_size}-{stat.st_mtime_ns}"
+def _dev_spec(spec) -> dict:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"data.dev_from_train must be a mapping like {DEV_FROM_TRAIN} (or null), got {spec!r}")
+    unknown = sorted(set(spec) - set(DEV_FROM_TRAIN))
+    if unknown:
+        raise ConfigError(f"data.dev_from_train has unknown keys {unknown}; known: {sorted(DEV_FROM_TRAIN)}")
+    spec = {**DEV_FROM_TRAIN, **spec}
+    for key in ("fraction", "max_fraction"):
+        value = spec[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ConfigError(f"data.dev_from_train.{key} must be a fraction in (0, 1), got {value!r}")
+    for key in ("min_size", "seed"):
+        if isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 0:
+            raise ConfigError(f"data.dev_from_train.{key} must be a non-negative integer, got {spec[key]!r}")
+    return spec
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -125,15 +266,40 @@ def subsample(part: datasets.Dataset, size: int | float, seed: int) -> datasets.
     """`size` examples (int) or that fraction (float) of `part`, drawn with `seed`."""
     n = len(part)
     if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
-        raise ValueError(f"data.train_examples must be a positive count or a fraction in (0, 1], got {size!r}")
+        raise ConfigError(f"data.train_examples must be a positive count or a fraction in (0, 1], got {size!r}")
     if isinstance(size, float):
         if size > 1:
-            raise ValueError(f"data.train_examples as a fraction must be at most 1, got {size}")
+            raise ConfigError(f"data.train_examples as a fraction must be at most 1, got {size}")
         size = max(1, round(size * n))
     if size > n:
-        raise ValueError(f"data.train_examples={size} but the training split has only {n} examples")
+        raise ConfigError(f"data.train_examples={size} but the training split has only {n} examples")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
     return part.select(sorted(order.tolist()))
+
+
+def _plain(value):
+    """JSON for a fingerprint: objects without a stable text (a tokenizer object) by type name."""
+    return getattr(value, "content", None) or type(value).__name__  # AddedToken -> its text
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Everything of a tokenizer that decides its ids: class, name, vocabulary, the fast backend's
+    full spec (merges, normalizer, pre-tokenizer, post-processor template), init settings."""
+    if tokenizer is None:
+        return "none"
+    spec = {
+        "class": type(tokenizer).__name__, "name": tokenizer.name_or_path,
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "backend": tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else None,
+        "init": tokenizer.init_kwargs, "special": tokenizer.special_tokens_map,
+        "truncation_side": getattr(tokenizer, "truncation_side", None),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=_plain).encode()).hexdigest()
+
+
+def task_fingerprint(task: Task) -> dict:
+    """The task's type and every public setting (label names, kind, options such as a template)."""
+    return {"class": type(task).__name__, **{k: v for k, v in vars(task).items() if not k.startswith("_")}}
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -158,6 +324,7 @@ class TaskDataModule(L.LightningDataModule):
         seed: int = 42,
         files: dict | None = None,
         train_examples: int | float | None = None,
+        dev_from_train: dict | None = None,
         **_: object,
     ):
         super().__init__()
@@ -170,6 +337,7 @@ class TaskDataModule(L.LightningDataModule):
         self.group_by_length, self.num_workers = group_by_length, num_workers
         self.seed = seed
         self.files = dict(files) if files else None
+        self.dev_from_train = dict(dev_from_train) if dev_from_train is not None else None
         # low-data regime: keep this many (int) or this fraction (float in (0, 1]) of the training
         # split, sampled with the run's seed (so seeds give different subsets, reproducibly)
         self.train_examples = train_examples
@@ -179,19 +347,34 @@ class TaskDataModule(L.LightningDataModule):
             tokenizer.pad_token = tokenizer.eos_token
         self.collate = self.task.collator(tokenizer) if tokenizer is not None else None
         self.data: datasets.DatasetDict | None = None
+        self.stats: dict = {}  # split sizes and duplicates (load_raw); run.py puts it in results.json
 
     @property
     def num_labels(self) -> int:
         return len(self.labels)
 
-    def _cache_files(self, identity: str) -> dict[str, str] | None:
+    def _recipe(self) -> dict:
+        """Every setting the tokenized splits depend on, in one place: `setup` passes these (and
+        nothing else) to load_raw and the task's tokenize, and the cache key hashes all of them,
+        so a new input cannot be left out of the key."""
+        return {
+            "load": {"source": self.source, "split": self.split, "columns": self.columns, "files": self.files,
+                     "subset": self.subset, "splits": self.splits, "dev_from_train": self.dev_from_train},
+            "tokenize": {"max_length": self.max_length},
+        }
+
+    def _cache_files(self, recipe: dict, rows: str) -> dict[str, str] | None:
+        """Cache files named by a hash of the recipe, the rows themselves (`rows`: load_raw's
+        content hash: files' contents, columns, label ids, split, deduplication), the task (type,
+        label names, options such as a generation separator), the tokenizer (vocabulary, rules,
+        init settings such as add_prefix_space) and the versions of the code that tokenizes."""
         if self.cache_dir is None:
             return None
-        key = json.dumps(
-            [identity, self.tokenizer.name_or_path, type(self.tokenizer).__name__, self.max_length,
-             type(self.task).__name__, self.task.kind, getattr(self.task, "options", None), datasets.__version__],
-            sort_keys=True, default=str,
-        )
+        key = json.dumps({
+            "recipe": recipe, "rows": rows, "task": task_fingerprint(self.task),
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "versions": [DATA_RULES, datasets.__version__, transformers.__version__, tokenizers.__version__],
+        }, sort_keys=True, default=str)
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         folder = self.cache_dir / "tokenized" / digest
         folder.mkdir(parents=True, exist_ok=True)
@@ -200,22 +383,25 @@ class TaskDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
             return
-        raw, identity = load_raw(self.source, self.split, self.task, self.columns, self.files, self.subset,
-                                 self.splits)
-        for name, part in raw.items():
+        recipe = self._recipe()
+        raw = load_raw(task=self.task, **recipe["load"])
+        for name, part in raw.parts.items():
             if len(part) == 0:
                 where = self.files[name] if self.files else self.source
-                raise ValueError(f"data split '{name}' ({where}) is empty; check data.split / data.files")
+                raise DataError(f"data split '{name}' ({where}) is empty; check data.split / data.files")
 
         def tokenize(batch):
-            return self.task.tokenize(batch, self.tokenizer, self.max_length)
+            return self.task.tokenize(batch, self.tokenizer, **recipe["tokenize"])
 
-        self.data = raw.map(
-            tokenize, batched=True, remove_columns=raw["train"].column_names,
-            cache_file_names=self._cache_files(identity), desc="tokenize",
+        self.data = raw.parts.map(
+            tokenize, batched=True, remove_columns=raw.parts["train"].column_names,
+            cache_file_names=self._cache_files(recipe, raw.identity), desc="tokenize",
         )
+        self.stats = raw.stats
         if self.train_examples is not None:
             self.data["train"] = subsample(self.data["train"], self.train_examples, self.seed)
+            self.stats = {**raw.stats, "train_examples": len(self.data["train"])}
+        log.info("data: %s", self.stats)
         # token counts for length grouping, once (Lightning asks for the train loader more than once)
         self.train_lengths = [len(x) for x in self.data["train"]["input_ids"]]
         # tensors are made by the task's collator (some columns are lists, or text references)

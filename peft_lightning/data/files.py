@@ -1,37 +1,58 @@
 """Rows from local files (csv / tsv / jsonl / parquet) and hub datasets, mapped to a task's roles
-(text, text_pair, label, choices, tokens, target) with errors that name the file, column and row."""
+(text, text_pair, label, choices, tokens, target) with errors that name the file, column and row.
+
+Reading rules (each one closes a way a file could parse and still train on the wrong thing):
+- a UTF-8 byte-order mark is dropped (else the first column's name would not match);
+- a header naming one column twice is an error (a dict keeps only the last column);
+- a `.csv` whose header has no ',' but a ';' or a tab is read with that delimiter (a warning says so);
+- csv fields may be as long as the file (the csv module's default limit is 128 KiB);
+- JSONL lines end at '\\n' only: U+2028/U+2029 and other Unicode line breaks are text inside strings;
+- text roles must hold strings: null, numbers, lists are errors, never `str()`-ed into "None", "12345".
+"""
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from peft_lightning.errors import DataColumnError, DataError, DataFileNotFound, DataSourceUnavailable
+
+log = logging.getLogger(__name__)
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+DELIMITERS = {"csv": ",", "tsv": "\t"}
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
     """(where, row) pairs of a local file; `where` is "file, line N" (or "row N" for parquet)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} not found (set data.source or data.files)")
+        raise DataFileNotFound(f"data file {path} not found (set data.source or data.files)")
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
-        raise ValueError(f"{path}: unknown format '{path.suffix}'; use one of {sorted(FORMATS)}")
+        raise DataError(f"{path}: unknown format '{path.suffix}'; use one of {sorted(FORMATS)}")
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
+        table = pq.read_table(path)
+        _no_duplicate_columns(path, table.column_names, "the schema")
+        for i, row in enumerate(table.to_pylist()):
             yield f"{path}, row {i}", row
         return
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):  # Excel and Notepad write one; it would glue onto the first column's name
+        data = data[len(codecs.BOM_UTF8):]
     try:
-        raw = path.read_bytes().decode("utf-8")
+        raw = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line}: not valid UTF-8 (byte {err.start}); re-save the file as UTF-8") from None
-    rows = _jsonl_rows(path, raw) if kind == "jsonl" else _delimited_rows(path, raw, "\t" if kind == "tsv" else ",")
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not valid UTF-8 (byte {err.start}); re-save the file as UTF-8") from None
+    rows = _jsonl_rows(path, raw) if kind == "jsonl" else _delimited_rows(path, raw, DELIMITERS[kind])
     for line, row in rows:
         yield f"{path}, line {line}", row
 
@@ -39,11 +60,11 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
 def to_roles(rows: Iterable[tuple[str, dict]], columns: dict, task, source: str) -> dict[str, list]:
     """Role-named columns from raw rows: `columns` maps each role to the row's column (a list of
     columns for `choices`, or for a text role whose columns are joined with spaces); labels go
-    through the task's `label_value` (names -> indices ...)."""
+    through the task's `label_value` (names -> indices ...); text must be text (see the module doc)."""
     required = [r for r in task.roles if r not in columns]
     if required:
-        raise ValueError(f"data.columns must name the column for {required} ({type(task).__name__} needs "
-                         f"{list(task.roles)}, optional {list(task.optional_roles)})")
+        raise DataError(f"data.columns must name the column for {required} ({type(task).__name__} needs "
+                        f"{list(task.roles)}, optional {list(task.optional_roles)})")
     roles = [r for r in (*task.roles, *task.optional_roles) if columns.get(r)]
     out: dict[str, list] = {r: [] for r in roles}
     for where, row in rows:
@@ -51,18 +72,50 @@ def to_roles(rows: Iterable[tuple[str, dict]], columns: dict, task, source: str)
             names = columns[role] if isinstance(columns[role], (list, tuple)) else [columns[role]]
             for name in names:
                 if name not in row:
-                    raise KeyError(f"{where}: column '{name}' missing; the row has {sorted(row)}")
+                    raise DataColumnError(f"{where}: column '{name}' missing; the row has {sorted(row)}")
             if role == "choices":
-                out[role].append([str(row[n]) for n in names])
+                out[role].append([_text(row[n], where, n) for n in names])
             elif role == "label":
+                if row[names[0]] is None:
+                    raise DataError(f"{where}, column '{names[0]}': the label is empty (null)")
                 out[role].append(task.label_value(row[names[0]], f"{where}, column '{names[0]}'"))
             elif role == "tokens":
-                out[role].append([str(t) for t in row[names[0]]])
+                words = row[names[0]]
+                if not isinstance(words, (list, tuple)):
+                    raise DataError(f"{where}, column '{names[0]}': expected a list of words, got "
+                                    f"{_kind(words)} {_short(words)}")
+                out[role].append([_text(w, f"{where}, word {i}", names[0]) for i, w in enumerate(words)])
             else:  # several columns for one text role are joined (WiC: the word and its sentence)
-                out[role].append(" ".join(str(row[n]) for n in names))
+                out[role].append(" ".join(_text(row[n], where, n) for n in names))
+        if "tokens" in out and "label" in out and len(out["tokens"][-1]) != len(out["label"][-1]):
+            raise DataError(f"{where}: {len(out['tokens'][-1])} words but {len(out['label'][-1])} tags "
+                            f"(columns '{columns['tokens']}', '{columns['label']}')")
     if not out[roles[0]]:
-        raise ValueError(f"{source}: no data rows")
+        raise DataError(f"{source}: no data rows")
     return out
+
+
+def _text(value, where: str, column: str) -> str:
+    if isinstance(value, str):
+        return value
+    shown = "" if value is None else f" {_short(value)}"
+    raise DataError(f"{where}, column '{column}': expected text, got {_kind(value)}{shown}; "
+                    "fix the row (text columns must hold strings)")
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "a list", tuple: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def hub_rows(path: str, subset: str | None, split: str) -> Iterator[tuple[str, dict]]:
@@ -81,7 +134,7 @@ def hub_rows(path: str, subset: str | None, split: str) -> Iterator[tuple[str, d
         ds = datasets.load_dataset(path, subset, split=split)
     except Exception as err:  # noqa: BLE001 - every failure here gets the same advice
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConnectionError(
+        raise DataSourceUnavailable(
             f"data.source={name}, split '{split}': cannot load it from the Hugging Face hub here ({reason}). "
             "Point the data config at a local copy instead: data.source=path/to/file.{csv,tsv,jsonl,parquet} "
             "(split by data.split) or data.files={train: ..., validation: ..., test: ...}, with data.columns naming "
@@ -99,29 +152,80 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def _no_duplicate_columns(path, header: list[str], where: str) -> None:
+    twice = [c for i, c in enumerate(header) if c in header[:i]]
+    if twice:
+        raise DataError(f"{path}, {where}: column '{twice[0]}' appears {header.count(twice[0])} times; "
+                        "rename the columns so each name is unique (only one of them could be read)")
+
+
+def _delimiter(path, raw: str, expected: str) -> str:
+    """`expected`, unless the header is a single field holding another of ',', ';', tab: then
+    the delimiter csv.Sniffer finds among those (a ';'-separated "csv" from a European Excel)."""
+    first = raw.split("\n", 1)[0]
+    others = [d for d in (",", ";", "\t") if d != expected and d in first]
+    if not others or len(next(csv.reader([first], delimiter=expected))) > 1:
+        return expected
+    sample = "\n".join(raw.split("\n")[:50])
+    try:
+        found = csv.Sniffer().sniff(sample, delimiters="".join(others)).delimiter
+    except csv.Error:
+        found = None
+    if found not in others:
+        raise DataError(f"{path}, line 1: the header has no {expected!r} but {others[0]!r}, and the rows do not "
+                        f"split consistently on it; save the file {expected!r}-separated")
+    log.warning("%s is %r-separated, not %r: reading it with %r", path, found, expected, found)
+    return found
+
+
 def _delimited_rows(path, raw, delimiter):
-    reader = csv.reader(raw.splitlines(), delimiter=delimiter)
+    delimiter = _delimiter(path, raw, delimiter)
+    # no field is longer than the file (the default limit, 128 KiB, stops long documents);
+    # bounded so the C long the limit is stored in never overflows
+    csv.field_size_limit(max(csv.field_size_limit(), min(len(raw) + 1, 2**31 - 1)))
+    # newline="": quoted fields may hold line breaks, and only \n / \r end a line (not U+2028)
+    reader = csv.reader(io.StringIO(raw, newline=""), delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
-        raise ValueError(f"{path}: empty file") from None
-    for row in reader:
+        raise DataError(f"{path}: empty file") from None
+    except csv.Error as err:
+        raise DataError(f"{path}, line 1: {err}") from None
+    _no_duplicate_columns(path, header, "line 1 (the header)")
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise DataError(f"{path}, line {reader.line_num}: {err}") from None
         line = reader.line_num
         if not row:
             continue
         if len(row) != len(header):
-            raise ValueError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)} ({header})")
+            raise DataError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)} ({header})")
         yield line, dict(zip(header, row))
 
 
 def _jsonl_rows(path, raw):
-    for line, text in enumerate(raw.splitlines(), start=1):
+    # '\n' only: str.splitlines would also break at U+2028/U+2029, \x0b, \x1c.. inside JSON strings
+    for line, text in enumerate(raw.split("\n"), start=1):
         if not text.strip():
             continue
         try:
-            row = json.loads(text)
+            row = json.loads(text, object_pairs_hook=lambda pairs, line=line: _object(path, line, pairs))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {line}: not valid JSON ({err.msg})") from None
+            raise DataError(f"{path}, line {line}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}, line {line}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{path}, line {line}: expected a JSON object, got {type(row).__name__}")
         yield line, row
+
+
+def _object(path, line: int, pairs: list) -> dict:
+    """A JSON object, refusing a repeated key (json.loads keeps the last one silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise DataError(f"{path}, line {line}: key '{key}' appears twice in one object; keep one")
+        out[key] = value
+    return out

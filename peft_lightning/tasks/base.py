@@ -6,9 +6,22 @@ from torch import nn
 from torchmetrics import MetricCollection
 from transformers import DataCollatorWithPadding
 
+from peft_lightning.errors import ConfigError, DataError
 from peft_lightning.tasks.heads import ClassificationHead
 
 LOWER_IS_BETTER = ("mse",)
+
+
+def label_name(value) -> str:
+    """A label as the name it is matched by: its text, an integral number without ".0"
+    (data.labels=[1, 2] in a yaml are the names "1" and "2"; a parquet float 1.0 reads as "1")."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def _integer(text: str) -> bool:
+    return text.lstrip("-").isdigit()
 
 
 class Task:
@@ -23,14 +36,14 @@ class Task:
 
     def __init__(self, labels: list[str], kind: str = "encoder", metric: str | None = None, **options):
         if options:
-            raise ValueError(f"{type(self).__name__} takes no options, got {sorted(options)}")
-        self.labels, self.kind = labels, kind
+            raise ConfigError(f"{type(self).__name__} takes no options, got {sorted(options)}")
+        self.labels, self.kind = [label_name(x) for x in labels], kind
         if metric:  # choose the checkpoint-selection metric among the task's own (data.metric)
             known = list(self.metrics().keys())
             if metric not in known:
-                raise ValueError(f"data.metric={metric!r} is not a metric of {type(self).__name__}: choose from {known}")
+                raise ConfigError(f"data.metric={metric!r} is not a metric of {type(self).__name__}: choose from {known}")
             if metric in LOWER_IS_BETTER:  # checkpoints and val/<metric>_best keep the maximum
-                raise ValueError(f"data.metric={metric!r} is better when lower, but selection keeps the highest: "
+                raise ConfigError(f"data.metric={metric!r} is better when lower, but selection keeps the highest: "
                                  f"choose from {[m for m in known if m not in LOWER_IS_BETTER]}")
             self.metric = metric
 
@@ -40,13 +53,20 @@ class Task:
 
     # --- data ---------------------------------------------------------------------------------
     def label_value(self, value, where: str):
-        """A raw label (name or index) as the index into `labels`; `where` names file/column/row."""
-        text = str(value).strip()
+        """A raw label as the index into `labels`; `where` names file/column/row. The rule:
+        data.labels are the label names in index order, compared as strings (`label_name`); a
+        value that is no name is read as an index 0..n-1, unless a name is itself an integer
+        (data.labels=[1, 2]): then the value "1" could mean either, so values must be names."""
+        text = label_name(value)
         if text in self.labels:
             return self.labels.index(text)
-        if text.lstrip("-").isdigit() and 0 <= int(text) < len(self.labels):
+        numeric_names = any(_integer(x) for x in self.labels)
+        if _integer(text) and not numeric_names and 0 <= int(text) < len(self.labels):
             return int(text)
-        raise ValueError(f"{where}: label {text!r} is not in data.labels {self.labels}")
+        rule = ("the names are numbers, so a value must be one of them, never an index" if numeric_names
+                else f"a value is one of these names or an index 0..{len(self.labels) - 1}")
+        raise DataError(f"{where}: label {text!r} is not in data.labels {self.labels} "
+                        f"(data.labels: the label names in index order; {rule})")
 
     def tokenize(self, rows: dict[str, list], tokenizer, max_length: int) -> dict[str, list]:
         pair = rows.get("text_pair")

@@ -1,12 +1,15 @@
 """Sequence-level tasks: one pooled hidden state per text (or per candidate) through the head."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torchmetrics import MeanSquaredError, MetricCollection, PearsonCorrCoef, SpearmanCorrCoef
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassMatthewsCorrCoef
 
-from peft_lightning.tasks.base import Task
+from peft_lightning.errors import DataError
+from peft_lightning.tasks.base import Task, label_name
 
 
 class Classification(Task):
@@ -31,9 +34,9 @@ class Regression(Task):
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: regression label {value!r} is not a number") from None
-        if number != number:  # NaN
-            raise ValueError(f"{where}: regression label is NaN")
+            raise DataError(f"{where}: regression label {value!r} is not a number") from None
+        if not math.isfinite(number):  # inf makes the loss inf and the metrics NaN, far from the cause
+            raise DataError(f"{where}: regression label {value!r} is not a finite number")
         return number
 
     def logits(self, module, batch):
@@ -98,11 +101,11 @@ class MultipleChoice(Task):
         return module.head_logits(flat).view(b, c)
 
     def label_value(self, value, where):
-        text = str(value).strip()
+        text = label_name(value)
         if not text.isdigit():
-            raise ValueError(f"{where}: multiple-choice label {value!r} must be the index of the right choice")
+            raise DataError(f"{where}: multiple-choice label {value!r} must be the index of the right choice")
         if self.labels and int(text) >= len(self.labels):
-            raise ValueError(f"{where}: choice index {text}, but data.labels names {len(self.labels)} choices")
+            raise DataError(f"{where}: choice index {text}, but data.labels names {len(self.labels)} choices")
         return int(text)
 
     def metrics(self) -> MetricCollection:

@@ -1,7 +1,8 @@
 """Token classification (NER): one tag per word, scored at each word's first sub-token.
 
 Labels sit on the tokenizer's sub-tokens: a word's tag on its first piece, -100 (ignored) on the
-other pieces, special tokens and padding. Methods hand back hidden states aligned with the input
+other pieces, special tokens and padding. Every word is encoded as a word start: byte-level BPE
+tokenizers (RoBERTa, GPT-2, BART) get `add_prefix_space` (`backbone.for_split_words`). Methods hand back hidden states aligned with the input
 tokens (prompt positions are stripped in `run_backbone`), so virtual tokens never shift a label.
 Entity-level precision/recall/F1 come from `seqeval` (CoNLL evaluation, BIO/IOB2 spans).
 """
@@ -13,6 +14,8 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import DataCollatorForTokenClassification
 
+from peft_lightning.backbone import for_split_words
+from peft_lightning.errors import ConfigError, DataError
 from peft_lightning.tasks.base import Task
 from peft_lightning.tasks.heads import TokenHead
 
@@ -68,17 +71,18 @@ class TokenClassification(Task):
 
     def label_value(self, value, where):
         if isinstance(value, str) or not hasattr(value, "__iter__"):
-            raise ValueError(f"{where}: token_classification labels must be a list of tags, got {value!r}")
+            raise DataError(f"{where}: token_classification labels must be a list of tags, got {value!r}")
         return [super(TokenClassification, self).label_value(tag, f"{where}, tag {i}") for i, tag in enumerate(value)]
 
     def tokenize(self, rows, tokenizer, max_length):
         if not getattr(tokenizer, "is_fast", False):
-            raise ValueError(f"token_classification needs a fast tokenizer (word ids); {type(tokenizer).__name__} is not")
+            raise ConfigError(f"token_classification needs a fast tokenizer (word ids); {type(tokenizer).__name__} is not")
+        tokenizer = for_split_words(tokenizer)
         enc = tokenizer(rows["tokens"], is_split_into_words=True, truncation=True, max_length=max_length)
         labels = []
         for i, tags in enumerate(rows["label"]):
             if len(tags) != len(rows["tokens"][i]):
-                raise ValueError(f"row {i}: {len(rows['tokens'][i])} words but {len(tags)} tags")
+                raise DataError(f"row {i}: {len(rows['tokens'][i])} words but {len(tags)} tags")
             previous, aligned = None, []
             for word in enc.word_ids(i):
                 aligned.append(IGNORE if word is None or word == previous else tags[word])
