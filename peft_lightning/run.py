@@ -100,7 +100,7 @@ def evaluate_extra_sets(cfg: DictConfig, trainer, module, datamodule, ckpt_path)
                                **{**base, "train_examples": None, **spec, "task": module.task})
         module.test_prefix = f"test_{name}/"
         try:
-            out = trainer.test(module, datamodule=extra, ckpt_path=ckpt_path)
+            out = trainer.test(module, datamodule=extra, ckpt_path=ckpt_path, weights_only=True)
         finally:
             module.test_prefix = "test/"
         results.update({k: _to_python(v) for k, v in (out[0] if out else {}).items()})
@@ -215,11 +215,36 @@ def resume_folder(cfg: DictConfig, ckpt_path) -> Path:
     stay in the folder Hydra made)."""
     out_dir = Path(cfg.paths.output_dir)
     run = run_folder(ckpt_path)
-    if run is not None and run != out_dir.resolve():
+    if run is None:
+        return out_dir
+    warn_if_settings_differ(cfg, run / ".hydra" / "config.yaml")
+    if run != out_dir.resolve():
         log.info("resuming in the run's own folder %s (this attempt's Hydra output: %s)", run, out_dir)
         cfg.paths.output_dir = str(run)
-        return run
-    return out_dir
+    return run
+
+
+def warn_if_settings_differ(cfg: DictConfig, original: Path) -> None:
+    """A resume with other settings than the run's own (a forgotten override) is another experiment:
+    say which keys differ (a longer max_epochs may be meant; a changed model or data rarely is)."""
+    if not original.is_file():
+        return
+
+    def leaves(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from leaves(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], node
+
+    ignore = ("ckpt_path", "paths.", "callbacks.fault")  # (where the attempt writes; injected faults)
+    before = dict(leaves(OmegaConf.to_container(OmegaConf.load(original), resolve=False)))
+    now = dict(leaves(OmegaConf.to_container(cfg, resolve=False)))
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys())
+               if before.get(k) != now.get(k) and not k.startswith(ignore)]
+    if changed:
+        log.warning("resuming with settings that differ from the run's own (%s): %s%s", original,
+                    "; ".join(changed[:8]), f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
 
 
 def previous_attempts(out_dir: Path) -> dict:

@@ -374,3 +374,20 @@ def test_crash_in_one_multirun_job_keeps_the_others(tmp_path):
 
     report = markdown(collect(tmp_path), "t")
     assert "job 0 (callbacks.fault.nan_at_step=3): failed: FloatingPointError: Loss became nan" in report
+
+
+def test_resume_with_other_settings_says_which(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from peft_lightning.run import warn_if_settings_differ
+
+    original = tmp_path / ".hydra" / "config.yaml"
+    original.parent.mkdir()
+    cfg = compose_cfg(["model=tiny-bert", "+callbacks.fault._target_=x"])
+    original.write_text(OmegaConf.to_yaml(cfg))
+    resumed = compose_cfg(["model=tiny-bert", "ckpt_path=/r/checkpoints/last.ckpt"])  # the same run: quiet
+    with caplog.at_level("WARNING"):
+        warn_if_settings_differ(resumed, original)
+        assert not caplog.records
+        warn_if_settings_differ(compose_cfg(["model=tiny-bert", "trainer.max_epochs=5", "data.batch_size=4"]), original)
+    assert caplog.records[0].getMessage().endswith("data.batch_size: 32 -> 4; trainer.max_epochs: 3 -> 5")
