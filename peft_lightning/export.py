@@ -146,7 +146,8 @@ def check_output_folder(adapter: Path, out: Path, overwrite: bool) -> None:
         raise OutputError(f"output {out} exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise OutputError(f"output folder {out} is not empty; pass --overwrite to replace the files export writes "
-                          "(adapter_config.json, adapter_model.safetensors, head.safetensors) or choose an empty folder")
+                          "(adapter_config.json, adapter_model.safetensors, head.safetensors), or choose an empty "
+                          "folder")
 
 
 def main(argv: list[str] | None = None) -> int:

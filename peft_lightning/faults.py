@@ -140,7 +140,7 @@ def restart_validation(fit_loop_state: dict) -> None:
 
 def step_seed(seed: int, epoch: int, batch_idx: int) -> int:
     digest = hashlib.blake2b(f"{seed}/{epoch}/{batch_idx}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # torch seeds are < 2**64
+    return int.from_bytes(digest, "little") >> 1  # a non-negative 63-bit seed
 
 
 class ExactResume(Callback):

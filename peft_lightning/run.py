@@ -267,11 +267,11 @@ def best_checkpoint_callback(trainer) -> ModelCheckpoint | None:
 
 
 def best_record(best_cb: ModelCheckpoint | None) -> dict:
-    """Path, score and epoch of the best checkpoint (the epoch read from the file, with weights_only)."""
+    """Path, score and epoch of the best checkpoint (the epoch read from the file: memory-mapped, weights_only)."""
     if best_cb is None or not best_cb.best_model_path:
         return {"best_checkpoint": ""}
     score = best_cb.best_model_score
-    epoch = torch.load(best_cb.best_model_path, map_location="cpu", weights_only=True).get("epoch")
+    epoch = torch.load(best_cb.best_model_path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
     return {"best_checkpoint": best_cb.best_model_path, "best_score": _to_python(score), "best_epoch": epoch}
 
 

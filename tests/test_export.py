@@ -115,7 +115,8 @@ def test_export_refuses_to_write_into_the_adapter(adapter, tmp_path, capsys, whe
     out = {"same": folder, "inside": folder / "peft", "symlink": tmp_path / "link", "dot": folder / "sub" / ".."}[where]
     assert main([str(folder), str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: output folder {out} is ") and f"adapter folder {folder}" in err[0]
+    assert len(err) == 1 and err[0].startswith(f"error: output folder {out} is ")
+    assert f"adapter folder {folder}: the export would overwrite" in err[0]
     assert _unchanged(folder, files) and not (folder / "peft").exists()
 
 

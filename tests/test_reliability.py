@@ -255,15 +255,15 @@ def test_moved_run_folder_keeps_the_best_model_record(tmp_path):
     for name in ("epoch00-acc0.5234.ckpt", "last.ckpt"):
         (new / name).write_bytes(b"x")
     cb = ModelCheckpoint(dirpath=new, monitor="val/acc", mode="max")
-    old = "/gone/run/checkpoints"
-    state = {"monitor": "val/acc", "best_model_score": torch.tensor(0.5234), "dirpath": old,
-             "best_model_path": f"{old}/epoch00-acc0.5234.ckpt", "kth_best_model_path": f"{old}/epoch00-acc0.5234.ckpt",
-             "best_k_models": {f"{old}/epoch00-acc0.5234.ckpt": torch.tensor(0.5234)}, "kth_value": torch.tensor(0.5234),
+    old, score = "/gone/run/checkpoints", torch.tensor(0.5234)
+    best = f"{old}/epoch00-acc0.5234.ckpt"
+    state = {"monitor": "val/acc", "best_model_score": score, "dirpath": old, "best_model_path": best,
+             "kth_best_model_path": best, "best_k_models": {best: score}, "kth_value": score,
              "last_model_path": f"{old}/last.ckpt", "current_score": torch.tensor(0.5)}
     checkpoint = {"callbacks": {cb.state_key: state}}
     ExactResume(seed=0).on_load_checkpoint(SimpleNamespace(checkpoint_callbacks=[cb]), None, checkpoint)
     cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
-    assert cb.best_model_path == str(new / "epoch00-acc0.5234.ckpt") and cb.best_model_score == state["best_model_score"]
+    assert cb.best_model_path == str(new / "epoch00-acc0.5234.ckpt") and cb.best_model_score == score
     assert list(cb.best_k_models) == [str(new / "epoch00-acc0.5234.ckpt")]
 
 
