@@ -2,13 +2,38 @@
 import os
 import signal
 import sys
+import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # conf/train.yaml adds this folder to Hydra's search path, for sweeps/
 os.environ.setdefault("PEFT_LIGHTNING_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+_STARTED = time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _run_dir(ckpt_path, default: str) -> str:
+    """hydra.run.dir: a resume from `<run>/checkpoints/<name>.ckpt` continues in `<run>`."""
+    if not ckpt_path:
+        return default
+    from peft_lightning.faults import run_folder
+
+    run = run_folder(ckpt_path)
+    return str(run) if run is not None else default
+
+
+def _output_subdir(output_dir: str) -> str:
+    """hydra.output_subdir: `.hydra`, or `.hydra/attempt-<time>` when the folder already holds a
+    run's record (a resume): the original config and overrides are never overwritten."""
+    taken = os.path.isfile(os.path.join(output_dir, ".hydra", "config.yaml"))
+    return f".hydra/attempt-{_STARTED}" if taken else ".hydra"
+
+
+# used by conf/hydra/default.yaml, resolved before main() runs
+OmegaConf.register_new_resolver("resume_run_dir", _run_dir, replace=True)
+OmegaConf.register_new_resolver("attempt_subdir", _output_subdir, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -27,10 +52,11 @@ def main(cfg: DictConfig) -> float | None:
     except UserError as err:  # bad input (config, data, checkpoint, adapter): say what to fix, no traceback
         print(f"{'config error' if isinstance(err, ConfigError) else 'error'}: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except SIGTERMException:  # checkpoint saved and results.json written: exit without a traceback
+    except (SIGTERMException, KeyboardInterrupt) as err:  # results.json written (and a checkpoint, in training)
         from peft_lightning.faults import InterruptCheckpoint
 
-        sys.exit(128 + (signal.SIGINT if InterruptCheckpoint.received == "SIGINT" else signal.SIGTERM))
+        sigint = isinstance(err, KeyboardInterrupt) or InterruptCheckpoint.received == "SIGINT"
+        sys.exit(128 + (signal.SIGINT if sigint else signal.SIGTERM))
     # Returned for Hydra sweepers (Optuna): the metric to optimise.
     return objective(summary["metrics"]["best"], cfg.data)
 

@@ -46,5 +46,10 @@ class AdapterError(UserError, ValueError):
     """An adapter directory (adapter_config.json + safetensors) is missing, damaged or incomplete."""
 
 
+class OutputError(UserError, ValueError):
+    """An output location would destroy something: it is an input (or inside one), or a non-empty
+    folder the user did not allow to be overwritten."""
+
+
 def user_error_message(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"

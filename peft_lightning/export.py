@@ -1,7 +1,7 @@
 """Export an adapter to the HF `peft` format, for people whose serving stack loads `peft`, and
 import peft LoRA / prefix-tuning adapters to continue training or serve them here.
 
-    python -m peft_lightning.export <adapter dir> <out dir>
+    python -m peft_lightning.export <adapter dir> <out dir> [--overwrite]
     module = import_peft("<peft adapter dir>", model={"name_or_path": "roberta-base"}, num_labels=2)
 
 Writes what `peft.PeftModel.from_pretrained(base_model, out_dir)` loads, for the methods with a
@@ -27,7 +27,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from peft_lightning.checkpoint import load_pretrained
-from peft_lightning.errors import AdapterError, UserError
+from peft_lightning.errors import AdapterError, OutputError, UserError
 
 
 def _require_peft():
@@ -133,12 +133,32 @@ def import_peft(directory: str | Path, model: dict | None = None, num_labels: in
     return module.eval()
 
 
+def check_output_folder(adapter: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that would destroy the input or other files: the adapter folder itself
+    or a folder inside it (symlinks resolved: peft's file names are ours, adapter_config.json and
+    adapter_model.safetensors would be overwritten), or a non-empty folder without --overwrite."""
+    source, target = adapter.resolve(), out.resolve()
+    if target == source or source in target.parents:
+        where = "the adapter folder" if target == source else "inside the adapter folder"
+        raise OutputError(f"output folder {out} is {where} {adapter}: the export would overwrite or mix with the "
+                          "adapter's files; choose a folder outside it")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise OutputError(f"output folder {out} is not empty; pass --overwrite to replace the files export writes "
+                          "(adapter_config.json, adapter_model.safetensors, head.safetensors), or choose an empty "
+                          "folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peft_lightning.export", description=__doc__.splitlines()[0])
     parser.add_argument("adapter", type=Path)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty output folder (its files of the same names are replaced)")
     args = parser.parse_args(argv)
     try:
+        check_output_folder(args.adapter, args.out, args.overwrite)  # before anything is loaded or written
         out = export_peft(load_pretrained(args.adapter), args.out)
     except (UserError, ImportError) as err:  # bad input, or peft missing: one line, no traceback
         print(f"error: {err}", file=sys.stderr)

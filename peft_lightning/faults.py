@@ -1,21 +1,50 @@
-"""Nothing is lost: atomic checkpoint writes and a checkpoint on SIGTERM / Ctrl-C."""
+"""Nothing is lost, resumes are exact, checkpoints are loaded safely.
+
+- `AtomicCheckpointIO`: checkpoints are written to a temporary name, fsynced, then renamed.
+- `InterruptCheckpoint`: SIGTERM / Ctrl-C during training stops at a batch boundary and writes
+  `checkpoints/interrupted.ckpt`; stopped inside a validation, the checkpoint re-runs that validation.
+- `ExactResume`: what a resume needs besides Lightning's own state to finish exactly like an
+  uninterrupted run (per-batch dropout seeds, the logged metrics, the best-model record).
+- `interrupt_on_sigterm`: outside the trainer's own handler (setup, between fit and test), a SIGTERM
+  raises at once, so the run still ends with results.json.
+- `check_checkpoint`: a resume checkpoint is loaded with `weights_only=True` (a pickle cannot run code).
+- `FaultInjection`: signals and NaNs on purpose, for the tests.
+"""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import pickle
+import re
 import signal as _signal
 import threading
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from peft_lightning.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
+
+
+def run_folder(ckpt_path) -> Path | None:
+    """The run folder of an existing `<run>/checkpoints/<name>.ckpt` (where every run writes its
+    checkpoints): a resume continues there. None for a checkpoint kept anywhere else."""
+    if not ckpt_path:
+        return None
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file() or path.resolve().parent.name != "checkpoints":
+        return None
+    return path.resolve().parent.parent
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -33,21 +62,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class InterruptCheckpoint(OnExceptionCheckpoint):
-    """On SIGTERM or SIGINT, save `<dirpath>/interrupted.ckpt` (resumable mid-epoch).
+    """On SIGTERM or SIGINT during training, save `<dirpath>/interrupted.ckpt` (resumable mid-epoch).
 
     A first Ctrl-C is handled like SIGTERM: training stops at the next batch boundary, so the
     checkpoint describes a finished step (a KeyboardInterrupt raised mid-step would not); a second
-    Ctrl-C interrupts at once. Other exceptions (a NaN loss, a bug) save nothing here: the last
-    good checkpoints stay as they are.
+    Ctrl-C interrupts at once. Stopped inside a validation, the checkpoint says "this validation has
+    not run" (its partial metrics are not in the checkpoint), so the resume runs all of it. Nothing is
+    saved when the interrupt comes before training started (setup: resume from where you started) or
+    after it ended (test: training is complete in last.ckpt). Other exceptions (a NaN loss, a bug)
+    save nothing here: the last good checkpoints stay as they are.
     """
 
-    received: str | None = None  # name of the signal that stopped training, for the exit code
+    received: str | None = None  # name of the signal that stopped the run, for the exit code
+    saved: str | None = None  # the checkpoint written by the last interrupt, if any
 
     def __init__(self, dirpath: str, filename: str = "interrupted"):
         super().__init__(dirpath=dirpath, filename=filename)
         self._previous_sigint = None
+        self._training_started = False
+        self._saving = False
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._training_started = True
         if threading.current_thread() is not threading.main_thread():
             return
 
@@ -70,26 +106,177 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_sigint()
-        if isinstance(exception, INTERRUPTS):
-            InterruptCheckpoint.received = InterruptCheckpoint.received or (
-                "SIGINT" if isinstance(exception, KeyboardInterrupt) else "SIGTERM")
+        if not isinstance(exception, INTERRUPTS):
+            return
+        InterruptCheckpoint.received = InterruptCheckpoint.received or (
+            "SIGINT" if isinstance(exception, KeyboardInterrupt) else "SIGTERM")
+        if not self._training_started or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._saving = True
+        try:
             super().on_exception(trainer, pl_module, exception)
-            log.warning("interrupted: checkpoint saved to %s; resume with `python train.py ... ckpt_path=%s`",
-                        self.ckpt_path, self.ckpt_path)
+        finally:
+            self._saving = False
+        InterruptCheckpoint.saved = self.ckpt_path
+        log.warning("interrupted: checkpoint saved to %s; resume with `python train.py ... ckpt_path=%s`",
+                    self.ckpt_path, self.ckpt_path)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self._saving and trainer.validating:
+            restart_validation(checkpoint["loops"]["fit_loop"])
+
+
+def restart_validation(fit_loop_state: dict) -> None:
+    """Rewrite the loop state of a checkpoint written inside a validation so that a resume runs the
+    whole validation again: Lightning's own "stopped inside a validation step" state (started one
+    batch, processed none; `_EvaluationLoop.restarted_mid_evaluation`), at the validation's first
+    batch. The batches already validated are forgotten: their metric updates are not in the checkpoint."""
+    progress = fit_loop_state["epoch_loop.val_loop.batch_progress"]
+    done = progress["current"]["completed"]  # batches of this validation that had run
+    for key, before in (("total", progress["total"]["completed"] - done), ("current", 0)):
+        progress[key].update(ready=before + 1, started=before + 1, processed=before, completed=before)
+    progress["is_last_batch"] = False
+
+
+def step_seed(seed: int, epoch: int, batch_idx: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{batch_idx}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # a non-negative 63-bit seed
+
+
+class ExactResume(Callback):
+    """What a resume needs, besides Lightning's loop, optimizer and scheduler state, to finish with
+    exactly the metrics of an uninterrupted run. Added to every run by `run.train`.
+
+    - Dropout seeds: the global torch RNG is reseeded before every training batch from (seed, epoch,
+      batch index). A batch's random numbers then never depend on what this process did before it
+      (a resume, a validation, a data loader drawing a worker seed), which a saved RNG state cannot
+      promise: the draws between the checkpoint and the next batch differ between the two runs.
+    - The metrics logged so far travel in the checkpoint: a run resumed after its training was
+      complete (interrupted in test) reports the same final metrics.
+    - A run folder that was moved keeps its best-model record: ModelCheckpoint forgets it when the
+      checkpoint's `dirpath` is not its own ("dirpath has changed"), so the paths are rebased onto the
+      new folder when the files are there.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._trainer = None
+        self._metrics: dict[str, torch.Tensor] = {}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.manual_seed(step_seed(self.seed, trainer.current_epoch, batch_idx))
+
+    def state_dict(self) -> dict[str, Any]:
+        metrics = self._trainer.callback_metrics if self._trainer is not None else {}
+        return {"callback_metrics": {k: torch.as_tensor(v).detach().cpu() for k, v in metrics.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._metrics = dict(state_dict.get("callback_metrics") or {})
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # (Lightning clears the logged metrics after loading the checkpoint, before this hook)
+        for k, v in self._metrics.items():
+            trainer.callback_metrics.setdefault(k, v)
+        self._metrics = {}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks") or {}
+        for cb in trainer.checkpoint_callbacks:
+            state = states.get(cb.state_key) if isinstance(cb, ModelCheckpoint) else None
+            if state and cb.dirpath and state.get("dirpath") and state["dirpath"] != cb.dirpath:
+                _rebase_checkpoint_state(state, cb.dirpath)
+
+
+def _rebase_checkpoint_state(state: dict, dirpath: str) -> None:
+    """ModelCheckpoint state written in another folder -> the same files in `dirpath`, if they are all there."""
+    old = state["dirpath"]
+
+    def moved(path):
+        if not path or not str(path).startswith(old.rstrip(os.sep) + os.sep):
+            return path
+        return os.path.join(dirpath, os.path.relpath(path, old))
+
+    files = [state.get("best_model_path"), state.get("last_model_path"), *(state.get("best_k_models") or {})]
+    if not all(os.path.isfile(moved(f)) for f in files if f):
+        return  # not the same run's files: let ModelCheckpoint warn and start afresh
+    log.info("checkpoint folder moved from %s to %s: keeping the best-model record", old, dirpath)
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if state.get(key):
+            state[key] = moved(state[key])
+    state["best_k_models"] = {moved(k): v for k, v in (state.get("best_k_models") or {}).items()}
+    state["dirpath"] = dirpath
+
+
+def interrupt_on_sigterm() -> Callable[[], None]:
+    """From now on, a SIGTERM that arrives outside a trainer run (model build, data loading, between
+    fit and test, export) raises SIGTERMException at once, as Ctrl-C raises KeyboardInterrupt: the
+    run ends as `interrupted` with its results.json. During a trainer run Lightning's own handler
+    (which calls this one too) stops at the next batch boundary instead, and this one stands back.
+    Returns the function that puts the previous handler back."""
+    InterruptCheckpoint.received = InterruptCheckpoint.saved = None
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return lambda: None
+
+    def handler(signum, frame):
+        if _signal.getsignal(_signal.SIGTERM) is not handler:
+            return  # called by Lightning's handler during a trainer run
+        InterruptCheckpoint.received = "SIGTERM"
+        raise SIGTERMException
+
+    previous = _signal.signal(_signal.SIGTERM, handler)
+    return lambda: _signal.signal(_signal.SIGTERM, previous)
 
 
 class FaultInjection(Callback):
-    """Deliberate faults for testing recovery (`+callbacks.fault=...` from the command line):
-    send `signal` to this process after `signal_at_step` optimizer steps, or poison a trainable
-    tensor with NaN before step `nan_at_step`."""
+    """Deliberate faults for testing recovery (`+callbacks.fault.<key>=...` on the command line).
 
-    def __init__(self, signal_at_step: int | None = None, signal: str = "SIGTERM", nan_at_step: int | None = None):
+    signal           SIGTERM | SIGINT | SIGKILL, sent to this process where `signal_in` says:
+    signal_in        train:      after optimizer step `signal_at_step`
+                     validation: after batch `signal_at_batch` of the first validation during fit
+                                 at or after step `signal_at_step`
+                     test:       after batch `signal_at_batch` of the test
+                     init:       when this callback is built (model built, before the trainer)
+                     setup:      in the trainer's setup (data just loaded, before fit starts)
+    nan_at_step      poison a trainable tensor with NaN before this optimizer step
+    """
+
+    PHASES = ("train", "validation", "test", "init", "setup")
+
+    def __init__(self, signal_at_step: int | None = None, signal: str = "SIGTERM", nan_at_step: int | None = None,
+                 signal_in: str = "train", signal_at_batch: int = 0):
+        if signal_in not in self.PHASES:
+            raise ValueError(f"FaultInjection: signal_in must be one of {self.PHASES}, got {signal_in!r}")
         self.signal_at_step, self.signal, self.nan_at_step = signal_at_step, signal, nan_at_step
+        self.signal_in, self.signal_at_batch = signal_in, signal_at_batch
+        self._armed = signal_in != "train" or signal_at_step is not None
+        if signal_in == "init":
+            self._send()
+
+    def _send(self) -> None:
+        self._armed = False
+        log.warning("FaultInjection: sending %s (%s)", self.signal, self.signal_in)
+        os.kill(os.getpid(), getattr(_signal, self.signal))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self._armed and self.signal_in == "setup":
+            self._send()
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        if trainer.global_step == self.signal_at_step:
-            self.signal_at_step = None
-            os.kill(os.getpid(), getattr(_signal, self.signal))
+        if self._armed and self.signal_in == "train" and trainer.global_step == self.signal_at_step:
+            self._send()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if (self._armed and self.signal_in == "validation" and trainer.state.fn == TrainerFn.FITTING
+                and not trainer.sanity_checking and trainer.global_step >= (self.signal_at_step or 0)
+                and batch_idx == self.signal_at_batch):
+            self._send()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._armed and self.signal_in == "test" and batch_idx == self.signal_at_batch:
+            self._send()
 
     def on_train_batch_start(self, trainer, pl_module, *args) -> None:
         if trainer.global_step == self.nan_at_step:
@@ -99,14 +286,26 @@ class FaultInjection(Callback):
 
 
 def check_checkpoint(path) -> None:
-    """Fail early and clearly on a missing, truncated or corrupt resume checkpoint."""
-    path = Path(path)
+    """Fail early and clearly on a missing, truncated, corrupt or unsafe resume checkpoint.
+
+    Loaded with `weights_only=True`: tensors and plain containers only, so a crafted pickle cannot
+    run code (our own checkpoints hold nothing else; Lightning loads them the same way, see run.py)."""
+    path = Path(str(path))
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found (ckpt_path)")
+        raise CheckpointError(f"checkpoint {path} not found (ckpt_path)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # (torch warns about the pickle protocol of foreign files)
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # the weights-only unpickler met something else: refuse it
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        raise CheckpointError(
+            f"checkpoint {path} refused: it holds Python objects beyond tensors and plain data"
+            f"{f' ({found.group(1)})' if found else ''}, and loading them could run code; "
+            "resume from a checkpoint this framework wrote"
+        ) from None
     except Exception as err:  # torch raises several types for damaged zip archives
-        raise ValueError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err}); "
-                         "resume from another one, e.g. checkpoints/last.ckpt") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__}); "
+                              "resume from another one, e.g. checkpoints/last.ckpt") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict)")
+        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict)")

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -12,13 +13,16 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from peft_lightning.backbone import BackboneSpec, load_tokenizer
 from peft_lightning.checkpoint import save_pretrained
 from peft_lightning.data import TaskDataModule
-from peft_lightning.faults import INTERRUPTS, AtomicCheckpointIO, check_checkpoint
+from peft_lightning.faults import (INTERRUPTS, AtomicCheckpointIO, ExactResume, InterruptCheckpoint, check_checkpoint,
+                                   interrupt_on_sigterm, run_folder)
 from peft_lightning.loggers import job_overrides, write_json_atomic
 from peft_lightning.methods import method_class
 from peft_lightning.validation import validate_config
@@ -96,7 +100,7 @@ def evaluate_extra_sets(cfg: DictConfig, trainer, module, datamodule, ckpt_path)
                                **{**base, "train_examples": None, **spec, "task": module.task})
         module.test_prefix = f"test_{name}/"
         try:
-            out = trainer.test(module, datamodule=extra, ckpt_path=ckpt_path)
+            out = trainer.test(module, datamodule=extra, ckpt_path=ckpt_path, weights_only=True)
         finally:
             module.test_prefix = "test/"
         results.update({k: _to_python(v) for k, v in (out[0] if out else {}).items()})
@@ -104,24 +108,33 @@ def evaluate_extra_sets(cfg: DictConfig, trainer, module, datamodule, ckpt_path)
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit, test the best-dev checkpoint, export the adapter; results.json is written whatever happens."""
+    """Fit, test the best-dev checkpoint, export the adapter; results.json is written whatever happens
+    (status `running` from the start, so even a SIGKILL leaves a trace)."""
     started = time.time()
-    out_dir = Path(cfg.paths.output_dir)
+    ckpt_path = cfg.get("ckpt_path")
+    out_dir = resume_folder(cfg, ckpt_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"status": "running", "overrides": job_overrides(everything=True), "method": cfg.method.name,
                      "model": cfg.model.name, "data": cfg.data.name, "seed": cfg.seed}
+    summary.update(previous_attempts(out_dir))
     trainer = datamodule = None
+    fit_end = None  # the last checkpoint of a finished fit: a resume from it only tests and exports
     loggers: list = []
     timer = EpochTimer()
+    restore_sigterm = interrupt_on_sigterm()  # until fit installs Lightning's handler, and after
     try:
+        if _rank_zero(trainer):
+            write_json_atomic(out_dir / "results.json", summary)
         validate_config(cfg)  # before any model is loaded
+        if ckpt_path:
+            check_checkpoint(ckpt_path)
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module = build(cfg)
         loggers = [hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values() if c and "_target_" in c]
         callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c and "_target_" in c]
         if not loggers:  # the LR monitor refuses to run without a logger
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-        callbacks.append(timer)
+        callbacks += [timer, ExactResume(cfg.seed)]
         trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
         )
@@ -129,42 +142,52 @@ def train(cfg: DictConfig) -> dict:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         summary["parameters"] = module.parameter_counts()
 
-        ckpt_path = cfg.get("ckpt_path")
-        if ckpt_path:
-            check_checkpoint(ckpt_path)
         if cfg.get("eval_before_training") and not ckpt_path:  # the untrained (zero-shot) baseline
             before = trainer.validate(module, datamodule=datamodule)
             summary["metrics_before_training"] = {k: _to_python(v) for k, v in (before[0] if before else {}).items()}
             module.reset_validation()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        # weights_only: tensors and plain data only, whoever wrote the file (a pickle cannot run code)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if trainer.interrupted:  # Lightning swallowed an interrupt inside a spawned launcher
             raise KeyboardInterrupt
+        fit_end = last_checkpoint(trainer) or ckpt_path  # (before test() loads the callbacks' old state)
+        if trainer.received_sigterm:  # arrived after the last batch: the fit is complete, stop here
+            raise SIGTERMException
         fit_metrics = {k: _to_python(v) for k, v in trainer.callback_metrics.items()}
-        test_metrics = {}
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best_cb = best_checkpoint_callback(trainer)
+        best = best_cb.best_model_path if best_cb else ""
+        summary["metrics"] = {"best": {k: v for k, v in fit_metrics.items() if k.endswith("_best")},
+                              "final": fit_metrics, "test": {}}
+        summary.update(best_record(best_cb))
+        trained = trainer.global_step > 0
+        if not trained:  # trainer.max_epochs=0, max_steps=0, limit_train_batches=0: nothing was learned
+            log.warning("no training step ran (trainer.max_epochs / max_steps / limit_train_batches): status "
+                        "not_trained; the test metrics are the untrained model's and no adapter is written")
         if cfg.get("test", True) and not trainer.fast_dev_run:
-            results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             test_metrics = {k: _to_python(v) for k, v in (results[0] if results else {}).items()}
             test_metrics.update(evaluate_extra_sets(cfg, trainer, module, datamodule, best or None))
-        if trainer.is_global_zero and not trainer.fast_dev_run:
+            summary["metrics"]["test"] = test_metrics
+        if trainer.is_global_zero and not trainer.fast_dev_run and trained:
             # the module holds the best weights after test(ckpt_path=best)
             summary["adapter"] = str(save_pretrained(module, out_dir / "adapter"))
-        summary["metrics"] = {"best": {k: v for k, v in fit_metrics.items() if k.endswith("_best")},
-                              "final": fit_metrics, "test": test_metrics}
-        summary["best_checkpoint"] = best
-        summary["status"] = "completed"
+        summary["status"] = "completed" if trained else "not_trained"
         for lg in loggers:
             if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
-                lg.experiment.summary.update({f"final/{k}": v for k, v in {**fit_metrics, **test_metrics}.items()})
+                final = {**summary["metrics"]["final"], **summary["metrics"]["test"]}
+                lg.experiment.summary.update({f"final/{k}": v for k, v in final.items()})
                 lg.experiment.summary.update({f"params/{k}": v for k, v in summary["parameters"].items()})
         return summary
     except BaseException as err:
         interrupted = isinstance(err, (*INTERRUPTS, SystemExit))
         summary["status"] = "interrupted" if interrupted else "failed"
         summary["error"] = f"{type(err).__name__}: {err}"
-        interrupt_ckpt = out_dir / "checkpoints" / "interrupted.ckpt"
-        if interrupted and interrupt_ckpt.exists():
-            summary["resume_from"] = str(interrupt_ckpt)
+        if interrupted:
+            # the checkpoint this interrupt wrote (in training); else last.ckpt of the finished fit
+            # (in test or export); else the checkpoint this attempt began from (in setup)
+            resume = InterruptCheckpoint.saved or fit_end or ckpt_path
+            if resume:
+                summary["resume_from"] = resume
         log.error("run %s: %s", summary["status"], summary["error"])
         raise
     finally:
@@ -176,13 +199,93 @@ def train(cfg: DictConfig) -> dict:
         summary["wall_time_s"] = time.time() - started
         summary["train_seconds_per_epoch"] = timer.seconds
         summary["peak_memory_mb"] = _peak_memory_mb()
-        if trainer is None or trainer.is_global_zero:
+        if _rank_zero(trainer):
             write_json_atomic(out_dir / "results.json", summary)
             log.info("results: %s", out_dir / "results.json")
         if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
             import wandb
 
             wandb.finish(exit_code=0 if summary["status"] == "completed" else 1)
+        restore_sigterm()
+
+
+# --- resume: same folder, nothing lost, a pointer to where to go on ------------------------------
+def resume_folder(cfg: DictConfig, ckpt_path) -> Path:
+    """This run's output folder. A resume from `<run>/checkpoints/<name>.ckpt` continues in `<run>`,
+    with its checkpoints, best-model record, logs and results.json. train.py already points Hydra
+    there; this covers an explicit `hydra.run.dir` and multirun jobs (their Hydra log and .hydra/
+    stay in the folder Hydra made)."""
+    out_dir = Path(cfg.paths.output_dir)
+    run = run_folder(ckpt_path)
+    if run is None:
+        return out_dir
+    warn_if_settings_differ(cfg, run / ".hydra" / "config.yaml")
+    if run != out_dir.resolve():
+        log.info("resuming in the run's own folder %s (this attempt's Hydra output: %s)", run, out_dir)
+        cfg.paths.output_dir = str(run)
+    return run
+
+
+def warn_if_settings_differ(cfg: DictConfig, original: Path) -> None:
+    """A resume with other settings than the run's own (a forgotten override) is another experiment:
+    say which keys differ (a longer max_epochs may be meant; a changed model or data rarely is)."""
+    if not original.is_file():
+        return
+
+    def leaves(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from leaves(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], node
+
+    ignore = ("ckpt_path", "paths.", "callbacks.fault")  # (where the attempt writes; injected faults)
+    before = dict(leaves(OmegaConf.to_container(OmegaConf.load(original), resolve=False)))
+    now = dict(leaves(OmegaConf.to_container(cfg, resolve=False)))
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys())
+               if before.get(k) != now.get(k) and not k.startswith(ignore)]
+    if changed:
+        log.warning("resuming with settings that differ from the run's own (%s): %s%s", original,
+                    "; ".join(changed[:8]), f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
+
+
+def previous_attempts(out_dir: Path) -> dict:
+    """The results.json already in this folder (an interrupted attempt, before a resume), kept whole
+    under `previous_attempts`, oldest first."""
+    file = out_dir / "results.json"
+    if not file.is_file() or not _rank_zero(None):
+        return {}
+    try:
+        previous = json.loads(file.read_text())
+    except ValueError:  # (a hand-edited or foreign file: keep its text)
+        previous = {"unreadable_results_json": file.read_text()[:10_000]}
+    return {"previous_attempts": [*previous.pop("previous_attempts", []), previous]}
+
+
+def best_checkpoint_callback(trainer) -> ModelCheckpoint | None:
+    """The ModelCheckpoint that selects by the validation metric (not the one that writes last.ckpt)."""
+    found = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    return next((cb for cb in found if cb.monitor), found[0] if found else None)
+
+
+def best_record(best_cb: ModelCheckpoint | None) -> dict:
+    """Path, score and epoch of the best checkpoint (the epoch read from the file: memory-mapped, weights_only)."""
+    if best_cb is None or not best_cb.best_model_path:
+        return {"best_checkpoint": ""}
+    score = best_cb.best_model_score
+    epoch = torch.load(best_cb.best_model_path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+    return {"best_checkpoint": best_cb.best_model_path, "best_score": _to_python(score), "best_epoch": epoch}
+
+
+def last_checkpoint(trainer) -> str | None:
+    """checkpoints/last.ckpt: written by a ModelCheckpoint with save_last, or by one without a monitor (ours)."""
+    savers = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    lasts = [cb.last_model_path for cb in savers] + [cb.best_model_path for cb in savers if not cb.monitor]
+    return next((p for p in lasts if p and Path(p).is_file()), None)
+
+
+def _rank_zero(trainer) -> bool:
+    return trainer.is_global_zero if trainer is not None else rank_zero_only.rank == 0
 
 
 def _peak_memory_mb() -> float:

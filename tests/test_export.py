@@ -90,3 +90,61 @@ def test_import_of_an_adapter_made_by_peft(tmp_path):
         theirs = lora.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         torch.testing.assert_close(ours.run_backbone(batch), theirs, atol=1e-5, rtol=1e-5)
     assert len(ours.lora) == 2 * 3  # query and value in each of the 3 layers
+
+
+# --- the output folder: never the adapter, never a non-empty folder without --overwrite -----------
+@pytest.fixture
+def adapter(tmp_path):
+    from peft_lightning.checkpoint import save_pretrained
+
+    folder = save_pretrained(trained("lora", "bert"), tmp_path / "adapter")
+    return folder, {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _unchanged(folder, files):
+    return {p.name: p.read_bytes() for p in folder.iterdir()} == files
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "symlink", "dot"])
+def test_export_refuses_to_write_into_the_adapter(adapter, tmp_path, capsys, where):
+    from peft_lightning.export import main
+
+    folder, files = adapter
+    if where == "symlink":
+        (tmp_path / "link").symlink_to(folder, target_is_directory=True)
+    out = {"same": folder, "inside": folder / "peft", "symlink": tmp_path / "link", "dot": folder / "sub" / ".."}[where]
+    assert main([str(folder), str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: output folder {out} is ")
+    assert f"adapter folder {folder}: the export would overwrite" in err[0]
+    assert _unchanged(folder, files) and not (folder / "peft").exists()
+
+
+def test_export_never_overwrites_a_non_empty_folder_unasked(adapter, tmp_path, capsys):
+    from peft_lightning.export import main
+
+    folder, _ = adapter
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main([str(folder), str(out)]) == 2
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert main([str(folder), str(out), "--overwrite"]) == 0  # replaces export's own files, keeps the others
+    assert {"adapter_config.json", "adapter_model.safetensors", "notes.txt"} <= {p.name for p in out.iterdir()}
+    assert (out / "notes.txt").read_text() == "mine"
+    assert main([str(folder), str(tmp_path / "new")]) == 0  # a new folder needs no flag
+
+
+def test_export_into_itself_from_the_command_line(adapter):
+    import subprocess
+    import sys
+
+    folder, files = adapter
+    proc = subprocess.run([sys.executable, "-m", "peft_lightning.export", str(folder), str(folder)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: output folder {folder} is the adapter folder {folder}: the export would overwrite or mix with the "
+        "adapter's files; choose a folder outside it"]
+    assert _unchanged(folder, files)

@@ -134,6 +134,24 @@ def straight(tmp_path_factory):
     return results
 
 
+def resume(ckpt: Path, *overrides, timeout=240):
+    """Resume as the README says, with no output folder given: the run goes on in the folder that
+    holds the checkpoint's checkpoints/; (process, that folder's results.json)."""
+    proc = subprocess.run([sys.executable, "train.py", *SMALL, f"ckpt_path={ckpt}", *overrides], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, json.loads((ckpt.parent.parent / "results.json").read_text())
+
+
+def assert_same_run(resumed, straight):
+    """Bit-identical final, best and test metrics, and the same best checkpoint (epoch and score)."""
+    assert resumed["status"] == "completed" and resumed["global_step"] == straight["global_step"] == 24
+    for part in ("final", "best", "test"):
+        assert resumed["metrics"][part] == straight["metrics"][part], part
+    assert (resumed["best_epoch"], resumed["best_score"]) == (straight["best_epoch"], straight["best_score"])
+    assert Path(resumed["best_checkpoint"]).name == Path(straight["best_checkpoint"]).name
+    assert Path(resumed["best_checkpoint"]).is_file()
+
+
 def test_same_seed_same_metrics(straight, tmp_path):
     proc, again = run(tmp_path / "again")
     assert proc.returncode == 0
@@ -143,17 +161,110 @@ def test_same_seed_same_metrics(straight, tmp_path):
 
 @pytest.mark.parametrize("sig,code", [("SIGTERM", 128 + signal.SIGTERM), ("SIGINT", 128 + signal.SIGINT)])
 def test_signal_saves_checkpoint_and_resume_matches_uninterrupted(straight, tmp_path, sig, code):
-    proc, first = run(tmp_path / "first", *fault(signal_at_step=7, signal=sig))  # mid-epoch 0
+    proc, first = run(tmp_path / "run", *fault(signal_at_step=7, signal=sig))  # mid-epoch 0
     assert proc.returncode == code, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert first["status"] == "interrupted" and first["global_step"] == 7
     ckpt = Path(first["resume_from"])
-    assert ckpt.exists()
-    proc, resumed = run(tmp_path / "resumed", f"ckpt_path={ckpt}")
+    assert ckpt == tmp_path / "run" / "checkpoints" / "interrupted.ckpt" and ckpt.exists()
+    proc, resumed = resume(ckpt)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert resumed["global_step"] == straight["global_step"] == 24
-    assert resumed["metrics"]["final"] == straight["metrics"]["final"]
-    assert resumed["metrics"]["test"] == straight["metrics"]["test"]
+    assert_same_run(resumed, straight)
+    # the same folder: the first attempt's results and config are kept, the resume's config beside them
+    assert [a["status"] for a in resumed["previous_attempts"]] == ["interrupted"]
+    assert "ckpt_path" not in (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text()
+    attempts = list((tmp_path / "run" / ".hydra").glob("attempt-*/overrides.yaml"))
+    assert len(attempts) == 1 and f"ckpt_path={ckpt}" in attempts[0].read_text()
+
+
+@pytest.mark.parametrize("step", [24, pytest.param(12, marks=pytest.mark.slow)])  # epoch 1's / epoch 0's validation
+def test_sigterm_during_validation_reruns_that_validation(straight, tmp_path, step):
+    proc, first = run(tmp_path / "run", *fault(signal_in="validation", signal_at_step=step, signal_at_batch=0))
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert first["status"] == "interrupted" and first["global_step"] == step
+    proc, resumed = resume(Path(first["resume_from"]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_run(resumed, straight)
+
+
+def test_sigterm_during_test_resumes_from_the_finished_training(straight, tmp_path):
+    proc, first = run(tmp_path / "run", *fault(signal_in="test", signal_at_batch=0))
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert first["status"] == "interrupted" and first["global_step"] == 24
+    assert first["metrics"]["final"] == straight["metrics"]["final"] and first["metrics"]["test"] == {}
+    # training was complete: nothing new to save, the resume starts from last.ckpt and only tests
+    assert first["resume_from"] == str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert not (tmp_path / "run" / "checkpoints" / "interrupted.ckpt").exists()
+    proc, resumed = resume(Path(first["resume_from"]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_run(resumed, straight)
+
+
+def test_sigkill_then_resume_from_last_checkpoint(straight, tmp_path):
+    proc, first = run(tmp_path / "run", *fault(signal_at_step=17, signal="SIGKILL"))  # epoch 1, after last.ckpt
+    assert proc.returncode == -signal.SIGKILL
+    assert first["status"] == "running"  # all a killed process leaves
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 12
+    # given another output folder, the resume still continues in the run's own folder
+    proc, resumed = resume(last, f"hydra.run.dir={tmp_path / 'elsewhere'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_run(resumed, straight)
+    assert not (tmp_path / "elsewhere" / "results.json").exists()
+
+
+def test_last_checkpoint_is_the_latest_validation(straight):
+    """Lightning 2.6 writes ModelCheckpoint(save_last=True)'s last.ckpt only when a top-k checkpoint is
+    saved: with epoch 0 the best, last.ckpt would stay at step 12. Ours follows every validation."""
+    assert straight["best_epoch"] == 0
+    last = torch.load(Path(straight["best_checkpoint"]).parent / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 24
+
+
+@pytest.mark.parametrize("phase", ["init", "setup"])  # model built / data loaded, before fit starts
+def test_sigterm_during_setup_leaves_results(tmp_path, phase):
+    proc, results = run(tmp_path / "r", *fault(signal_in=phase))
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert results["status"] == "interrupted" and "resume_from" not in results
+    assert not (tmp_path / "r" / "checkpoints" / "interrupted.ckpt").exists()  # nothing trained, nothing saved
+
+
+def test_max_epochs_zero_is_not_reported_as_trained(tmp_path):
+    proc, results = run(tmp_path / "r", "trainer.max_epochs=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no training step ran" in proc.stdout + proc.stderr
+    assert results["status"] == "not_trained" and results["global_step"] == 0
+    assert results["metrics"]["final"] == {} and results["metrics"]["test"]  # the untrained model's test
+    assert "adapter" not in results and not (tmp_path / "r" / "adapter").exists()
+
+
+def test_moved_run_folder_keeps_the_best_model_record(tmp_path):
+    """A checkpoint written in another folder (the run folder was moved): ModelCheckpoint would drop
+    its best-model record ("dirpath has changed"); ExactResume rebases it when the files are there."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from peft_lightning.faults import ExactResume
+
+    new = tmp_path / "moved" / "checkpoints"
+    new.mkdir(parents=True)
+    for name in ("epoch00-acc0.5234.ckpt", "last.ckpt"):
+        (new / name).write_bytes(b"x")
+    cb = ModelCheckpoint(dirpath=new, monitor="val/acc", mode="max")
+    old, score = "/gone/run/checkpoints", torch.tensor(0.5234)
+    best = f"{old}/epoch00-acc0.5234.ckpt"
+    state = {"monitor": "val/acc", "best_model_score": score, "dirpath": old, "best_model_path": best,
+             "kth_best_model_path": best, "best_k_models": {best: score}, "kth_value": score,
+             "last_model_path": f"{old}/last.ckpt", "current_score": torch.tensor(0.5)}
+    checkpoint = {"callbacks": {cb.state_key: state}}
+    ExactResume(seed=0).on_load_checkpoint(SimpleNamespace(checkpoint_callbacks=[cb]), None, checkpoint)
+    cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
+    assert cb.best_model_path == str(new / "epoch00-acc0.5234.ckpt") and cb.best_model_score == score
+    assert list(cb.best_k_models) == [str(new / "epoch00-acc0.5234.ckpt")]
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
@@ -162,7 +273,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     assert "Loss became nan at step 15" in proc.stderr
     assert results["status"] == "failed" and "Loss became nan" in results["error"]
     last = tmp_path / "r" / "checkpoints" / "last.ckpt"
-    state = torch.load(last, weights_only=False)
+    state = torch.load(last, weights_only=True)
     assert state["global_step"] == 12
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
     assert not (tmp_path / "r" / "checkpoints" / "interrupted.ckpt").exists()
@@ -173,15 +284,58 @@ def test_corrupt_checkpoint_gives_clear_error(straight, tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(last.read_bytes()[:1000])
     proc, results = run(tmp_path / "r", f"ckpt_path={bad}")
-    assert proc.returncode != 0
-    assert f"checkpoint {bad} is truncated or corrupt" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: checkpoint {bad} is truncated or corrupt (RuntimeError); "
+                                                "resume from another one, e.g. checkpoints/last.ckpt"]
+    assert results["status"] == "failed"
     proc, _ = run(tmp_path / "r2", f"ckpt_path={tmp_path / 'nope.ckpt'}")
     assert f"checkpoint {tmp_path / 'nope.ckpt'} not found" in proc.stderr
 
 
+class _Payload:
+    """Unpickling this opens (creates) the file: what a crafted checkpoint could do with os.system."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_checkpoint_with_code_is_refused_without_running_it(tmp_path, writer):
+    import pickle
+
+    from peft_lightning.errors import CheckpointError
+    from peft_lightning.faults import check_checkpoint
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "checkpoints" / "evil.ckpt"  # where a run's checkpoints are: resumed in that folder
+    evil.parent.mkdir()
+    payload = {"state_dict": {}, "epoch": 0, "x": _Payload(marker)}
+    if writer == "torch.save":
+        torch.save(payload, evil)
+    else:
+        evil.write_bytes(pickle.dumps(payload))
+    with pytest.raises(CheckpointError, match=rf"checkpoint {evil} refused: it holds Python objects beyond tensors"):
+        check_checkpoint(evil)
+    assert not marker.exists()
+    if writer == "pickle":
+        return  # (one command-line run is enough)
+    proc = subprocess.run([sys.executable, "train.py", *SMALL, f"ckpt_path={evil}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: checkpoint {evil} refused: it holds Python objects beyond tensors and plain data (io.open), and "
+        "loading them could run code; resume from a checkpoint this framework wrote"]
+    assert not marker.exists()
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+
+
 def test_checkpoint_of_another_shape_names_both_shapes(straight, tmp_path):
-    last = Path(straight["best_checkpoint"]).parent / "last.ckpt"
-    proc, _ = run(tmp_path / "r", f"ckpt_path={last}", "method.prefix_length=5")
+    copy = tmp_path / "copied.ckpt"  # (a checkpoint outside a run folder: this run keeps its own folder)
+    copy.write_bytes((Path(straight["best_checkpoint"]).parent / "last.ckpt").read_bytes())
+    proc, _ = run(tmp_path / "r", f"ckpt_path={copy}", "method.prefix_length=5")
     assert proc.returncode != 0
     # tiny-bert: 2 layers x 2 (key, value) x hidden 32 = 128 values per virtual token
     assert "torch.Size([16, 128])" in proc.stderr and "torch.Size([5, 128])" in proc.stderr
@@ -220,3 +374,20 @@ def test_crash_in_one_multirun_job_keeps_the_others(tmp_path):
 
     report = markdown(collect(tmp_path), "t")
     assert "job 0 (callbacks.fault.nan_at_step=3): failed: FloatingPointError: Loss became nan" in report
+
+
+def test_resume_with_other_settings_says_which(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from peft_lightning.run import warn_if_settings_differ
+
+    original = tmp_path / ".hydra" / "config.yaml"
+    original.parent.mkdir()
+    cfg = compose_cfg(["model=tiny-bert", "+callbacks.fault._target_=x"])
+    original.write_text(OmegaConf.to_yaml(cfg))
+    resumed = compose_cfg(["model=tiny-bert", "ckpt_path=/r/checkpoints/last.ckpt"])  # the same run: quiet
+    with caplog.at_level("WARNING"):
+        warn_if_settings_differ(resumed, original)
+        assert not caplog.records
+        warn_if_settings_differ(compose_cfg(["model=tiny-bert", "trainer.max_epochs=5", "data.batch_size=4"]), original)
+    assert caplog.records[0].getMessage().endswith("data.batch_size: 32 -> 4; trainer.max_epochs: 3 -> 5")

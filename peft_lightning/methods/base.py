@@ -340,10 +340,9 @@ class PeftClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        # dropout masks come from the global RNG: a resumed run must continue the same stream
-        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+        # the best validation value so far (val/<metric>_best): metric states are not in state_dict,
+        # and a resumed run must compare its next validations with the epochs before the interrupt
+        checkpoint["val_best"] = self.val_best.max_value.detach().cpu() if self.val_best.update_called else None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"]))
@@ -352,13 +351,6 @@ class PeftClassifier(L.LightningModule):
                 f"Checkpoint lacks trainable tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
                 "it was saved by another method or configuration."
             )
-        self._resume_rng_state = checkpoint.get("rng_state")
-
-    def on_train_start(self) -> None:
-        # restored here, after Lightning's own setup has drawn whatever random numbers it needs
-        state = getattr(self, "_resume_rng_state", None)
-        if state:
-            torch.set_rng_state(state["torch"])
-            if "cuda" in state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda"])
-            self._resume_rng_state = None
+        self.val_best.reset()
+        if checkpoint.get("val_best") is not None:
+            self.val_best.update(checkpoint["val_best"].to(self.val_best.max_value.device))
