@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from peft_lightning.errors import AdapterError
+from peft_lightning.schema import own_method_keys
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -36,7 +37,7 @@ def save_pretrained(module, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors, method = module.export_state()
     config = {k: module.hparams.get(k) for k in ("model", "num_labels", "labels", "task")}
-    config["method"] = method
+    config["method"] = own_method_keys(method)  # (read back strictly by read_config)
     _atomic_save(tensors, directory / WEIGHTS)
     if module.hparams.model.get("config") is not None:
         tmp = directory / (BACKBONE + ".tmp")

@@ -126,6 +126,23 @@ def check_keys(cfg: dict) -> None:
     _check({k: v for k, v in cfg.items() if k != "hydra"}, TOP, "")
 
 
+def own_method_keys(method: dict) -> dict:
+    """`method` without the keys its method does not read (knobs of other methods a Python caller
+    passed along): what an adapter saves, so that its config passes `check_method` on reload."""
+    keys = method_schema(method)
+    return {k: v for k, v in method.items() if k in keys}
+
+
+def check_method_keys_exist(method: dict) -> None:
+    """A method config built in Python (not composed by Hydra): a key that NO method reads is a
+    typo that would be silently ignored (`prefix_lenght`); knobs of other methods are tolerated,
+    as shared dicts of knobs are common in scripts."""
+    known = set(_SHARED).union(*METHOD_KEYS.values())
+    for key in method:
+        if key not in known:
+            raise ConfigError(f"unknown key method.{key}{_hint(key, known, 'method')}")
+
+
 def check_method(method: dict) -> None:
     """A method config alone (an adapter's adapter_config.json holds one): unknown keys are errors."""
     _check(method, method_schema, "method")

@@ -106,3 +106,21 @@ def test_clis_print_one_line_and_exit_2(adapter, tmp_path, capsys, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert re.search(message, err[0]), err
+
+
+def test_a_misspelt_knob_in_python_is_refused_and_other_methods_knobs_are_not_saved(tmp_path):
+    """Built in Python (no Hydra schema): a key no method reads is a typo and an error; knobs of
+    other methods (a shared dict of knobs) are tolerated but not written into the adapter, whose
+    config is read back strictly."""
+    from peft_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown key method.prefix_lenght \(did you mean method.prefix_length\?\)"):
+        METHODS["ptuning_v2"](model=tiny_model("bert"), method=dict(name="ptuning_v2", prefix_lenght=3), num_labels=2)
+    m = METHODS["lora"](model=tiny_model("bert"), method=dict(name="lora", r=2, prefix_length=3, bottleneck=4),
+                        num_labels=2)
+    folder = save_pretrained(m, tmp_path / "adapter")
+    saved = json.loads((folder / CONFIG).read_text())["method"]
+    assert saved["r"] == 2 and "prefix_length" not in saved and "bottleneck" not in saved
+    batch = make_batch(length=8)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(folder)(batch), m.eval()(batch), atol=0, rtol=0)

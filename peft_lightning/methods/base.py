@@ -19,6 +19,7 @@ from peft_lightning.backbone import (BackboneSpec, checkpointing, count_paramete
                                      load_tokenizer)
 from peft_lightning.injection.architectures import ARCHITECTURES
 from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState
+from peft_lightning.schema import check_method_keys_exist
 from peft_lightning.tasks import Classification, make_task
 from peft_lightning.tasks.heads import HEAD_TYPES, Verbalizer
 
@@ -29,6 +30,7 @@ class PeftClassifier(L.LightningModule):
     def __init__(self, model: dict, method: dict, num_labels: int, labels: list[str] | None = None,
                  task: dict | None = None):
         super().__init__()
+        check_method_keys_exist(method)  # a misspelt knob must not be silently ignored
         self.save_hyperparameters()
         self.method_cfg = dict(method)
         head = method.get("head", {})
