@@ -1,0 +1,135 @@
+"""Hub model families offline: a folder shaped like the hub repository (config.json as the hub writes it,
+random weights in model.safetensors, a tokenizer made here with a tiny vocabulary), loaded through the
+ordinary from_pretrained(folder) path, and every method trains a step on it.
+
+Llama-3-style: grouped-query attention, an explicit head_dim (not hidden / heads), "llama3" RoPE scaling
+in the hub's legacy `rope_scaling` key, untied embeddings (Llama-3.1-8B), no pad token.
+Qwen2-style (Qwen2.5-0.5B): grouped-query attention, q/k/v biases, tied embeddings, a sliding-window
+config that is off, yarn RoPE scaling in the older `type` spelling, pad = <|endoftext|>, no bos.
+"""
+import json
+
+import pytest
+import torch
+from conftest import train_steps
+from test_matrix import method_cfg
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from peft_lightning.backbone import BackboneSpec, attention_geometry, load_tokenizer
+from peft_lightning.methods import METHODS
+
+CORPUS = ["the movie was great", "a terrible film", "i loved it", "boring and slow", "what a fine cast"]
+TEXTS = ["the movie was great fun", "slow", "a fine film, i loved it"]
+P = 4
+
+LLAMA3 = {  # meta-llama/Llama-3.1-8B's config.json, shrunk
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 0, "eos_token_id": 1, "head_dim": 16, "hidden_act": "silu", "hidden_size": 32,
+    "initializer_range": 0.02, "intermediate_size": 37, "max_position_embeddings": 64, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 16, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 320,
+}
+QWEN2 = {  # Qwen/Qwen2.5-0.5B's config.json, shrunk (plus the yarn scaling its model card adds for long inputs)
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 0,
+    "hidden_act": "silu", "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 37,
+    "max_position_embeddings": 64, "max_window_layers": 2, "model_type": "qwen2", "num_attention_heads": 4,
+    "num_hidden_layers": 2, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "rope_scaling": {"factor": 4.0, "original_max_position_embeddings": 16, "type": "yarn"},
+    "sliding_window": 64, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "transformers_version": "4.40.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 320,
+}
+FAMILIES = {
+    "llama3": (LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
+               {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+                "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 131072,
+                "clean_up_tokenization_spaces": True}),
+    "qwen2": (QWEN2, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+              {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+               "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 131072, "errors": "replace",
+               "add_prefix_space": False, "clean_up_tokenization_spaces": False}),
+}
+
+
+def hub_folder(root, family):
+    """config.json, model.safetensors, tokenizer.json (+ vocab.json / merges.txt), tokenizer_config.json."""
+    config, special, tok_config = FAMILIES[family]
+    folder = root / family
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    model.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))  # the hub's spelling, not the re-serialised one
+    tok = Tokenizer(models.BPE())  # byte-level BPE, as both families ship
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    if family == "llama3":  # Llama 3 prepends <|begin_of_text|>
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{special[0]} $A", pair=f"{special[0]} $A {special[0]} $B:1",
+            special_tokens=[(special[0], tok.token_to_id(special[0]))])
+    tok.save(str(folder / "tokenizer.json"))
+    tok.model.save(str(folder))  # vocab.json, merges.txt
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    return {family: hub_folder(root, family) for family in FAMILIES}
+
+
+def batch_for(folder):
+    tokenizer = load_tokenizer(BackboneSpec(name_or_path=str(folder)))
+    if tokenizer.pad_token is None:  # as the data module does (Llama 3 has none)
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor([1, 0, 1])}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hub_shaped_folder_loads_as_the_hub_model(family, folders):
+    folder = folders[family]
+    tokenizer = load_tokenizer(BackboneSpec(name_or_path=str(folder)))
+    ids = tokenizer("the movie")["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "the movie"
+    if family == "llama3":
+        assert ids[0] == tokenizer.convert_tokens_to_ids("<|begin_of_text|>") and tokenizer.pad_token is None
+    else:
+        assert tokenizer.bos_token is None and tokenizer.pad_token == "<|endoftext|>"
+    config = AutoConfig.from_pretrained(folder)
+    rope = getattr(config, "rope_parameters", None) or config.rope_scaling
+    assert rope["rope_type"] == ("llama3" if family == "llama3" else "yarn") and rope["factor"] > 1
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert tied == FAMILIES[family][0]["tie_word_embeddings"]
+    if family == "qwen2":
+        assert model.model.layers[0].self_attn.k_proj.bias is not None
+
+
+CASES = [(f, m) for f in FAMILIES for m in METHODS if not (f == "llama3" and m == "bitfit")]  # Llama: no biases
+
+
+@pytest.mark.parametrize("family,name", CASES)
+def test_every_method_trains_a_step_on_the_hub_family(family, name, folders):
+    folder = folders[family]
+    m = METHODS[name](model={"name_or_path": str(folder), "attn_implementation": "sdpa"},
+                      method=method_cfg(name), num_labels=2)
+    if getattr(m, "prefix", None) is not None:  # prefixes sized from num_key_value_heads and head_dim
+        _, kv_heads, head_dim = attention_geometry(m.backbone.config)
+        assert (kv_heads, head_dim) == ((2, 16) if family == "llama3" else (2, 8))
+        state = m.prefix(1)
+        assert {tuple(k.shape) for k in state.keys.values()} == {(1, kv_heads, P, head_dim)}
+    before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+    losses = train_steps(m, [batch_for(folder)], 1)
+    assert torch.isfinite(torch.tensor(losses)).all()
+    moved = [n for n, p in m.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert set(moved) == set(before), f"did not train: {sorted(set(before) - set(moved))}"
