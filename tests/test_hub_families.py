@@ -6,7 +6,13 @@ Llama-3-style: grouped-query attention, an explicit head_dim (not hidden / heads
 in the hub's legacy `rope_scaling` key, untied embeddings (Llama-3.1-8B), no pad token.
 Qwen2-style (Qwen2.5-0.5B): grouped-query attention, q/k/v biases, tied embeddings, a sliding-window
 config that is off, yarn RoPE scaling in the older `type` spelling, pad = <|endoftext|>, no bos.
+T5 (t5-base): SentencePiece `spiece.model` (trained here) + 100 sentinel tokens, relative position buckets.
+DeBERTa-v3 (deberta-v3-base): SentencePiece `spm.model` with [PAD] [CLS] [SEP] [UNK] [MASK], a tokenizer_config
+with nothing but `vocab_type: spm` (the class comes from config.json), `pos_att_type: "p2c|c2p"` as a string,
+no absolute positions (`position_biased_input: false`), shared attention keys. Both SentencePiece tokenizers
+need `sentencepiece` and `protobuf` (declared in pyproject.toml).
 """
+import io
 import json
 
 import pytest
@@ -14,7 +20,8 @@ import torch
 from conftest import train_steps
 from test_matrix import method_cfg
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModelForCausalLM
+import sentencepiece as spm
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from peft_lightning.backbone import BackboneSpec, attention_geometry, load_tokenizer
 from peft_lightning.methods import METHODS
@@ -43,6 +50,37 @@ QWEN2 = {  # Qwen/Qwen2.5-0.5B's config.json, shrunk (plus the yarn scaling its 
     "sliding_window": 64, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
     "transformers_version": "4.40.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 320,
 }
+T5 = {  # google-t5/t5-base's config.json, shrunk
+    "architectures": ["T5ForConditionalGeneration"], "d_ff": 37, "d_kv": 8, "d_model": 32, "decoder_start_token_id": 0,
+    "dropout_rate": 0.0, "eos_token_id": 1, "initializer_factor": 1.0, "is_encoder_decoder": True,
+    "layer_norm_epsilon": 1e-06, "model_type": "t5", "n_positions": 512, "num_heads": 4, "num_layers": 2,
+    "output_past": True, "pad_token_id": 0, "relative_attention_num_buckets": 8, "vocab_size": 160,
+}
+DEBERTA_V3 = {  # microsoft/deberta-v3-base's config.json, shrunk
+    "model_type": "deberta-v2", "attention_probs_dropout_prob": 0.0, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+    "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 37, "max_position_embeddings": 64,
+    "relative_attention": True, "position_buckets": 8, "norm_rel_ebd": "layer_norm", "share_att_key": True,
+    "pos_att_type": "p2c|c2p", "layer_norm_eps": 1e-7, "max_relative_positions": -1, "position_biased_input": False,
+    "num_attention_heads": 4, "num_hidden_layers": 2, "type_vocab_size": 0, "vocab_size": 64,
+}
+
+
+def sentencepiece_model(path, **ids):
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 20), model_writer=buf, vocab_size=60,
+                                   model_type="unigram", character_coverage=1.0, hard_vocab_limit=False,
+                                   minloglevel=2, **ids)
+    path.write_bytes(buf.getvalue())
+
+
+SPM = {
+    "t5": ("spiece.model", dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1),
+           {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+            "extra_ids": 100, "model_max_length": 512}),
+    "deberta-v3": ("spm.model", dict(pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]",
+                                     eos_piece="[SEP]", unk_piece="[UNK]", user_defined_symbols=["[MASK]"]),
+                   {"do_lower_case": False, "vocab_type": "spm"}),
+}
 FAMILIES = {
     "llama3": (LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
                {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
@@ -52,7 +90,11 @@ FAMILIES = {
               {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
                "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 131072, "errors": "replace",
                "add_prefix_space": False, "clean_up_tokenization_spaces": False}),
+    "t5": (T5, None, None),
+    "deberta-v3": (DEBERTA_V3, None, None),
 }
+ATTN = {"deberta-v3": "eager"}  # (DeBERTa's attention has no SDPA path)
+NO_BIASES = {"llama3", "t5"}
 
 
 def hub_folder(root, family):
@@ -62,9 +104,14 @@ def hub_folder(root, family):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    model.save_pretrained(folder)
+    model_class = AutoModelForCausalLM if family in ("llama3", "qwen2") else AutoModel
+    model_class.from_config(AutoConfig.from_pretrained(folder)).save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps(config, indent=2))  # the hub's spelling, not the re-serialised one
+    if family in SPM:
+        name, ids, tok_config = SPM[family]
+        sentencepiece_model(folder / name, **ids)
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+        return folder
     tok = Tokenizer(models.BPE())  # byte-level BPE, as both families ship
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -101,6 +148,15 @@ def test_hub_shaped_folder_loads_as_the_hub_model(family, folders):
     tokenizer = load_tokenizer(BackboneSpec(name_or_path=str(folder)))
     ids = tokenizer("the movie")["input_ids"]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "the movie"
+    assert max(ids) < FAMILIES[family][0]["vocab_size"]
+    if family == "t5":
+        assert ids[-1] == 1 and tokenizer.convert_tokens_to_ids("<extra_id_0>") > 2  # </s>; sentinels
+        return
+    if family == "deberta-v3":
+        assert (ids[0], ids[-1], tokenizer.pad_token_id) == (1, 2, 0) and tokenizer.mask_token == "[MASK]"
+        config = AutoConfig.from_pretrained(folder)
+        assert config.pos_att_type == ["p2c", "c2p"] and not config.position_biased_input
+        return
     if family == "llama3":
         assert ids[0] == tokenizer.convert_tokens_to_ids("<|begin_of_text|>") and tokenizer.pad_token is None
     else:
@@ -115,17 +171,17 @@ def test_hub_shaped_folder_loads_as_the_hub_model(family, folders):
         assert model.model.layers[0].self_attn.k_proj.bias is not None
 
 
-CASES = [(f, m) for f in FAMILIES for m in METHODS if not (f == "llama3" and m == "bitfit")]  # Llama: no biases
+CASES = [(f, m) for f in FAMILIES for m in METHODS if not (f in NO_BIASES and m == "bitfit")]
 
 
 @pytest.mark.parametrize("family,name", CASES)
 def test_every_method_trains_a_step_on_the_hub_family(family, name, folders):
     folder = folders[family]
-    m = METHODS[name](model={"name_or_path": str(folder), "attn_implementation": "sdpa"},
+    m = METHODS[name](model={"name_or_path": str(folder), "attn_implementation": ATTN.get(family, "sdpa")},
                       method=method_cfg(name), num_labels=2)
     if getattr(m, "prefix", None) is not None:  # prefixes sized from num_key_value_heads and head_dim
         _, kv_heads, head_dim = attention_geometry(m.backbone.config)
-        assert (kv_heads, head_dim) == ((2, 16) if family == "llama3" else (2, 8))
+        assert (kv_heads, head_dim) == {"llama3": (2, 16), "qwen2": (2, 8)}.get(family, (4, 8))
         state = m.prefix(1)
         assert {tuple(k.shape) for k in state.keys.values()} == {(1, kv_heads, P, head_dim)}
     before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
