@@ -11,6 +11,7 @@ DeBERTa-v3 (deberta-v3-base): SentencePiece `spm.model` with [PAD] [CLS] [SEP] [
 with nothing but `vocab_type: spm` (the class comes from config.json), `pos_att_type: "p2c|c2p"` as a string,
 no absolute positions (`position_biased_input: false`), shared attention keys. Both SentencePiece tokenizers
 need `sentencepiece` and `protobuf` (declared in pyproject.toml).
+BERT (WordPiece vocab.txt), GPT-2, RoBERTa and BART (byte-level BPE vocab.json + merges.txt).
 """
 import io
 import json
@@ -93,6 +94,43 @@ FAMILIES = {
     "t5": (T5, None, None),
     "deberta-v3": (DEBERTA_V3, None, None),
 }
+# the older families, as their hub repositories ship them: BERT a WordPiece vocab.txt; GPT-2, RoBERTa and
+# BART a byte-level BPE vocab.json + merges.txt (no tokenizer.json here: transformers builds it from them)
+BERT = {  # google-bert/bert-base-uncased
+    "architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.0, "gradient_checkpointing": False,
+    "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "hidden_size": 32, "initializer_range": 0.02,
+    "intermediate_size": 37, "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert",
+    "num_attention_heads": 4, "num_hidden_layers": 2, "pad_token_id": 0, "position_embedding_type": "absolute",
+    "transformers_version": "4.6.0.dev0", "type_vocab_size": 2, "use_cache": True, "vocab_size": 200,
+}
+ROBERTA = {  # FacebookAI/roberta-base
+    "architectures": ["RobertaForMaskedLM"], "attention_probs_dropout_prob": 0.0, "bos_token_id": 0, "eos_token_id": 2,
+    "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "hidden_size": 32, "initializer_range": 0.02,
+    "intermediate_size": 37, "layer_norm_eps": 1e-05, "max_position_embeddings": 66, "model_type": "roberta",
+    "num_attention_heads": 4, "num_hidden_layers": 2, "pad_token_id": 1, "type_vocab_size": 1, "vocab_size": 320,
+}
+GPT2 = {  # openai-community/gpt2
+    "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.0, "bos_token_id": 299,
+    "embd_pdrop": 0.0, "eos_token_id": 299, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
+    "model_type": "gpt2", "n_ctx": 64, "n_embd": 32, "n_head": 4, "n_layer": 2, "n_positions": 64,
+    "resid_pdrop": 0.0, "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
+    "summary_type": "cls_index", "summary_use_proj": True, "vocab_size": 320,
+}
+BART = {  # facebook/bart-base
+    "activation_dropout": 0.0, "activation_function": "gelu", "add_bias_logits": False, "add_final_layer_norm": False,
+    "architectures": ["BartModel"], "attention_dropout": 0.0, "bos_token_id": 0, "d_model": 32,
+    "decoder_attention_heads": 4, "decoder_ffn_dim": 37, "decoder_layers": 2, "decoder_start_token_id": 2,
+    "dropout": 0.0, "encoder_attention_heads": 4, "encoder_ffn_dim": 37, "encoder_layers": 2, "eos_token_id": 2,
+    "forced_bos_token_id": 0, "forced_eos_token_id": 2, "init_std": 0.02, "is_encoder_decoder": True,
+    "max_position_embeddings": 64, "model_type": "bart", "normalize_before": False, "normalize_embedding": True,
+    "num_hidden_layers": 2, "pad_token_id": 1, "scale_embedding": False, "vocab_size": 320,
+}
+FILES = {  # family: (config, special tokens in front, special tokens at the end)
+    "roberta": (ROBERTA, ["<s>", "<pad>", "</s>", "<unk>"], ["<mask>"]),
+    "bart": (BART, ["<s>", "<pad>", "</s>", "<unk>"], ["<mask>"]),
+    "gpt2": (GPT2, [], ["<|endoftext|>"]),
+}
+FAMILIES.update({"bert": (BERT, None, None), **{f: (c, None, None) for f, (c, _, _) in FILES.items()}})
 ATTN = {"deberta-v3": "eager"}  # (DeBERTa's attention has no SDPA path)
 NO_BIASES = {"llama3", "t5"}
 
@@ -107,6 +145,25 @@ def hub_folder(root, family):
     model_class = AutoModelForCausalLM if family in ("llama3", "qwen2") else AutoModel
     model_class.from_config(AutoConfig.from_pretrained(folder)).save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps(config, indent=2))  # the hub's spelling, not the re-serialised one
+    if family == "bert":
+        words = sorted({w for line in CORPUS for w in line.split()})
+        chars = sorted({c for line in CORPUS for c in line if c != " "})
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *[f"##{c}" for c in chars], *words]
+        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 512}))
+        return folder
+    if family in FILES:
+        _, front, end = FILES[family]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+            vocab_size=300 - len(end), special_tokens=front, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False))
+        tok.model.save(str(folder))
+        vocab = json.loads((folder / "vocab.json").read_text())
+        vocab.update({t: len(vocab) + i for i, t in enumerate(end)})  # <mask> / <|endoftext|> come last
+        (folder / "vocab.json").write_text(json.dumps(vocab))
+        return folder
     if family in SPM:
         name, ids, tok_config = SPM[family]
         sentencepiece_model(folder / name, **ids)
@@ -149,6 +206,12 @@ def test_hub_shaped_folder_loads_as_the_hub_model(family, folders):
     ids = tokenizer("the movie")["input_ids"]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "the movie"
     assert max(ids) < FAMILIES[family][0]["vocab_size"]
+    if family in ("bert", "roberta", "bart"):  # [CLS] ... [SEP] / <s> ... </s>
+        assert (ids[0], ids[-1]) == ((2, 3) if family == "bert" else (0, 2))
+        return
+    if family == "gpt2":
+        assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.eos_token_id == GPT2["eos_token_id"]
+        return
     if family == "t5":
         assert ids[-1] == 1 and tokenizer.convert_tokens_to_ids("<extra_id_0>") > 2  # </s>; sentinels
         return
