@@ -125,8 +125,7 @@ def check_model_kernels(model, slot_modules, patched: bool) -> None:
         check_parameters(f"{cls.__module__}.{cls.__name__}.forward", cls.forward,
                          ("self", "hidden_states", "attention_mask", "output_attentions", "query_states",
                           "relative_pos", "rel_embeddings"))
-        for name in ("scaled_size_sqrt",):
-            _lookup(cls.__module__, name)
+        _lookup(cls.__module__, "scaled_size_sqrt")
         for attr in ("transpose_for_scores", "disentangled_attention_bias"):
             if not callable(getattr(cls, attr, None)):
                 raise ImportError(f"transformers {transformers.__version__}: {cls.__module__}.{cls.__name__} has no "
