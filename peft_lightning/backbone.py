@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
@@ -72,7 +73,10 @@ def load_backbone(spec: BackboneSpec, model_class=AutoModel, config: PretrainedC
         extra = {"gguf_file": gguf} if gguf else {}
         if config is not None:
             extra["config"] = config
-        model = model_class.from_pretrained(path, attn_implementation=spec.attn_implementation, **extra)
+        # float32 whatever config.json says: transformers 5 loads a hub config's `torch_dtype` (bfloat16 for
+        # Llama 3, Qwen2.5), and the method's own modules are float32; bf16 training is Lightning's autocast
+        model = model_class.from_pretrained(path, attn_implementation=spec.attn_implementation, dtype=torch.float32,
+                                            **extra)
     model.requires_grad_(False)
     return model
 

@@ -127,7 +127,7 @@ def test_bitfit_on_a_backbone_without_biases_says_so(arch):
 
 def test_unsupported_architecture_names_the_supported_ones():
     cfg = dict(model_type="distilbert", vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37)
-    with pytest.raises(ValueError, match="Supported: bart, bert, deberta-v2, gpt2, llama, roberta, t5"):
+    with pytest.raises(ValueError, match="Supported: bart, bert, deberta-v2, gpt2, llama, qwen2, roberta, t5"):
         METHODS["ptuning_v2"](model={"config": cfg}, method=method_cfg("ptuning_v2"), num_labels=2)
 
 

@@ -42,7 +42,7 @@ def fault(**kw):
     (["method.depth=[0,7]"], r"layer index \[7\] out of range: model=minilm has layers 0..5"),
     (["model=tiny-bert", "model.config.model_type=distilbert"],
      r"does not support model=tiny-bert \(architecture 'distilbert'\); supported architectures: \['bart', 'bert', "
-     r"'deberta-v2', 'gpt2', 'llama', 'roberta', 't5'\]"),
+     r"'deberta-v2', 'gpt2', 'llama', 'qwen2', 'roberta', 't5'\]"),
     (["method=adapter", "method.style=serial"], r"method.style must be one of \('houlsby', 'pfeiffer'\), got 'serial'"),
     (["method=lora", "method.r=0"], "method.r must be a positive integer, got 0"),
     (["++method.head.type=mlp"], r"method.head.type must be one of \('linear', 'verbalizer'\), got 'mlp'"),

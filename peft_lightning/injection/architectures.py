@@ -59,6 +59,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         {"attention": r"self_attn\.o_proj$", "ffn": r"mlp\.down_proj$"},
         (r"q_proj$", r"v_proj$"),
     ),
+    "qwen2": Architecture(  # Llama's layout, with q/k/v biases (and an optional sliding window, off by default)
+        "decoder", ("Qwen2Attention",), None,
+        {"attention": r"self_attn\.o_proj$", "ffn": r"mlp\.down_proj$"},
+        (r"q_proj$", r"v_proj$"),
+    ),
     "t5": Architecture(
         "encoder-decoder", ("T5Attention",), "encoder.embed_tokens",
         {"attention": r"(SelfAttention|EncDecAttention)\.o$", "ffn": r"DenseReluDense\.wo$"},

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from peft_lightning import compat  # first: checks transformers' version and the internals imported below
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
@@ -74,6 +76,7 @@ def install_prefix_attention(model: PreTrainedModel) -> list[AttentionSlot]:
     for i, (_, module) in enumerate(slots):
         setattr(module, SLOT_ATTR, i)
     model._peft_prefix_installed = True
+    compat.check_installed(model, [m for _, m in slots])  # loud, not "no prefix applied", if internals changed
     return [s for s, _ in slots]
 
 
