@@ -28,7 +28,8 @@ import torch
 import transformers
 from packaging.version import Version
 
-# (lowest release, newest release) the tests pass on; patch releases of the newest count as tested
+# (lowest release, newest release) declared; patch releases of the newest count as tested. The newest is
+# the one the suite runs on; the lower bound is not yet verified by a CI job (issue 17, item 1)
 TESTED_TRANSFORMERS = ("5.0", "5.24")
 
 
@@ -37,9 +38,15 @@ def pin() -> str:
     return f'pip install "transformers>={low},<={high}"'
 
 
+def _installed() -> str:
+    """The transformers version, read from the module as imported now (sys.modules may hold a
+    newer module object than the one this file saw at import)."""
+    return sys.modules["transformers"].__version__
+
+
 def check_transformers_version(version: str | None = None) -> None:
     """ImportError below the tested range, a warning above it."""
-    version = version or transformers.__version__
+    version = version or _installed()
     low, high = (Version(v) for v in TESTED_TRANSFORMERS)
     have = Version(version)
     tested = f"tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}"
@@ -71,7 +78,7 @@ def check_parameters(symbol: str, fn, expected: tuple[str, ...], keywords: tuple
     found = "unknown" if params is None else f"({', '.join(p.name for p in params)})"
     want = ", ".join(expected) + (f"; accepting {', '.join(keywords)}" if keywords else "")
     raise ImportError(
-        f"transformers {transformers.__version__} changed {symbol}, which the prefix mechanism wraps: expected "
+        f"transformers {_installed()} changed {symbol}, which the prefix mechanism wraps: expected "
         f"parameters ({want}), found {found}. Use a tested release: {pin()}"
     )
 
@@ -81,7 +88,7 @@ def _lookup(module: str, name: str):
         return getattr(__import__(module, fromlist=[name]), name)
     except (ImportError, AttributeError):
         raise ImportError(
-            f"transformers {transformers.__version__} has no {module}.{name}, which the prefix mechanism uses. "
+            f"transformers {_installed()} has no {module}.{name}, which the prefix mechanism uses. "
             f"Use a tested release: {pin()}"
         ) from None
 
@@ -98,7 +105,7 @@ def check_transformers() -> None:
     for registry in ("transformers.AttentionInterface", f"{mu}.ALL_MASK_ATTENTION_FUNCTIONS"):
         module, _, name = registry.rpartition(".")
         if not callable(getattr(_lookup(module, name), "register", None)):
-            raise ImportError(f"transformers {transformers.__version__}: {registry} has no register(); "
+            raise ImportError(f"transformers {_installed()}: {registry} has no register(); "
                               f"use a tested release: {pin()}")
     # our implementations alias the stock masks: that is only right while the stock kernels use them
     masks = _lookup(mu, "ALL_MASK_ATTENTION_FUNCTIONS")
@@ -107,10 +114,10 @@ def check_transformers() -> None:
         mask_fn = _lookup(mu, f"{impl}_mask")
         check_parameters(f"{mu}.{impl}_mask", mask_fn, ("batch_size", "q_length", "kv_length"), ("attention_mask",))
         if masks.get(impl) is not mask_fn:
-            raise ImportError(f"transformers {transformers.__version__} no longer builds '{impl}' masks with "
+            raise ImportError(f"transformers {_installed()} no longer builds '{impl}' masks with "
                               f"{mu}.{impl}_mask; use a tested release: {pin()}")
     if kernels.get("sdpa") is not sdpa:
-        raise ImportError(f"transformers {transformers.__version__}: the 'sdpa' attention kernel is no longer "
+        raise ImportError(f"transformers {_installed()}: the 'sdpa' attention kernel is no longer "
                           f"sdpa_attention_forward; use a tested release: {pin()}")
 
 
@@ -128,7 +135,7 @@ def check_model_kernels(model, slot_modules, patched: bool) -> None:
         _lookup(cls.__module__, "scaled_size_sqrt")
         for attr in ("transpose_for_scores", "disentangled_attention_bias"):
             if not callable(getattr(cls, attr, None)):
-                raise ImportError(f"transformers {transformers.__version__}: {cls.__module__}.{cls.__name__} has no "
+                raise ImportError(f"transformers {_installed()}: {cls.__module__}.{cls.__name__} has no "
                                   f"{attr}(), which the prefix mechanism uses; use a tested release: {pin()}")
     elif model.config._attn_implementation.endswith("eager"):
         check_parameters(f"{cls.__module__}.eager_attention_forward", _lookup(where.__name__, "eager_attention_forward"),
@@ -190,7 +197,7 @@ def check_prefix_reaches_attention(model, slot_modules, kv_heads: int, head_dim:
                 module._peft_prefix_state = None
     if len(outputs) != 2 or not (outputs[0] - outputs[1]).abs().max() > 1e-4:
         raise RuntimeError(
-            f"The prefix mechanism is not reaching attention in transformers {transformers.__version__} "
+            f"The prefix mechanism is not reaching attention in transformers {_installed()} "
             f"({model.config.model_type}, {model.config._attn_implementation}): a random prefix left the first "
             f"attention module's output unchanged, so every prefix method would silently train nothing. "
             f"Use a tested release: {pin()}"
