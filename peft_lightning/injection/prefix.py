@@ -22,7 +22,7 @@ forward sees the same prefix and gradients reach it.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -45,11 +45,46 @@ class PrefixState:
 
     keys[slot] / values[slot]: (batch or 1, kv_heads, prefix_length, head_dim).
     mask: (batch, prefix_length) bool, True where the prefix may be attended to; None = all.
+
+    Every layer of a stack gets the same attention mask, so the prefix-extended mask is built
+    once per forward and handed to every layer (`extended_mask`): it is remembered here, on the
+    object that lives for one forward, keyed by the identity and version of the real mask (an
+    encoder-decoder has three: encoder, decoder, cross) and everything else it depends on.
+    Activation checkpointing replays a layer with the same mask object and the same state, so
+    its recomputation gets the same extended mask without rebuilding it.
     """
 
     keys: dict[int, torch.Tensor]
     values: dict[int, torch.Tensor]
     mask: torch.Tensor | None = None
+    _masks: list = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def extended_mask(self, attention_mask: torch.Tensor | None, batch: int, query_len: int, key_len: int,
+                      causal: bool, dtype: torch.dtype, additive: bool, device,
+                      as_bool: bool = False) -> torch.Tensor | None:
+        """`extend_attention_mask` of `attention_mask` (made boolean first if `as_bool`), once per
+        distinct input: later calls with the same (identical, unmodified) real mask and arguments
+        return the tensor built the first time."""
+        p = next(iter(self.keys.values())).shape[-2]
+        key = (attention_mask, _version(attention_mask), self.mask, _version(self.mask), p, batch, query_len,
+               key_len, causal, dtype, additive, str(device), as_bool)
+        for entry, extended in self._masks:
+            if all(a is b if isinstance(a, torch.Tensor) or a is None else a == b for a, b in zip(entry, key)):
+                return extended
+        real = attention_mask.bool() if as_bool and attention_mask is not None else attention_mask
+        extended = extend_attention_mask(real, _prefix_columns(self, batch, device), query_len, key_len, causal,
+                                         dtype, additive)
+        # a state reused across forwards (generate's steps) sees a new mask each step: keep a few
+        del self._masks[:-(_MASKS_KEPT - 1)]
+        self._masks.append((key, extended))  # (holding the real mask keeps its id from being reused)
+        return extended
+
+
+_MASKS_KEPT = 8
+
+
+def _version(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t._version
 
 
 def install_prefix_attention(model: PreTrainedModel) -> list[AttentionSlot]:
@@ -134,10 +169,8 @@ def _with_prefix(module, query, key, value, attention_mask, kwargs, additive: bo
     value = torch.cat([pv, value], dim=-2)
     if attention_mask is not None or state.mask is not None or causal:
         # (an encoder without padding or prefix mask needs no mask at all: skip building one)
-        cols = _prefix_columns(state, batch, query.device)
-        attention_mask = extend_attention_mask(
-            attention_mask, cols, query.shape[-2], key_len, causal, query.dtype, additive
-        )
+        attention_mask = state.extended_mask(attention_mask, batch, query.shape[-2], key_len, causal, query.dtype,
+                                             additive, query.device)
     bias = kwargs.get("position_bias")
     if bias is not None:  # T5's relative position bias: the prefix has no position, so no bias
         kwargs["position_bias"] = nn.functional.pad(bias, (pk.shape[-2], 0))
@@ -200,10 +233,8 @@ def _deberta_v2_forward(self, hidden_states, attention_mask, output_attentions=F
         )
     scores = torch.cat([torch.bmm(q, pk.transpose(-1, -2) / scale), scores], dim=-1)
     scores = scores.view(batch, heads, scores.shape[-2], scores.shape[-1])
-    mask = extend_attention_mask(
-        attention_mask.bool(), _prefix_columns(state, batch, q.device), q.shape[-2], k.shape[-2],
-        causal=False, dtype=q.dtype, additive=False,
-    )
+    mask = state.extended_mask(attention_mask, batch, q.shape[-2], k.shape[-2], causal=False, dtype=q.dtype,
+                               additive=False, device=q.device, as_bool=True)
     scores = scores.masked_fill(~mask, torch.finfo(q.dtype).min)
     probs = self.dropout(nn.functional.softmax(scores, dim=-1))
     context = torch.bmm(probs.view(batch * heads, probs.shape[-2], -1), torch.cat([pv, v], dim=-2))

@@ -34,6 +34,7 @@ from peft_lightning.backbone import BackboneSpec, attention_geometry, load_token
 from peft_lightning.injection import InputPrompt, PrefixEncoder, PromptEncoder, install_prefix_attention
 from peft_lightning.injection.architectures import num_layers
 from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState
+from peft_lightning.injection.prefix_encoder import KVPrompt, kv_optimizer_state
 from peft_lightning.methods.base import PeftClassifier
 
 INITS = ("random", "uniform", "vocab", "labels", "text")
@@ -88,11 +89,14 @@ class PromptMethod(PeftClassifier):
     def _initialize(self, init: str) -> None:
         if init not in INITS:
             raise ValueError(f"method.init must be one of {INITS}, got {init!r}")
-        table = self.prompt_encoder.embedding.weight
+        encoder = self.prompt_encoder
+        kv = isinstance(encoder, KVPrompt)  # a free deep prefix, stored in key/value layout
+        table = encoder() if kv else encoder.embedding.weight  # (P, width): drawn and filled flat
+        write = encoder.set_flat if kv else table.copy_
         if init == "random":
             return
         if init == "uniform":
-            nn.init.uniform_(table, -0.5, 0.5)
+            write(nn.init.uniform_(torch.empty_like(table), -0.5, 0.5))
             return
         embed = self.backbone.get_input_embeddings()
         if table.shape[1] != embed.weight.shape[1]:
@@ -120,7 +124,7 @@ class PromptMethod(PeftClassifier):
                 ids = torch.tensor(ids, dtype=torch.long).repeat(P // len(ids) + 1)[:P]
         if int(ids.max()) >= vocab:
             raise ValueError(f"method.init={init}: the tokenizer gives ids beyond this backbone's vocabulary ({vocab})")
-        table.copy_(embed(ids.to(table.device)).to(table.dtype))
+        write(embed(ids.to(table.device)).to(table.dtype))
 
     def encode(self, batch):
         if self.prompt is not None:
@@ -148,6 +152,13 @@ class PromptMethod(PeftClassifier):
         layers = cache.layers
         return {PREFIX_KWARG: PrefixState({i: layer.keys for i, layer in enumerate(layers)},
                                           {i: layer.values for i, layer in enumerate(layers)})}
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        if self.prefix is not None and isinstance(self.prefix.encoder, KVPrompt):
+            # checkpoints keep the moments of the key/value-layout table flat, like the table itself
+            kv_optimizer_state(config["optimizer"], self.prefix.encoder.embedding)
+        return config
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """The adapter to save. With `eject_on_export` (prefix_tuning's default) the
