@@ -97,7 +97,8 @@ class FrozenLayerCache:
         tensors = [*self.lower.parameters(), *self.lower.buffers()]
         autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         return (autocast, tuple(m.training for m in self.lower.modules()),
-                tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors))
+                tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device, t.shape)
+                      for t in tensors))
 
     # --- the forward pass ----------------------------------------------------------------------
     @staticmethod

@@ -226,3 +226,18 @@ def test_a_lightning_fit_gives_the_same_losses_with_the_cache():
     assert cached == plain  # bit for bit (this CPU; at worst 1e-6 elsewhere: see the test above)
     for key in ("val/acc", "val/loss"):
         torch.testing.assert_close(metrics[key], plain_metrics[key], atol=1e-6, rtol=0)
+
+
+def test_states_stored_under_inference_mode_serve_training():
+    """Validation (inference_mode in Lightning) stores states that training then reads with
+    gradients on: they are stored as ordinary tensors."""
+    m = module(prefix_dropout=0.0, head={"dropout": 0.0})
+    batch = collate(examples("bert")[:4])
+    with torch.inference_mode():
+        m.frozen_cache(m.backbone_inputs(batch), store=True, **{PREFIX_KWARG: m.prefix(1)})
+    m.train()
+    logits = m(batch)
+    torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+    assert m.frozen_cache.hits == 4 and m.prefix.encoder.kv().grad.abs().sum() > 0
+    off = module(cache=False, prefix_dropout=0.0, head={"dropout": 0.0}).train()
+    torch.testing.assert_close(logits, off(batch), atol=1e-6, rtol=0)

@@ -334,3 +334,14 @@ def test_serving_a_mixed_batch_equals_the_per_task_loop_exactly(tmp_path):
             rows = (index == t).nonzero().flatten()
             for row, value in zip(rows.tolist(), served.heads[task](hidden[rows], batch["attention_mask"][rows])):
                 assert torch.equal(out[row], value)
+
+
+def test_masks_made_under_inference_mode_work():
+    """Lightning evaluates under inference_mode: its masks are inference tensors, which have no
+    version counter (the mask memo must not ask for one)."""
+    m = module("bert").eval()
+    batch = make_batch("bert", length=8)
+    with torch.no_grad():
+        expected = m(batch)
+    with torch.inference_mode():
+        assert torch.equal(m(batch), expected)

@@ -84,7 +84,9 @@ _MASKS_KEPT = 8
 
 
 def _version(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t._version
+    # (inference tensors, made under inference_mode as in Lightning's evaluation, have no version
+    # counter; they cannot be changed in place outside inference mode)
+    return None if t is None or t.is_inference() else t._version
 
 
 def install_prefix_attention(model: PreTrainedModel) -> list[AttentionSlot]:
