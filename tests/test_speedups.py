@@ -44,11 +44,13 @@ def legacy_extended_mask(self, attention_mask, batch, query_len, key_len, causal
                                  additive)
 
 
-def module(arch, attn=None, **method):
+def module(arch, attn=None, config=None, **method):
     torch.manual_seed(0)
     cfg = dict(name="ptuning_v2", prefix_length=3, depth="deep", prefix_dropout=0.0, head={"dropout": 0.0})
     cfg.update(method)
-    return METHODS[cfg["name"]](model=tiny_model(arch, attn), method=cfg, num_labels=2)
+    model = tiny_model(arch, attn)
+    model["config"].update(config or {})
+    return METHODS[cfg["name"]](model=model, method=cfg, num_labels=2)
 
 
 def run(m, batch, seed=1):
@@ -345,3 +347,58 @@ def test_masks_made_under_inference_mode_work():
         expected = m(batch)
     with torch.inference_mode():
         assert torch.equal(m(batch), expected)
+
+
+# --- recomputing only the attention -------------------------------------------------------------
+RECOMPUTE = [("bert", "sdpa"), ("bert", "eager"), ("gpt2", "sdpa"), ("llama", "eager"), ("t5", "sdpa"), ("bart", "sdpa")]
+# the tiny models' dropout (off in conftest), attention dropout included
+DROPOUT = {"bert": dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
+           "gpt2": dict(resid_pdrop=0.1, attn_pdrop=0.1), "llama": dict(attention_dropout=0.1),
+           "t5": dict(dropout_rate=0.1), "bart": dict(dropout=0.1, attention_dropout=0.1)}
+
+
+@pytest.mark.parametrize("arch,attn", RECOMPUTE)
+def test_recomputing_the_attention_gives_the_same_outputs_and_gradients(arch, attn):
+    """With the backbone's dropout on (attention dropout too: the mask is redrawn identically)."""
+    batch = make_batch(arch, length=8)
+    on = dict(config=DROPOUT[arch], backbone_dropout=True, prefix_dropout=0.1)
+    kept = run(module(arch, attn, **on).train(), batch)
+    assert_same(run(module(arch, attn, recompute_attention=True, **on).train(), batch), kept)
+
+
+def attention_sized_saves(m, batch, P=3):
+    """Tensors the backward keeps of the attention-internals' shape (batch, heads, L, P + L)."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = torch.nn.functional.cross_entropy(m(batch), batch["labels"])
+    loss.backward()
+    B, L = batch["input_ids"].shape
+    return sum(s == (B, 4, L, P + L) for s in shapes)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_recomputing_the_attention_keeps_none_of_its_internals(attn):
+    """The math SDPA kernel (dropout on) and the eager kernel store scores, probabilities and
+    dropout masks per layer; with the option, none (3 layers)."""
+    batch = make_batch("bert", length=8)
+    on = dict(config=DROPOUT["bert"], backbone_dropout=True)
+    assert attention_sized_saves(module("bert", attn, **on).train(), batch) >= 3
+    assert attention_sized_saves(module("bert", attn, recompute_attention=True, **on).train(), batch) == 0
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(activation_checkpointing=True), "pick one"),
+    (dict(depth="embedding", name="prompt_tuning"), "needs deep prefixes"),
+    (dict(arch="deberta-v2"), "not supported for deberta-v2"),
+])
+def test_recomputing_the_attention_refuses_what_it_cannot_do(change, message):
+    from peft_lightning.errors import ConfigError
+
+    change = dict(change)
+    with pytest.raises(ConfigError, match=message):
+        module(change.pop("arch", "bert"), recompute_attention=True, **change)

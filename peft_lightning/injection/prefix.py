@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -36,6 +37,7 @@ from peft_lightning.injection.architectures import AttentionSlot, attention_slot
 PREFIX_KWARG = "peft_prefix"
 SLOT_ATTR = "_peft_prefix_slot"  # set on each attention module that can take a prefix
 STATE_ATTR = "_peft_prefix_state"  # architectures whose model drops extra keywords (DeBERTa)
+RECOMPUTE_ATTR = "_peft_recompute_attention"  # set by `recompute_attention`
 IMPLEMENTATIONS = {"sdpa": "peft_prefix_sdpa", "eager": "peft_prefix_eager"}
 
 
@@ -182,7 +184,7 @@ def _with_prefix(module, query, key, value, attention_mask, kwargs, additive: bo
 
 def prefix_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     key, value, attention_mask = _with_prefix(module, query, key, value, attention_mask, kwargs, additive=False)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return _kernel(sdpa_attention_forward, module, query, key, value, attention_mask, kwargs)
 
 
 def prefix_eager_attention(module, query, key, value, attention_mask, **kwargs):
@@ -191,7 +193,31 @@ def prefix_eager_attention(module, query, key, value, attention_mask, **kwargs):
     # The model's own eager kernel (every transformers 5 modeling file defines one), so details
     # such as GQA head repetition or softcapping stay the model's.
     eager = sys.modules[type(module).__module__].eager_attention_forward
-    return eager(module, query, key, value, attention_mask, **kwargs)
+    return _kernel(eager, module, query, key, value, attention_mask, kwargs)
+
+
+def _kernel(kernel, module, query, key, value, attention_mask, kwargs):
+    if getattr(module, RECOMPUTE_ATTR, False) and torch.is_grad_enabled():
+        # only the attention core is recomputed in backward: its input (query, key and value)
+        # is kept, its internals (scores, probabilities, dropout mask: batch x heads x L x (P+L)
+        # each on the math and eager kernels) are not; the dropout mask is redrawn identically
+        return torch.utils.checkpoint.checkpoint(
+            lambda q, k, v: kernel(module, q, k, v, attention_mask, **kwargs), query, key, value,
+            use_reentrant=False)
+    return kernel(module, query, key, value, attention_mask, **kwargs)
+
+
+def recompute_attention(model: PreTrainedModel, on: bool = True) -> None:
+    """Selective activation recomputation (Korthikanti et al., 2022) in `model`'s prefix-aware
+    attention: keep each attention module's query, key and value for backward and recompute the
+    rest of the attention from them, instead of storing its L x (P+L) internals. The other
+    sublayers keep their activations (cheap to store, costly to recompute), unlike transformers'
+    activation checkpointing, which recomputes whole layers. Not for DeBERTa (own attention code)."""
+    if model.config.model_type in PATCHED_FORWARDS:
+        raise ValueError(f"recomputing only the attention is not supported for {model.config.model_type}: "
+                         "its attention is not computed by the shared kernel")
+    for _, module in attention_slots(model):
+        setattr(module, RECOMPUTE_ATTR, on)
 
 
 AttentionInterface.register(IMPLEMENTATIONS["sdpa"], prefix_sdpa_attention)

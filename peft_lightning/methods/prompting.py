@@ -15,6 +15,9 @@ can vary them across methods); each method only sets its own defaults (conf/meth
                       tokens) | text (the embeddings of `init_text`'s tokens, repeated to P)
   prefix_dropout      dropout on each example's copy of a deep prefix
   eject_on_export     save the adapter as the flat prompt the reparameterization produces
+  recompute_attention keep only each attention's query/key/value for backward and recompute the
+                      attention from them (not with activation_checkpointing, which recomputes
+                      whole layers; deep prefixes only; not DeBERTa)
   cache_frozen_layers auto | true | false: with prompts from layer k > 0 only, keep each example's
                       layer-k input after it is first seen and run only layers k.. later
                       (peft_lightning/frozen_cache.py says where it is valid)
@@ -40,7 +43,7 @@ from peft_lightning.backbone import BackboneSpec, attention_geometry, load_token
 from peft_lightning.errors import ConfigError
 from peft_lightning.injection import InputPrompt, PrefixEncoder, PromptEncoder, install_prefix_attention
 from peft_lightning.injection.architectures import num_layers
-from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState
+from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState, recompute_attention
 from peft_lightning.injection.prefix_encoder import KVPrompt, kv_optimizer_state
 from peft_lightning.methods.base import PeftClassifier
 
@@ -88,6 +91,17 @@ class PromptMethod(PeftClassifier):
             self.prefix = PrefixEncoder(P, chosen, kv_heads, head_dim, reparam, hidden, embed_dim=width,
                                         dropout=float(cfg.get("prefix_dropout", 0.0)))
         self._initialize(cfg.get("init", "random"))
+        if cfg.get("recompute_attention", False):
+            if self.prefix is None:
+                raise ConfigError("method.recompute_attention needs deep prefixes (method.depth deep or a layer list): "
+                                  "the input-level prompt's attention is not prefix-aware")
+            if cfg.get("activation_checkpointing", False):
+                raise ConfigError("method.recompute_attention and method.activation_checkpointing: pick one "
+                                  "(activation checkpointing already recomputes whole layers, attention included)")
+            try:
+                recompute_attention(self.backbone)
+            except ValueError as err:
+                raise ConfigError(f"method.recompute_attention: {err}") from None
         self.frozen_cache: frozen_cache.FrozenLayerCache | None = None
         self._cache_setting = frozen_cache.setting(cfg.get("cache_frozen_layers", False))
         if self._cache_setting is not False:
