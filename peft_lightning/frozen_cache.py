@@ -75,7 +75,7 @@ class FrozenLayerCache:
         self.lower = nn.ModuleList([backbone.embeddings, *self.layers[:start]])
         self.entries: dict[bytes, torch.Tensor] = {}
         self.bytes = 0
-        self.hits = self.misses = 0  # rows served from / added to the cache
+        self.hits = self.stored = 0  # rows served from / added to the cache
         self._fingerprint = None
         self._full_logged = False
 
@@ -159,7 +159,7 @@ class FrozenLayerCache:
                     # a copy of the row: a slice would keep the whole batch's tensor alive
                     self.entries[key] = captured[0][row, :n].detach().clone()
                     self.bytes += size
-                    self.misses += 1
+                    self.stored += 1
         return hidden
 
     def _top(self, rows: list[torch.Tensor], attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -81,9 +81,9 @@ def test_cached_epochs_give_the_uncached_logits_and_gradients(arch):
             for name in ga:
                 torch.testing.assert_close(ga[name], gb[name], atol=1e-6, rtol=0)
         if epoch == 0:
-            assert cached.frozen_cache.hits == 0 and cached.frozen_cache.misses == len(data)
+            assert cached.frozen_cache.hits == 0 and cached.frozen_cache.stored == len(data)
         else:
-            assert cached.frozen_cache.hits - hits == len(data) and cached.frozen_cache.misses == len(data)
+            assert cached.frozen_cache.hits - hits == len(data) and cached.frozen_cache.stored == len(data)
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
@@ -111,9 +111,9 @@ def test_the_same_example_padded_otherwise_is_a_hit():
                                                    "token_type_ids": torch.zeros(15, dtype=torch.long)}])
     with torch.no_grad():
         m.frozen_cache(m.backbone_inputs(long), **{PREFIX_KWARG: m.prefix(1)})
-        assert m.frozen_cache.misses == 3
+        assert m.frozen_cache.stored == 3
         m.frozen_cache(m.backbone_inputs(short), **{PREFIX_KWARG: m.prefix(1)})
-    assert m.frozen_cache.hits == 2 and m.frozen_cache.misses == 3
+    assert m.frozen_cache.hits == 2 and m.frozen_cache.stored == 3
 
 
 def test_a_changed_frozen_weight_clears_the_cache():
@@ -125,7 +125,7 @@ def test_a_changed_frozen_weight_clears_the_cache():
         assert m.frozen_cache.hits == 4
         m.backbone.encoder.layer[0].output.dense.weight.mul_(1.5)  # e.g. a weight loaded in place
         served = m(batch)
-        assert m.frozen_cache.hits == 4 and m.frozen_cache.misses == 8  # recomputed, not served
+        assert m.frozen_cache.hits == 4 and m.frozen_cache.stored == 8  # recomputed, not served
         off = module(cache=False, prefix_dropout=0.0, head={"dropout": 0.0})
         off.load_state_dict(m.state_dict())
         torch.testing.assert_close(served, off.train()(batch), atol=1e-6, rtol=0)
