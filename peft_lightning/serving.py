@@ -11,6 +11,11 @@ padded to the longest with masked-out positions, which leaves the shorter ones e
 
 Prompt ensembling (Lester et al.) is the same thing with several prompts of one task:
 `ensemble(model, batch, members)` runs every member on every example in one forward pass.
+
+A batch of one task takes a fast path: that task's prefix once, unpadded and broadcast over the
+rows (no per-row copy, no prefix mask), and its head on the whole batch; it computes exactly what
+the task's own module computes alone. Mixed batches gather each row's prefix; their rows are
+grouped by task with one sort, so each head runs once on a contiguous block.
 """
 from __future__ import annotations
 
@@ -67,6 +72,7 @@ class MultiTaskModel(nn.Module):
         self.register_buffer("kv", torch.stack(stacked), persistent=False)  # (tasks, slots, 2, H, P, D)
         self.register_buffer("prefix_mask", torch.arange(self.longest)[None] < torch.tensor(lengths)[:, None],
                              persistent=False)
+        self.lengths = lengths
         self.eval()
 
     def task_index(self, tasks: list[str]) -> torch.Tensor:
@@ -76,10 +82,18 @@ class MultiTaskModel(nn.Module):
         return torch.tensor([self.tasks.index(t) for t in tasks], device=self.kv.device)
 
     def prefix_for(self, index: torch.Tensor) -> PrefixState:
+        """Each row's task's prefix, (batch, H, longest, D) per slot, shorter ones masked."""
         kv = self.kv[index]  # (batch, slots, 2, H, P, D)
         keys = {slot: kv[:, i, 0] for i, slot in enumerate(self.slots)}
         values = {slot: kv[:, i, 1] for i, slot in enumerate(self.slots)}
         return PrefixState(keys, values, self.prefix_mask[index])
+
+    def task_prefix(self, task: int) -> PrefixState:
+        """One task's prefix for every row: (1, H, P_task, D) views of the stored table, no mask."""
+        kv = self.kv[task, :, :, :, :self.lengths[task]]  # (slots, 2, H, P_task, D)
+        keys = {slot: kv[i, 0][None] for i, slot in enumerate(self.slots)}
+        values = {slot: kv[i, 1][None] for i, slot in enumerate(self.slots)}
+        return PrefixState(keys, values)
 
     @torch.no_grad()
     def forward(self, batch: dict[str, torch.Tensor], tasks: list[str]) -> list[torch.Tensor]:
@@ -87,14 +101,20 @@ class MultiTaskModel(nn.Module):
         if len(tasks) != batch["input_ids"].shape[0]:
             raise ValueError(f"{len(tasks)} task names for a batch of {batch['input_ids'].shape[0]} examples")
         index = self.task_index(tasks)
+        mask = batch["attention_mask"]
+        if len(set(tasks)) == 1:
+            task = int(index[0])
+            hidden = self.run_backbone(batch, prefix=self.task_prefix(task))
+            return list(self.heads[self.tasks[task]](hidden, mask).unbind(0))
         hidden = self.run_backbone(batch, prefix=self.prefix_for(index))
+        # rows grouped by task (stable: each block keeps the batch's row order), one head call per block
+        order = torch.argsort(index, stable=True)
+        counts = torch.bincount(index, minlength=len(self.tasks)).tolist()
+        blocks = zip(self.tasks, hidden[order].split(counts), mask[order].split(counts))
+        grouped = [row for task, h, m in blocks if len(h) for row in self.heads[task](h, m).unbind(0)]
         out: list[torch.Tensor | None] = [None] * len(tasks)
-        for t, task in enumerate(self.tasks):
-            rows = (index == t).nonzero().flatten()
-            if len(rows):
-                logits = self.heads[task](hidden[rows], batch["attention_mask"][rows])
-                for row, value in zip(rows.tolist(), logits):
-                    out[row] = value
+        for row, logits in zip(order.tolist(), grouped):
+            out[row] = logits
         return out
 
 

@@ -22,9 +22,10 @@ forward sees the same prefix and gradients reach it.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from peft_lightning import compat  # first: checks transformers' version and the internals imported below
@@ -38,6 +39,7 @@ from peft_lightning.injection.architectures import AttentionSlot, attention_slot
 PREFIX_KWARG = "peft_prefix"
 SLOT_ATTR = "_peft_prefix_slot"  # set on each attention module that can take a prefix
 STATE_ATTR = "_peft_prefix_state"  # architectures whose model drops extra keywords (DeBERTa)
+RECOMPUTE_ATTR = "_peft_recompute_attention"  # set by `recompute_attention`
 IMPLEMENTATIONS = {"sdpa": "peft_prefix_sdpa", "eager": "peft_prefix_eager"}
 
 
@@ -47,11 +49,48 @@ class PrefixState:
 
     keys[slot] / values[slot]: (batch or 1, kv_heads, prefix_length, head_dim).
     mask: (batch, prefix_length) bool, True where the prefix may be attended to; None = all.
+
+    Every layer of a stack gets the same attention mask, so the prefix-extended mask is built
+    once per forward and handed to every layer (`extended_mask`): it is remembered here, on the
+    object that lives for one forward, keyed by the identity and version of the real mask (an
+    encoder-decoder has three: encoder, decoder, cross) and everything else it depends on.
+    Activation checkpointing replays a layer with the same mask object and the same state, so
+    its recomputation gets the same extended mask without rebuilding it.
     """
 
     keys: dict[int, torch.Tensor]
     values: dict[int, torch.Tensor]
     mask: torch.Tensor | None = None
+    _masks: list = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def extended_mask(self, attention_mask: torch.Tensor | None, batch: int, query_len: int, key_len: int,
+                      causal: bool, dtype: torch.dtype, additive: bool, device,
+                      as_bool: bool = False) -> torch.Tensor | None:
+        """`extend_attention_mask` of `attention_mask` (made boolean first if `as_bool`), once per
+        distinct input: later calls with the same (identical, unmodified) real mask and arguments
+        return the tensor built the first time."""
+        p = next(iter(self.keys.values())).shape[-2]
+        key = (attention_mask, _version(attention_mask), self.mask, _version(self.mask), p, batch, query_len,
+               key_len, causal, dtype, additive, str(device), as_bool)
+        for entry, extended in self._masks:
+            if all(a is b if isinstance(a, torch.Tensor) or a is None else a == b for a, b in zip(entry, key)):
+                return extended
+        real = attention_mask.bool() if as_bool and attention_mask is not None else attention_mask
+        extended = extend_attention_mask(real, _prefix_columns(self, batch, device), query_len, key_len, causal,
+                                         dtype, additive)
+        # a state reused across forwards (generate's steps) sees a new mask each step: keep a few
+        del self._masks[:-(_MASKS_KEPT - 1)]
+        self._masks.append((key, extended))  # (holding the real mask keeps its id from being reused)
+        return extended
+
+
+_MASKS_KEPT = 8
+
+
+def _version(t: torch.Tensor | None) -> int | None:
+    # (inference tensors, made under inference_mode as in Lightning's evaluation, have no version
+    # counter; they cannot be changed in place outside inference mode)
+    return None if t is None or t.is_inference() else t._version
 
 
 def install_prefix_attention(model: PreTrainedModel) -> list[AttentionSlot]:
@@ -137,10 +176,8 @@ def _with_prefix(module, query, key, value, attention_mask, kwargs, additive: bo
     value = torch.cat([pv, value], dim=-2)
     if attention_mask is not None or state.mask is not None or causal:
         # (an encoder without padding or prefix mask needs no mask at all: skip building one)
-        cols = _prefix_columns(state, batch, query.device)
-        attention_mask = extend_attention_mask(
-            attention_mask, cols, query.shape[-2], key_len, causal, query.dtype, additive
-        )
+        attention_mask = state.extended_mask(attention_mask, batch, query.shape[-2], key_len, causal, query.dtype,
+                                             additive, query.device)
     bias = kwargs.get("position_bias")
     if bias is not None:  # T5's relative position bias: the prefix has no position, so no bias
         kwargs["position_bias"] = nn.functional.pad(bias, (pk.shape[-2], 0))
@@ -150,7 +187,7 @@ def _with_prefix(module, query, key, value, attention_mask, kwargs, additive: bo
 
 def prefix_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     key, value, attention_mask = _with_prefix(module, query, key, value, attention_mask, kwargs, additive=False)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return _kernel(sdpa_attention_forward, module, query, key, value, attention_mask, kwargs)
 
 
 def prefix_eager_attention(module, query, key, value, attention_mask, **kwargs):
@@ -159,7 +196,31 @@ def prefix_eager_attention(module, query, key, value, attention_mask, **kwargs):
     # The model's own eager kernel (every transformers 5 modeling file defines one), so details
     # such as GQA head repetition or softcapping stay the model's.
     eager = sys.modules[type(module).__module__].eager_attention_forward
-    return eager(module, query, key, value, attention_mask, **kwargs)
+    return _kernel(eager, module, query, key, value, attention_mask, kwargs)
+
+
+def _kernel(kernel, module, query, key, value, attention_mask, kwargs):
+    if getattr(module, RECOMPUTE_ATTR, False) and torch.is_grad_enabled():
+        # only the attention core is recomputed in backward: its input (query, key and value)
+        # is kept, its internals (scores, probabilities, dropout mask: batch x heads x L x (P+L)
+        # each on the math and eager kernels) are not; the dropout mask is redrawn identically
+        return torch.utils.checkpoint.checkpoint(
+            lambda q, k, v: kernel(module, q, k, v, attention_mask, **kwargs), query, key, value,
+            use_reentrant=False)
+    return kernel(module, query, key, value, attention_mask, **kwargs)
+
+
+def recompute_attention(model: PreTrainedModel, on: bool = True) -> None:
+    """Selective activation recomputation (Korthikanti et al., 2022) in `model`'s prefix-aware
+    attention: keep each attention module's query, key and value for backward and recompute the
+    rest of the attention from them, instead of storing its L x (P+L) internals. The other
+    sublayers keep their activations (cheap to store, costly to recompute), unlike transformers'
+    activation checkpointing, which recomputes whole layers. Not for DeBERTa (own attention code)."""
+    if model.config.model_type in PATCHED_FORWARDS:
+        raise ValueError(f"recomputing only the attention is not supported for {model.config.model_type}: "
+                         "its attention is not computed by the shared kernel")
+    for _, module in attention_slots(model):
+        setattr(module, RECOMPUTE_ATTR, on)
 
 
 AttentionInterface.register(IMPLEMENTATIONS["sdpa"], prefix_sdpa_attention)
@@ -203,10 +264,8 @@ def _deberta_v2_forward(self, hidden_states, attention_mask, output_attentions=F
         )
     scores = torch.cat([torch.bmm(q, pk.transpose(-1, -2) / scale), scores], dim=-1)
     scores = scores.view(batch, heads, scores.shape[-2], scores.shape[-1])
-    mask = extend_attention_mask(
-        attention_mask.bool(), _prefix_columns(state, batch, q.device), q.shape[-2], k.shape[-2],
-        causal=False, dtype=q.dtype, additive=False,
-    )
+    mask = state.extended_mask(attention_mask, batch, q.shape[-2], k.shape[-2], causal=False, dtype=q.dtype,
+                               additive=False, device=q.device, as_bool=True)
     scores = scores.masked_fill(~mask, torch.finfo(q.dtype).min)
     probs = self.dropout(nn.functional.softmax(scores, dim=-1))
     context = torch.bmm(probs.view(batch * heads, probs.shape[-2], -1), torch.cat([pv, v], dim=-2))

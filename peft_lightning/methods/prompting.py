@@ -15,6 +15,12 @@ can vary them across methods); each method only sets its own defaults (conf/meth
                       tokens) | text (the embeddings of `init_text`'s tokens, repeated to P)
   prefix_dropout      dropout on each example's copy of a deep prefix
   eject_on_export     save the adapter as the flat prompt the reparameterization produces
+  recompute_attention keep only each attention's query/key/value for backward and recompute the
+                      attention from them (not with activation_checkpointing, which recomputes
+                      whole layers; deep prefixes only; not DeBERTa)
+  cache_frozen_layers auto | true | false: with prompts from layer k > 0 only, keep each example's
+                      layer-k input after it is first seen and run only layers k.. later
+                      (peft_lightning/frozen_cache.py says where it is valid)
 Token-level outputs are always aligned with the input tokens (prompt positions are stripped).
 
 Trainable parameters (S attention slots; per slot kv_heads x head_dim = d, usually `hidden`):
@@ -26,17 +32,23 @@ plus the head: hidden x C + C.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from omegaconf import ListConfig
 from torch import nn
 
+from peft_lightning import frozen_cache
 from peft_lightning.backbone import BackboneSpec, attention_geometry, load_tokenizer
+from peft_lightning.errors import ConfigError
 from peft_lightning.injection import InputPrompt, PrefixEncoder, PromptEncoder, install_prefix_attention
 from peft_lightning.injection.architectures import num_layers
-from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState
+from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState, recompute_attention
+from peft_lightning.injection.prefix_encoder import KVPrompt, kv_optimizer_state
 from peft_lightning.methods.base import PeftClassifier
 
 INITS = ("random", "uniform", "vocab", "labels", "text")
+log = logging.getLogger(__name__)
 
 
 def parse_depth(depth, layers: int) -> str | list[int]:
@@ -79,6 +91,33 @@ class PromptMethod(PeftClassifier):
             self.prefix = PrefixEncoder(P, chosen, kv_heads, head_dim, reparam, hidden, embed_dim=width,
                                         dropout=float(cfg.get("prefix_dropout", 0.0)))
         self._initialize(cfg.get("init", "random"))
+        if cfg.get("recompute_attention", False):
+            if self.prefix is None:
+                raise ConfigError("method.recompute_attention needs deep prefixes (method.depth deep or a layer list): "
+                                  "the input-level prompt's attention is not prefix-aware")
+            if cfg.get("activation_checkpointing", False):
+                raise ConfigError("method.recompute_attention and method.activation_checkpointing: pick one "
+                                  "(activation checkpointing already recomputes whole layers, attention included)")
+            try:
+                recompute_attention(self.backbone)
+            except ValueError as err:
+                raise ConfigError(f"method.recompute_attention: {err}") from None
+        self.frozen_cache: frozen_cache.FrozenLayerCache | None = None
+        self._cache_setting = frozen_cache.setting(cfg.get("cache_frozen_layers", False))
+        if self._cache_setting is not False:
+            reason = frozen_cache.static_reason(self.backbone, self.depth, cfg, self.task.needs_lm)
+            if reason is None and type(self).encode is not PromptMethod.encode:
+                reason = f"method={cfg['name']} runs the backbone its own way (not through the cache)"
+            if reason is None:
+                self.frozen_cache = frozen_cache.FrozenLayerCache(self.backbone, min(self.depth))
+            else:
+                self._cache_off(reason)
+
+    def _cache_off(self, reason: str) -> None:
+        if self._cache_setting is True:
+            raise ConfigError(f"method.cache_frozen_layers=true cannot be used here: {reason}")
+        log.info("frozen-layer cache off (method.cache_frozen_layers=auto): %s", reason)
+        self.frozen_cache = None
 
     @property
     def prompt_encoder(self) -> PromptEncoder:
@@ -88,11 +127,14 @@ class PromptMethod(PeftClassifier):
     def _initialize(self, init: str) -> None:
         if init not in INITS:
             raise ValueError(f"method.init must be one of {INITS}, got {init!r}")
-        table = self.prompt_encoder.embedding.weight
+        encoder = self.prompt_encoder
+        kv = isinstance(encoder, KVPrompt)  # a free deep prefix, stored in key/value layout
+        table = encoder() if kv else encoder.embedding.weight  # (P, width): drawn and filled flat
+        write = encoder.set_flat if kv else table.copy_
         if init == "random":
             return
         if init == "uniform":
-            nn.init.uniform_(table, -0.5, 0.5)
+            write(nn.init.uniform_(torch.empty_like(table), -0.5, 0.5))
             return
         embed = self.backbone.get_input_embeddings()
         if table.shape[1] != embed.weight.shape[1]:
@@ -120,12 +162,22 @@ class PromptMethod(PeftClassifier):
                 ids = torch.tensor(ids, dtype=torch.long).repeat(P // len(ids) + 1)[:P]
         if int(ids.max()) >= vocab:
             raise ValueError(f"method.init={init}: the tokenizer gives ids beyond this backbone's vocabulary ({vocab})")
-        table.copy_(embed(ids.to(table.device)).to(table.dtype))
+        write(embed(ids.to(table.device)).to(table.dtype))
 
     def encode(self, batch):
         if self.prompt is not None:
             return self.run_backbone(batch, prompt=self.prompt())
-        return self.run_backbone(batch, prefix=self.prefix(batch["input_ids"].shape[0]))
+        prefix = self.prefix(batch["input_ids"].shape[0])
+        if self.frozen_cache is not None:
+            # checked on use, after a subclass's build (UniPELT's adapters and LoRA sit below k)
+            reason = self.frozen_cache.structural_reason()
+            if reason is None:
+                # store what repeats: training examples, and the validation set (run every epoch)
+                stage = self._trainer.state.stage if self._trainer is not None else None
+                store = self.training or (stage is not None and stage.value in ("validate", "sanity_check"))
+                return self.frozen_cache(self.backbone_inputs(batch), store=store, **{PREFIX_KWARG: prefix})
+            self._cache_off(reason)
+        return self.run_backbone(batch, prefix=prefix)
 
     def generation_inputs(self, input_ids, attention_mask) -> dict:
         """The prefix (one copy: beams and rows broadcast), or the prompt: for an encoder-decoder
@@ -148,6 +200,13 @@ class PromptMethod(PeftClassifier):
         layers = cache.layers
         return {PREFIX_KWARG: PrefixState({i: layer.keys for i, layer in enumerate(layers)},
                                           {i: layer.values for i, layer in enumerate(layers)})}
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        if self.prefix is not None and isinstance(self.prefix.encoder, KVPrompt):
+            # checkpoints keep the moments of the key/value-layout table flat, like the table itself
+            kv_optimizer_state(config["optimizer"], self.prefix.encoder.embedding)
+        return config
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """The adapter to save. With `eject_on_export` (prefix_tuning's default) the
