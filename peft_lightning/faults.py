@@ -230,6 +230,15 @@ def interrupt_on_sigterm() -> Callable[[], None]:
     return lambda: _signal.signal(_signal.SIGTERM, previous)
 
 
+def raise_if_sigterm_swallowed() -> None:
+    """A SIGTERM that arrived outside a trainer run raised SIGTERMException wherever the program
+    was, and a library may have caught it (datasets catches every error while it hashes a map
+    function): the signal is recorded, so re-raise it at the next phase boundary, and the run ends
+    as `interrupted`, never `completed`."""
+    if InterruptCheckpoint.received == "SIGTERM":
+        raise SIGTERMException
+
+
 class FaultInjection(Callback):
     """Deliberate faults for testing recovery (`+callbacks.fault.<key>=...` on the command line).
 

@@ -22,7 +22,7 @@ from peft_lightning.backbone import BackboneSpec, load_tokenizer
 from peft_lightning.checkpoint import save_pretrained
 from peft_lightning.data import TaskDataModule
 from peft_lightning.faults import (INTERRUPTS, AtomicCheckpointIO, ExactResume, InterruptCheckpoint, check_checkpoint,
-                                   interrupt_on_sigterm, run_folder)
+                                   interrupt_on_sigterm, raise_if_sigterm_swallowed, run_folder)
 from peft_lightning.loggers import job_overrides, write_json_atomic
 from peft_lightning.methods import method_class
 from peft_lightning.validation import validate_config
@@ -130,6 +130,7 @@ def train(cfg: DictConfig) -> dict:
             check_checkpoint(ckpt_path)
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module = build(cfg)
+        raise_if_sigterm_swallowed()
         loggers = [hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values() if c and "_target_" in c]
         callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c and "_target_" in c]
         if not loggers:  # the LR monitor refuses to run without a logger
@@ -153,6 +154,7 @@ def train(cfg: DictConfig) -> dict:
         fit_end = last_checkpoint(trainer) or ckpt_path  # (before test() loads the callbacks' old state)
         if trainer.received_sigterm:  # arrived after the last batch: the fit is complete, stop here
             raise SIGTERMException
+        raise_if_sigterm_swallowed()
         fit_metrics = {k: _to_python(v) for k, v in trainer.callback_metrics.items()}
         best_cb = best_checkpoint_callback(trainer)
         best = best_cb.best_model_path if best_cb else ""
@@ -160,6 +162,10 @@ def train(cfg: DictConfig) -> dict:
                               "final": fit_metrics, "test": {}}
         summary.update(best_record(best_cb))
         trained = trainer.global_step > 0
+        if trained and not best:  # no validation ran (limit_val_batches=0, no dev set): nothing selected on dev
+            log.warning("no validation ran, so no checkpoint was selected on dev: the test metrics are the last "
+                        "model's (selection: last)")
+            summary["selection"] = "last (no validation)"
         if not trained:  # trainer.max_epochs=0, max_steps=0, limit_train_batches=0: nothing was learned
             log.warning("no training step ran (trainer.max_epochs / max_steps / limit_train_batches): status "
                         "not_trained; the test metrics are the untrained model's and no adapter is written")
@@ -171,6 +177,7 @@ def train(cfg: DictConfig) -> dict:
         if trainer.is_global_zero and not trainer.fast_dev_run and trained:
             # the module holds the best weights after test(ckpt_path=best)
             summary["adapter"] = str(save_pretrained(module, out_dir / "adapter"))
+        raise_if_sigterm_swallowed()
         summary["status"] = "completed" if trained else "not_trained"
         for lg in loggers:
             if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:

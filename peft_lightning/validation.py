@@ -56,13 +56,33 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"method.depth must be 'deep', 'embedding' or a list of layer indices, got {depth!r}")
     if m.name == "unipelt" and depth == "embedding":
         raise ConfigError("method=unipelt gates deep prefixes: method.depth must be 'deep' or a layer list, got 'embedding'")
+    for key, value in (("seed", cfg.get("seed")), ("data.split.seed", (cfg.data.get("split") or {}).get("seed"))):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
     _validate_task(cfg.data)
     data = OmegaConf.to_container(cfg.data, resolve=True)
+    _validate_source_keys(data)
     _validate_data(data, "data")
     for name, spec in (data.get("extra_eval") or {}).items():
         _validate_data({**data, **(spec or {})}, f"data.extra_eval.{name}")
     _validate_trainer(cfg.trainer)
     _validate_against_backbone(cfg)
+
+
+# keys only a hub source reads: set for another source they are ignored, and the log says so
+HUB_ONLY = ("subset", "splits", "dev_from_train")
+
+
+def _validate_source_keys(data: dict) -> None:
+    source = str(data.get("source") or "")
+    if data.get("files") or not source.startswith("hub:"):
+        given = [k for k in HUB_ONLY if data.get(k) is not None]
+        if given:  # a warning, not an error: pointing a hub config at a local copy is the documented offline path
+            what = "data.files" if data.get("files") else f"data.source={source}"
+            log.warning("%s apply to hub: sources only and are not used with %s",
+                        ", ".join(f"data.{k}" for k in given), what)
+    if data.get("files") and data.get("split"):
+        log.warning("data.split is not used with data.files (the files are the splits)")
 
 
 def _positive_int(value) -> bool:
@@ -220,6 +240,9 @@ def _validate_task(data: DictConfig) -> None:
     task = TASKS[name]
     if name in ("classification", "token_classification") and len(labels) < 2:
         raise ConfigError(f"data.task={name} needs data.labels with at least 2 names, got {labels}")
+    twice = sorted({str(x) for x in labels if [str(y) for y in labels].count(str(x)) > 1})
+    if twice:
+        raise ConfigError(f"data.labels names {twice} more than once: each label name is one class, in index order")
     columns = OmegaConf.to_container(data.columns, resolve=True) if data.get("columns") else None
     if columns is not None:
         missing = [r for r in task.roles if r not in columns]

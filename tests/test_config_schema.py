@@ -241,3 +241,21 @@ def test_optuna_gets_a_number_for_a_regression_task(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert isinstance(result["best_value"], float) and -1 <= result["best_value"] <= 1
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["seed=-1"], r"seed must be a non-negative integer, got -1"),
+    (["data.split.seed=1.5"], r"data.split.seed must be a non-negative integer, got 1.5"),
+    (["data.labels=[neg,pos,pos]"], r"data.labels names \['pos'\] more than once"),
+])
+def test_seeds_and_label_names_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_cfg(overrides))
+
+
+def test_hub_only_keys_with_another_source_are_named_in_the_log(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        validate_config(compose_cfg(["data=rte", "data.source=local.jsonl"]))
+    assert "data.subset, data.splits, data.dev_from_train apply to hub: sources only" in caplog.text

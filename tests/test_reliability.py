@@ -397,3 +397,25 @@ def test_resume_with_other_settings_says_which(tmp_path, caplog):
         assert not caplog.records
         warn_if_settings_differ(compose_cfg(["model=tiny-bert", "trainer.max_epochs=5", "data.batch_size=4"]), original)
     assert caplog.records[0].getMessage().endswith("data.batch_size: 32 -> 4; trainer.max_epochs: 3 -> 5")
+
+
+def test_a_sigterm_a_library_swallows_still_interrupts_the_run():
+    """datasets catches whatever is raised while it hashes a map function, the SIGTERMException
+    of a SIGTERM in tokenization included: the run must still end as interrupted, not completed."""
+    import os
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from peft_lightning.faults import interrupt_on_sigterm, raise_if_sigterm_swallowed
+
+    restore = interrupt_on_sigterm()
+    try:
+        raise_if_sigterm_swallowed()  # nothing received yet: no-op
+        try:  # what datasets does
+            os.kill(os.getpid(), signal.SIGTERM)
+        except BaseException:  # noqa: BLE001
+            pass
+        with pytest.raises(SIGTERMException):
+            raise_if_sigterm_swallowed()
+    finally:
+        restore()

@@ -370,15 +370,17 @@ class TaskDataModule(L.LightningDataModule):
         init settings such as add_prefix_space) and the versions of the code that tokenizes."""
         if self.cache_dir is None:
             return None
+        folder = self.cache_dir / "tokenized" / self._digest(recipe, rows)
+        folder.mkdir(parents=True, exist_ok=True)
+        return {s: str(folder / f"{s}.arrow") for s in ("train", "validation", "test")}
+
+    def _digest(self, recipe: dict, rows: str) -> str:
         key = json.dumps({
             "recipe": recipe, "rows": rows, "task": task_fingerprint(self.task),
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
             "versions": [DATA_RULES, datasets.__version__, transformers.__version__, tokenizers.__version__],
         }, sort_keys=True, default=str)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        folder = self.cache_dir / "tokenized" / digest
-        folder.mkdir(parents=True, exist_ok=True)
-        return {s: str(folder / f"{s}.arrow") for s in ("train", "validation", "test")}
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
@@ -393,10 +395,14 @@ class TaskDataModule(L.LightningDataModule):
         def tokenize(batch):
             return self.task.tokenize(batch, self.tokenizer, **recipe["tokenize"])
 
-        self.data = raw.parts.map(
-            tokenize, batched=True, remove_columns=raw.parts["train"].column_names,
-            cache_file_names=self._cache_files(recipe, raw.identity), desc="tokenize",
-        )
+        # the fingerprint is our own key (it covers every input): datasets would otherwise hash the
+        # `tokenize` closure with dill, slowly, and fall back to a random hash when it cannot
+        files, digest = self._cache_files(recipe, raw.identity), self._digest(recipe, raw.identity)
+        self.data = datasets.DatasetDict({
+            name: part.map(tokenize, batched=True, remove_columns=part.column_names, desc=f"tokenize {name}",
+                           cache_file_name=files[name] if files else None, new_fingerprint=f"{digest}-{name}")
+            for name, part in raw.parts.items()
+        })
         self.stats = raw.stats
         if self.train_examples is not None:
             self.data["train"] = subsample(self.data["train"], self.train_examples, self.seed)
