@@ -176,7 +176,7 @@ def test_resume_continues_from_saved_step(tmp_path):
     first = module(prefix_dropout=0.0)
     _trainer(tmp_path / "first", [_StopAfterEpoch()]).fit(first, loader)
     ckpt_path = tmp_path / "first" / "last.ckpt"
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["global_step"] == 6
     assert ckpt["state_dict"] and all(not k.startswith("backbone.") for k in ckpt["state_dict"]), \
         "checkpoint should hold only trainable tensors"
