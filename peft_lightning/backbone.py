@@ -89,6 +89,16 @@ def load_tokenizer(spec: BackboneSpec, fallback: str | None = None):
     return AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
 
 
+def check_tokenizer_fits(tokenizer, model: PreTrainedModel, where: str) -> None:
+    """ValueError unless every id of `tokenizer` has a row in `model`'s input embedding: another
+    model's tokenizer with a bigger vocabulary indexes past the table (an error on CPU, garbage or
+    a device assert on GPU), and its smaller ids stand for other words than the model learnt."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(f"{where}: the tokenizer has {len(tokenizer):,} tokens but the backbone's input embedding has "
+                         f"{rows:,} rows; it is another model's tokenizer: use the backbone's own")
+
+
 def for_split_words(tokenizer):
     """`tokenizer`, or a copy of it that marks every pre-split word as the start of a word
     (token classification feeds words, `is_split_into_words=True`).

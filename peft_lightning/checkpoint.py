@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from peft_lightning.backbone import check_tokenizer_fits
 from peft_lightning.errors import AdapterError
 from peft_lightning.schema import own_method_keys
 
@@ -103,6 +104,19 @@ def read_config(config_file: Path) -> dict:
     return config
 
 
+def _shape_settings(config: dict) -> str:
+    """The config's values that decide tensor shapes, named as keys: model, method sizes, task."""
+    model = config["model"]
+    parts = [f"model.config.{k}={model['config'][k]}" for k in ("model_type", "hidden_size", "num_hidden_layers")
+             if isinstance(model.get("config"), dict) and k in model["config"]]
+    if model.get("name_or_path"):
+        parts.insert(0, f"model.name_or_path={model['name_or_path']}")
+    parts += [f"method.{k}={v}" for k, v in config["method"].items() if k != "name" and not isinstance(v, (dict, list))]
+    task = config.get("task") or {"name": "classification"}  # (the module's default)
+    parts += [f"task={task.get('name') if isinstance(task, dict) else task}", f"num_labels={config['num_labels']}"]
+    return ", ".join(parts)
+
+
 def _one_line(err: BaseException, limit: int = 400) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= limit else text[:limit] + " ..."
@@ -113,6 +127,20 @@ def _load_tensors(file: Path) -> dict:
         return load_file(str(file))
     except (SafetensorError, OSError) as err:
         raise AdapterError(f"{file} is truncated or corrupt ({err}); save the adapter again") from None
+
+
+def _check_tokenizer(module, config: dict, config_file: Path) -> None:
+    """Load the adapter's tokenizer now (not at the first prediction) so that a name that is not a
+    tokenizer, or another model's tokenizer, is an AdapterError here, not a traceback or different
+    numbers later. A config-built backbone without model.tokenizer has no tokenizer: tensors only."""
+    model = config["model"]
+    key = "model.tokenizer" if model.get("tokenizer") else "model.name_or_path"
+    if not (model.get("tokenizer") or model.get("name_or_path")):
+        return
+    try:
+        check_tokenizer_fits(module.tokenizer, module.backbone, f"{key}={model.get(key.split('.')[1])!r}")
+    except (ValueError, OSError) as err:  # unknown embedded name / not a tokenizer here / too big
+        raise AdapterError(f"{config_file}: key '{key}': {_one_line(err)}") from err
 
 
 def load_pretrained(directory: str | Path, model_override: dict | None = None):
@@ -142,6 +170,7 @@ def load_pretrained(directory: str | Path, model_override: dict | None = None):
         raise AdapterError(f"{config_file}: {type(err).__name__}: {_one_line(err)}") from err
     except OSError as err:  # model.name_or_path is not a model here
         raise AdapterError(f"{config_file}: key 'model' {config['model']} cannot be loaded ({_one_line(err)})") from err
+    _check_tokenizer(module, config, config_file)
     tensors = _load_tensors(weights_file)
     expected = module.trainable_state_keys()
     missing, unexpected = expected - set(tensors), set(tensors) - expected
@@ -150,10 +179,11 @@ def load_pretrained(directory: str | Path, model_override: dict | None = None):
                            f"tensors do not fit method {config['method']} of {config_file}")
     own = module.state_dict()
     for k, v in tensors.items():
-        if own[k].shape != v.shape:
+        if own[k].shape != v.shape:  # the shape follows the model, the method's sizes and the task alike
             raise AdapterError(
-                f"{weights_file}: tensor '{k}' has shape {tuple(v.shape)} but key 'model' of {config_file} builds a "
-                f"backbone that needs {tuple(own[k].shape)}; the adapter was trained on another model"
+                f"{weights_file}: tensor '{k}' has shape {tuple(v.shape)} but the settings of {config_file} "
+                f"({_shape_settings(config)}) build {tuple(own[k].shape)}; the adapter config's model, method or "
+                "task settings differ from the ones the tensors were trained with"
             )
     module.load_state_dict(tensors, strict=False)
     if backbone_file.is_file():

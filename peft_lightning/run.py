@@ -18,9 +18,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from peft_lightning.backbone import BackboneSpec, load_tokenizer
+from peft_lightning.backbone import BackboneSpec, check_tokenizer_fits, load_tokenizer
 from peft_lightning.checkpoint import save_pretrained
 from peft_lightning.data import TaskDataModule
+from peft_lightning.errors import ConfigError
 from peft_lightning.faults import (INTERRUPTS, AtomicCheckpointIO, ExactResume, InterruptCheckpoint, check_checkpoint,
                                    interrupt_on_sigterm, raise_if_sigterm_swallowed, run_folder)
 from peft_lightning.loggers import job_overrides, write_json_atomic
@@ -72,6 +73,11 @@ def build(cfg: DictConfig):
     task = task_config(data_cfg)
     module = method_class(method_cfg["name"])(model=model_cfg, method=method_cfg, num_labels=len(labels),
                                               labels=labels, task=task)
+    try:  # another model's tokenizer would index past the embedding table
+        name = model_cfg.get("tokenizer") or model_cfg.get("name_or_path")
+        check_tokenizer_fits(tokenizer, module.backbone, f"model.tokenizer={name!r}")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     datamodule = TaskDataModule(tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
                                 **{**data_cfg, "task": module.task})
     return datamodule, module

@@ -67,7 +67,17 @@ CASES = {
                            rf"{CONFIG}: unknown key method.prefix_lenght \(did you mean method.prefix_length\?\)"),
     "unknown model key": (dict(edit=_set("model.revision", "main")), r"unknown key\(s\) \['model.revision'\]"),
     "another model": (dict(edit=_set("model.config.hidden_size", 48)),
-                      rf"{WEIGHTS}: tensor '.*' has shape .* but key 'model' of .*{CONFIG} builds a backbone"),
+                      rf"{WEIGHTS}: tensor '.*' has shape .* but the settings of .*{CONFIG} \(.*model.config.hidden_size"
+                      r"=48.*\) build .*; the adapter config's model, method or task settings differ"),
+    "another prefix length": (dict(edit=_set("method.prefix_length", 8)),
+                              rf"{WEIGHTS}: tensor '.*' has shape .* but the settings of .*{CONFIG} \(.*"
+                              r"method.prefix_length=8.*task=classification.*\) build .*model, method or task"),
+    "unknown tokenizer": (dict(edit=_set("model.tokenizer", "embedded:nope")),
+                          rf"{CONFIG}: key 'model.tokenizer': Unknown embedded model 'nope'"),
+    "tokenizer bigger than the embedding": (
+        dict(edit=_set("model.config.vocab_size", 99)),
+        rf"{CONFIG}: key 'model.tokenizer': model.tokenizer='embedded:minilm': the tokenizer has 30,522 tokens but "
+        r"the backbone's input embedding has 99 rows"),
     "bad method value": (dict(edit=_set("method.reparameterization", "gru")),
                          rf"{CONFIG}: ValueError: reparameterization must be one of"),
     "truncated weights": (dict(truncate=WEIGHTS), rf"{WEIGHTS} is truncated or corrupt"),
@@ -124,3 +134,26 @@ def test_a_misspelt_knob_in_python_is_refused_and_other_methods_knobs_are_not_sa
     batch = make_batch(length=8)
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(folder)(batch), m.eval()(batch), atol=0, rtol=0)
+
+
+def test_a_tokenizer_bigger_than_the_embedding_is_refused(tmp_path):
+    """The one check predict (load_pretrained) and training (run.build) share."""
+    from omegaconf import OmegaConf
+
+    from peft_lightning.backbone import BackboneSpec, check_tokenizer_fits, load_backbone, load_tokenizer
+    from peft_lightning.errors import ConfigError
+    from peft_lightning.run import build
+
+    tokenizer = load_tokenizer(BackboneSpec(tokenizer="embedded:minilm"))
+    small = load_backbone(BackboneSpec(**tiny_model("bert")))  # 99 rows
+    with pytest.raises(ValueError, match=r"^here: the tokenizer has 30,522 tokens but the backbone's input "
+                                         r"embedding has 99 rows"):
+        check_tokenizer_fits(tokenizer, small, "here")
+    spec = tiny_model("bert")
+    spec["config"]["vocab_size"] = 30522
+    check_tokenizer_fits(tokenizer, load_backbone(BackboneSpec(**spec)), "here")  # its own size fits
+    cfg = OmegaConf.create({"model": {**tiny_model("bert"), "tokenizer": "embedded:minilm"}, "seed": 0,
+                            "method": {"name": "lora"}, "paths": {"cache_dir": str(tmp_path)},
+                            "data": {"source": "embedded:sms_spam", "labels": ["ham", "spam"]}})
+    with pytest.raises(ConfigError, match=r"^model.tokenizer='embedded:minilm': the tokenizer has 30,522 tokens"):
+        build(cfg)

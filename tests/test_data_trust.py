@@ -452,3 +452,38 @@ def test_data_errors_are_user_errors(tmp_path):
                  lambda: read(BAD / "duplicate_column.csv")):
         with pytest.raises(UserError):
             call()
+
+
+# --- quotes in delimited files: a stray '"' must never merge rows silently ---
+
+def test_tsv_quotes_are_text(tmp_path):
+    """GLUE convention: a '"' opening a sentence and another rows later keep every row apart."""
+    f = tmp_path / "d.tsv"
+    f.write_text('sentence\tlabel\n"Hello, she said\t1\nplain\t0\nanother" one\t1\nlast\t0\n')
+    got = [row for _, row in read_rows(f)]
+    assert [r["sentence"] for r in got] == ['"Hello, she said', "plain", 'another" one', "last"]
+    assert [r["label"] for r in got] == ["1", "0", "1", "0"]
+
+
+def test_csv_stray_quote_swallowing_rows_is_an_error(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text('text,label\nfine,1\n"oops a stray quote,0\nsecond,1\nthird",0\nlast,1\n')
+    with pytest.raises(DataError, match=r"d\.csv, line 3: a quote opened here runs over 2 lines that each look "
+                                        r"like a row; close the quote"):
+        list(read_rows(f))
+
+
+def test_csv_quoted_line_break_still_reads(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text('text,label\n"first line\nsecond line",1\nnext,0\n')
+    got = [(where, row) for where, row in read_rows(f)]
+    assert [r for _, r in got] == [{"text": "first line\nsecond line", "label": "1"}, {"text": "next", "label": "0"}]
+    assert got[1][0].endswith("line 4")
+
+
+def test_json_array_file_says_json_lines(tmp_path):
+    f = tmp_path / "arr.json"
+    f.write_text('[{"text": "a", "label": 0}]\n')
+    with pytest.raises(DataError, match=r"arr\.json, line 1: expected a JSON object, got list; \.json files are read "
+                                        r"as JSON Lines \(one object per line\)"):
+        list(read_rows(f))

@@ -6,6 +6,9 @@ Reading rules (each one closes a way a file could parse and still train on the w
 - a header naming one column twice is an error (a dict keeps only the last column);
 - a `.csv` whose header has no ',' but a ';' or a tab is read with that delimiter (a warning says so);
 - csv fields may be as long as the file (the csv module's default limit is 128 KiB);
+- `.tsv` quotes are text (GLUE's convention): a `"` inside a sentence never merges the rows after it;
+- a `.csv` field whose quoted line breaks hold lines that each look like a row is an error (a stray
+  quote, closed rows later by another one, would otherwise merge those rows into one text silently);
 - JSONL lines end at '\\n' only: U+2028/U+2029 and other Unicode line breaks are text inside strings;
 - text roles must hold strings: null, numbers, lists are errors, never `str()`-ed into "None", "12345".
 """
@@ -17,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -183,8 +187,10 @@ def _delimited_rows(path, raw, delimiter):
     # no field is longer than the file (the default limit, 128 KiB, stops long documents);
     # bounded so the C long the limit is stored in never overflows
     csv.field_size_limit(max(csv.field_size_limit(), min(len(raw) + 1, 2**31 - 1)))
-    # newline="": quoted fields may hold line breaks, and only \n / \r end a line (not U+2028)
-    reader = csv.reader(io.StringIO(raw, newline=""), delimiter=delimiter)
+    # newline="": quoted fields may hold line breaks, and only \n / \r end a line (not U+2028).
+    # tsv: QUOTE_NONE, quotes are text (GLUE's files hold unbalanced '"' inside sentences)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" and Path(path).suffix.lower() == ".tsv" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(raw, newline=""), delimiter=delimiter, quoting=quoting)
     try:
         header = next(reader)
     except StopIteration:
@@ -192,6 +198,7 @@ def _delimited_rows(path, raw, delimiter):
     except csv.Error as err:
         raise DataError(f"{path}, line 1: {err}") from None
     _no_duplicate_columns(path, header, "line 1 (the header)")
+    line_end = reader.line_num
     while True:
         try:
             row = next(reader)
@@ -199,12 +206,34 @@ def _delimited_rows(path, raw, delimiter):
             return
         except csv.Error as err:
             raise DataError(f"{path}, line {reader.line_num}: {err}") from None
-        line = reader.line_num
+        start, line = line_end + 1, reader.line_num
+        line_end = line
         if not row:
             continue
+        _no_rows_in_quotes(path, row, start, delimiter, len(header))
         if len(row) != len(header):
             raise DataError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)} ({header})")
         yield line, dict(zip(header, row))
+
+
+def _no_rows_in_quotes(path, row: list[str], start: int, delimiter: str, columns: int) -> None:
+    """A quoted field spanning lines of which some hold a whole row's delimiters is a stray quote
+    that swallowed rows (a real multi-line text rarely has a row's worth of delimiters on a line).
+    With one column every line would look like a row, so single-column files are not checked."""
+    if columns < 2:
+        return
+    opened = start
+    for field in row:
+        lines = _LINE_BREAK.split(field)
+        if len(lines) > 1:
+            rows = sum(text.count(delimiter) >= columns - 1 for text in lines)
+            if rows:
+                raise DataError(f"{path}, line {opened}: a quote opened here runs over {rows} lines that each look "
+                                "like a row; close the quote (or double it inside the text)")
+        opened += len(lines) - 1
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # the csv module's line ends (not U+2028)
 
 
 def _jsonl_rows(path, raw):
@@ -217,7 +246,9 @@ def _jsonl_rows(path, raw):
         except json.JSONDecodeError as err:
             raise DataError(f"{path}, line {line}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}, line {line}: expected a JSON object, got {type(row).__name__}")
+            # a .json file holding one JSON array (or object over many lines) is the usual mistake
+            raise DataError(f"{path}, line {line}: expected a JSON object, got {type(row).__name__}; "
+                            ".json files are read as JSON Lines (one object per line)")
         yield line, row
 
 
