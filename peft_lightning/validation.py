@@ -99,13 +99,9 @@ def _validate_data(data: dict, where: str) -> None:
         raise ConfigError(f"{where}.num_workers must be an integer >= 0, got {workers!r}")
     split = data.get("split")
     if split:
-        # the defaults of peft_lightning.data.datamodule.load_raw for a fraction left out
-        fractions = [split.get("train", 0.8), split.get("validation", 0.1), split.get("test", 0.1)]
-        for name, value in zip(("train", "validation", "test"), fractions):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ConfigError(f"{where}.split.{name} must be a fraction in [0, 1], got {value!r}")
-        if abs(sum(fractions) - 1) > 1e-6:
-            raise ConfigError(f"{where}.split fractions must sum to 1, got {fractions}")
+        from peft_lightning.data.datamodule import split_fractions
+
+        split_fractions(split, where)
 
 
 def _validate_trainer(trainer: DictConfig) -> None:

@@ -105,7 +105,7 @@ def load_raw(source: str, split: dict, task: Task, columns: dict | None = None, 
                                   for i, v in enumerate(table["label"])]
         else:
             table = to_roles(read_rows(source), columns, task, str(source))
-        fractions = _fractions(split)
+        fractions = split_fractions(split)
         groups, stats = _deduplicate(table, source)
         # Seeded shuffle (the permutation Dataset.shuffle(seed) draws), then contiguous 80/10/10
         # slices: the split is a pure function of the seed and the deduplicated data.
@@ -203,16 +203,18 @@ def _content_hash(tables: dict[str, dict]) -> str:
     return digest.hexdigest()
 
 
-def _fractions(split: dict) -> list[float]:
+def split_fractions(split: dict, where: str = "data") -> list[float]:
+    """[train, validation, test] fractions of `data.split` (defaults 0.8 / 0.1 / 0.1), checked: the
+    one check, used by validate_config before any model loads and here when the data is split."""
     unknown = sorted(set(split) - {"train", "validation", "test", "seed"})
     if unknown:
-        raise ConfigError(f"data.split has unknown keys {unknown}; known: train, validation, test, seed")
+        raise ConfigError(f"{where}.split has unknown keys {unknown}; known: train, validation, test, seed")
     fractions = [split.get("train", 0.8), split.get("validation", 0.1), split.get("test", 0.1)]
     for name, value in zip(("train", "validation", "test"), fractions):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ConfigError(f"data.split.{name} must be a fraction in [0, 1], got {value!r}")
+            raise ConfigError(f"{where}.split.{name} must be a fraction in [0, 1], got {value!r}")
     if abs(sum(fractions) - 1) > 1e-6:
-        raise ConfigError(f"data.split fractions must sum to 1, got {fractions}")
+        raise ConfigError(f"{where}.split fractions must sum to 1, got {fractions}")
     return fractions
 
 
