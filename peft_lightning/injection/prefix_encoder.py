@@ -49,6 +49,12 @@ def _load_flat(module: KVTable, state_dict, prefix, local_metadata, strict, miss
                error_msgs) -> None:
     value = state_dict.get(prefix + "weight")
     if value is not None and value.dim() == 2:  # (a 5-D value is already in our layout)
+        flat = torch.Size((module.weight.shape[3], module.weight.numel() // module.weight.shape[3]))
+        if value.shape != flat:  # say it in the flat layout the file holds, as torch says a size mismatch
+            error_msgs.append(f"size mismatch for {prefix}weight: copying a param with shape {value.shape} from "
+                              f"checkpoint, the shape in current model is {flat}.")
+            state_dict.pop(prefix + "weight")
+            return
         state_dict[prefix + "weight"] = flat_to_kv(value, *module.shape)
 
 
