@@ -138,8 +138,11 @@ def restart_validation(fit_loop_state: dict) -> None:
     progress["is_last_batch"] = False
 
 
-def step_seed(seed: int, epoch: int, batch_idx: int) -> int:
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{batch_idx}".encode(), digest_size=8).digest()
+def step_seed(seed: int, epoch: int, batch_idx: int, rank: int = 0) -> int:
+    # each DDP rank its own stream (rank 0 keeps the single-process seeds): ranks see different data
+    # and must not share dropout masks
+    key = f"{seed}/{epoch}/{batch_idx}" + (f"/rank{rank}" if rank else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # a non-negative 63-bit seed
 
 
@@ -167,7 +170,7 @@ class ExactResume(Callback):
         self._trainer = trainer
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        torch.manual_seed(step_seed(self.seed, trainer.current_epoch, batch_idx))
+        torch.manual_seed(step_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank))
 
     def state_dict(self) -> dict[str, Any]:
         metrics = self._trainer.callback_metrics if self._trainer is not None else {}

@@ -419,3 +419,11 @@ def test_a_sigterm_a_library_swallows_still_interrupts_the_run():
             raise_if_sigterm_swallowed()
     finally:
         restore()
+
+
+def test_dropout_seeds_are_a_function_of_the_step_and_differ_per_rank():
+    from peft_lightning.faults import step_seed
+
+    assert step_seed(42, 1, 3) == step_seed(42, 1, 3, rank=0)  # a resume draws the same seeds
+    seeds = {step_seed(42, e, b, r) for e in range(2) for b in range(3) for r in range(2)}
+    assert len(seeds) == 12  # each (epoch, batch, rank) its own stream
