@@ -53,6 +53,23 @@ def make_batch(arch: str = "bert", batch: int = 3, length: int = 10, seed: int =
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+WORD_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
+
+
+def save_word_tokenizer(folder, words: list[str]) -> str:
+    """A word-level BERT-style tokenizer ([CLS] a [SEP] b [SEP]) over `words`, saved in `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(WORD_SPECIAL + list(words))}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]", eos_token="</s>").save_pretrained(folder)
+    return str(folder)
+
+
 def train_steps(m, batches, steps):
     """Plain AdamW steps on the trainable parameters (weight decay on, so frozen ones would move if
     the optimizer saw them); returns the losses."""

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+from conftest import save_word_tokenizer
 
 import peft_lightning.data.datamodule as dmod
 from peft_lightning.backbone import BackboneSpec, load_tokenizer
@@ -21,21 +22,13 @@ from peft_lightning.tasks import make_task
 ROOT = Path(__file__).resolve().parents[1]
 BAD = Path(__file__).parent / "data" / "bad"
 WORDS = "a b c d e f g h i j k l m n o p q r s t u v w x y z good bad the is".split()
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
 LABELS = ["neg", "pos"]
 
 
 def word_tokenizer(folder: Path, shuffle: int = 0) -> str:
     """A word-level tokenizer saved in `folder`; `shuffle` rotates the word ids (another vocabulary
     under the same name)."""
-    words = WORDS[shuffle:] + WORDS[:shuffle]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL + words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                            sep_token="[SEP]", mask_token="[MASK]", eos_token="</s>").save_pretrained(folder)
-    return str(folder)
+    return save_word_tokenizer(folder, WORDS[shuffle:] + WORDS[:shuffle])
 
 
 def byte_level_tokenizer(folder: Path, tokenizer_class: str = "RobertaTokenizer") -> str:

@@ -8,16 +8,13 @@ import random
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import save_word_tokenizer, tiny_model
 from omegaconf import OmegaConf
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
 
 from peft_lightning.data import TaskDataModule
 from peft_lightning.methods import METHODS
 
 WORDS = "a b c d e f g h i j k l m n o p q r s t good bad yes no ann bob cal the answer is".split()
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
 TAGS = ["O", "B-PER", "I-PER"]
 NAMES = ["ann", "bob", "cal"]
 
@@ -25,14 +22,7 @@ NAMES = ["ann", "bob", "cal"]
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
-    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                            sep_token="[SEP]", mask_token="[MASK]", eos_token="</s>").save_pretrained(folder)
-    return str(folder)
+    return save_word_tokenizer(folder, WORDS)
 
 
 def _words(rng, n):
