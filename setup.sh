@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "$PY" -m pip install "torch>=2.4,<3"
+    "$PY" -m pip install "torch>=2.13,<2.14"  # the tested range (pyproject.toml)
   else
     "$PY" -m pip install "torch==2.13.0"   # CPU build; a plain `torch` may pull a multi-GB CUDA build
   fi

@@ -26,6 +26,8 @@ It stops growing at `MAX_BYTES` (the rest of the examples then run uncached).
 """
 from __future__ import annotations
 
+import inspect
+
 import hashlib
 import logging
 
@@ -65,7 +67,18 @@ def static_reason(backbone: nn.Module, depth, method: dict, needs_lm: bool) -> s
         return "activation checkpointing is on"
     if not hasattr(backbone, "_create_attention_masks") or not hasattr(backbone, "encoder"):
         return f"{type(backbone).__name__} lacks the encoder structure this transformers version was checked with"
+    # private internals, called positionally below: their leading parameters must still mean what they did
+    # (the cache argument's name changed in 5.24, past_key_values -> cache; the positions did not)
+    for fn, lead in ((type(backbone)._create_attention_masks, MASK_PARAMS),
+                     (type(backbone.encoder.layer[0]).forward, LAYER_PARAMS)):
+        names = tuple(inspect.signature(fn).parameters)[: len(lead) + 1]
+        if names[:-1] != lead or names[-1] not in ("cache", "past_key_values"):
+            return f"{fn.__qualname__}{names} is not the signature this transformers version was checked with"
     return None
+
+
+MASK_PARAMS = ("self", "attention_mask", "encoder_attention_mask", "embedding_output", "encoder_hidden_states")
+LAYER_PARAMS = ("self", "hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask")
 
 
 class FrozenLayerCache:
@@ -168,11 +181,11 @@ class FrozenLayerCache:
         encoder states, then keywords)."""
         hidden = nn.utils.rnn.pad_sequence(rows, batch_first=True)
         hidden = nn.functional.pad(hidden, (0, 0, 0, attention_mask.shape[1] - hidden.shape[1]))
-        mask, _ = self.backbone._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
-                                                        embedding_output=hidden, encoder_hidden_states=None,
-                                                        cache=None)
+        # positional: (attention_mask, encoder_attention_mask, embedding_output, encoder_hidden_states, cache),
+        # checked in static_reason; the cache's keyword is past_key_values before transformers 5.24
+        mask, _ = self.backbone._create_attention_masks(attention_mask, None, hidden, None, None)
         for layer in self.layers[self.start:]:
-            hidden = layer(hidden, mask, None, encoder_attention_mask=None, cache=None, position_ids=None, **kwargs)
+            hidden = layer(hidden, mask, None, None, None, position_ids=None, **kwargs)
         return hidden
 
     def clear(self) -> None:

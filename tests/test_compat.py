@@ -32,6 +32,30 @@ def test_pyproject_requirement_is_the_tested_range():
     assert Version(transformers.__version__) in req.specifier
 
 
+def _pins(end: str) -> dict[str, str]:
+    lines = (ROOT / ".ci" / f"compat-{end}.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
+
+
+def test_compat_job_pins_are_the_ends_of_pyprojects_ranges():
+    """.ci/compat runs the suite with the oldest and the newest releases pyproject.toml admits: each
+    oldest pin is a lower bound there, each newest pin is admitted, and transformers' ends are
+    compat.TESTED_TRANSFORMERS."""
+    text = (ROOT / "pyproject.toml").read_text()
+    block = text.split("\ndependencies = [", 1)[1].split("\n]", 1)[0]
+    requirements = {r.name: r for r in map(Requirement, re.findall(r'^    "([^"]+)",', block, re.M))}
+    oldest, newest = _pins("oldest"), _pins("newest")
+    assert oldest.keys() == newest.keys() and {"torch", "transformers", "lightning"} <= oldest.keys()
+    for name in oldest:
+        spec = requirements[name].specifier
+        lower = [Version(s.version) for s in spec if s.operator == ">="]
+        assert lower == [Version(oldest[name])], f"{name}: pyproject lower bound {lower} != oldest pin {oldest[name]}"
+        assert Version(newest[name]) in spec, f"{name}: newest pin {newest[name]} is outside pyproject's {spec}"
+    low, high = compat.TESTED_TRANSFORMERS
+    assert Version(oldest["transformers"]) == Version(low)
+    assert Version(newest["transformers"]).release[:2] == Version(high).release[:2]
+
+
 def test_older_transformers_is_refused_with_the_pin(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "4.57.1")
     with pytest.raises(ImportError) as err:

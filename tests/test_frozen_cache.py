@@ -191,6 +191,24 @@ def test_a_method_that_changes_the_lower_layers_is_refused(monkeypatch):
                 m(batch)
 
 
+def test_a_changed_private_signature_turns_the_cache_off(monkeypatch):
+    """The cache calls two private transformers internals positionally; a release that reorders their
+    parameters must turn the cache off (auto) or be refused (true), never run with arguments misplaced."""
+    import functools
+    import inspect
+
+    from transformers.models.bert.modeling_bert import BertModel
+
+    stock = BertModel._create_attention_masks
+    reordered = functools.wraps(stock)(lambda *a, **k: stock(*a, **k))  # the model's own forward still works
+    reordered.__signature__ = inspect.signature(
+        lambda self, embedding_output, attention_mask, encoder_attention_mask, encoder_hidden_states, cache: None)
+    monkeypatch.setattr(BertModel, "_create_attention_masks", reordered)
+    assert module(cache="auto").frozen_cache is None
+    with pytest.raises(ConfigError, match="not the signature this transformers version was checked with"):
+        module(cache=True)
+
+
 def test_bad_setting_is_a_config_error():
     with pytest.raises(ConfigError, match="auto, true or false"):
         module(cache="sometimes")
