@@ -31,7 +31,9 @@ class PeftClassifier(L.LightningModule):
                  task: dict | None = None):
         super().__init__()
         check_method_keys_exist(method)  # a misspelt knob must not be silently ignored
-        self.save_hyperparameters()
+        # (not logged by Lightning: run.py logs the whole config, flat for W&B, where these nested
+        # dicts would overwrite the flat `method` / `model` keys)
+        self.save_hyperparameters(logger=False)
         self.method_cfg = dict(method)
         head = method.get("head", {})
         head_type = head.get("type", "linear")
