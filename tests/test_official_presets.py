@@ -111,6 +111,6 @@ def test_warmup_steps_is_a_count_and_wins_over_the_ratio():
         scheduler.step()
     assert factors == pytest.approx([0.0, 0.5, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
     for bad in (-1, 1.5, True):
-        cfg = compose_cfg([f"+method.optim.warmup_steps={str(bad).lower()}"])
+        cfg = compose_cfg([f"method.optim.warmup_steps={str(bad).lower()}"])
         with pytest.raises(ConfigError, match="method.optim.warmup_steps must be a count >= 0"):
             validate_config(cfg)
