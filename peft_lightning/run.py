@@ -221,6 +221,8 @@ def train(cfg: DictConfig) -> dict:
         if trainer is not None:
             summary["epochs_completed"] = trainer.current_epoch
             summary["global_step"] = trainer.global_step
+            summary["world_size"] = trainer.world_size  # DDP processes: devices x num_nodes
+            summary["num_nodes"] = trainer.num_nodes
         if getattr(datamodule, "stats", None):  # split sizes, duplicates removed / across splits
             summary["data_stats"] = datamodule.stats
         summary["wall_time_s"] = time.time() - started

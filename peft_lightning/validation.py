@@ -109,9 +109,36 @@ def _validate_data(data: dict, where: str) -> None:
         split_fractions(split, where)
 
 
+# Sharded strategies: refused, not half-supported. Every method keeps the backbone frozen and
+# replicated; only the adapter's gradients are synchronised (DDP). FSDP/DeepSpeed would shard the
+# frozen weights the prefix kernels, the hooks and the vocabulary-initialised prompts read whole
+# (`init=vocab` copies rows of the full embedding matrix), and none of that has run sharded here.
+SHARDED = ("fsdp", "deepspeed")
+
+
+def sharded_strategy(strategy) -> str | None:
+    """The sharded strategy `trainer.strategy` names (a registry string such as "fsdp" or
+    "deepspeed_stage_3", or a node whose _target_ is an FSDP/DeepSpeed strategy class), else None."""
+    name = strategy.get("_target_", "") if isinstance(strategy, (dict, DictConfig)) else strategy
+    if not isinstance(name, str):
+        return None
+    low = name.rsplit(".", 1)[-1].lower()
+    return name if any(low.startswith(s) for s in SHARDED) else None
+
+
 def _validate_trainer(trainer: DictConfig) -> None:
     import torch
 
+    sharded = sharded_strategy(trainer.get("strategy"))
+    if sharded:
+        raise ConfigError(
+            f"trainer.strategy={sharded} is not supported: peft-lightning trains with the frozen backbone "
+            "replicated on every device and only the adapter's gradients synchronised (trainer=ddp, any "
+            "trainer.num_nodes); sharding the frozen weights (FSDP, DeepSpeed) is untested with the prefix "
+            "kernels and vocabulary-initialised prompts. Use trainer=ddp (trainer.num_nodes=N for several machines)")
+    nodes = trainer.get("num_nodes", 1)
+    if not (isinstance(nodes, int) and not isinstance(nodes, bool) and nodes >= 1):
+        raise ConfigError(f"trainer.num_nodes={nodes!r} must be a whole number >= 1")
     accelerator = trainer.get("accelerator")
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
