@@ -1,5 +1,6 @@
 """Train a PEFT method: `python train.py method=ptuning_v2 model=minilm data=rotten_tomatoes`."""
 import os
+import secrets
 import signal
 import sys
 import time
@@ -12,6 +13,9 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 _STARTED = time.strftime("%Y-%m-%d_%H-%M-%S")
+# this launch's folder name: its start time and a random id, so two launches in the same second
+# never share a folder (resolver `launch_id`, cached: every job of a sweep sees the same one)
+_LAUNCH = f"{_STARTED}_{secrets.token_hex(3)}"
 
 
 def _run_dir(ckpt_path, default: str) -> str:
@@ -24,28 +28,45 @@ def _run_dir(ckpt_path, default: str) -> str:
     return str(run) if run is not None else default
 
 
-def _output_subdir(output_dir: str) -> str:
+def _output_subdir(output_dir: str, mode: str = "") -> str | None:
     """hydra.output_subdir: `.hydra`, or `.hydra/attempt-<time>` when the folder already holds a
-    run's record (a resume): the original config and overrides are never overwritten."""
+    run's record (a resume): the original config and overrides are never overwritten. None (no
+    record) for a multirun job that finished in an earlier launch: this launch does not run it."""
+    from peft_lightning.multirun import finished_job
+
     taken = os.path.isfile(os.path.join(output_dir, ".hydra", "config.yaml"))
+    if taken and "MULTIRUN" in str(mode) and finished_job(output_dir):
+        return None
     return f".hydra/attempt-{_STARTED}" if taken else ".hydra"
+
+
+def _sweep_subdir(num, *, _root_) -> str:
+    """hydra.sweep.subdir: the job's folder, found by its overrides (see peft_lightning/multirun.py)."""
+    from peft_lightning.multirun import job_subdir
+
+    return job_subdir(_root_.hydra.sweep.dir, num, list(_root_.hydra.overrides.task))
 
 
 # used by conf/hydra/default.yaml, resolved before main() runs
 OmegaConf.register_new_resolver("resume_run_dir", _run_dir, replace=True)
 OmegaConf.register_new_resolver("attempt_subdir", _output_subdir, replace=True)
+OmegaConf.register_new_resolver("launch_id", lambda: _LAUNCH, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("sweep_subdir", _sweep_subdir, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from peft_lightning.multirun import needs_own_process, objective, run_job_in_own_process
+    from peft_lightning.multirun import earlier_launch, needs_own_process, objective, run_job_in_own_process
     from peft_lightning.run import train
     from peft_lightning.errors import ConfigError, UserError
 
+    finished = earlier_launch(cfg)  # a relaunched sweep: a finished job is not run again, an unfinished one resumes
+    if finished is not None:
+        return objective(finished.get("metrics", {}).get("best", {}), cfg.data)
     if needs_own_process(cfg):  # a DDP job inside a multirun: see peft_lightning/multirun.py
-        return run_job_in_own_process(__file__)
+        return run_job_in_own_process(__file__, cfg.get("ckpt_path"))
 
     try:
         summary = train(cfg)

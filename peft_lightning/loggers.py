@@ -1,4 +1,11 @@
-"""W&B (offline automatically when there are no credentials) and CSV, plus results.json."""
+"""W&B (offline automatically when there are no credentials) and CSV, plus results.json.
+
+W&B as a sweep needs it: a multirun's runs share one group, the sweep (`<task_name>:<sweep folder>`);
+`job_type` says train or eval; the summary keeps the best dev value of the selection metric
+(`define_metric`, not the last epoch's); and the config is flat, every knob a key named as on the
+command line (`method.prefix_length`) plus short names for the ones sweeps compare (`prefix_length`,
+`lr`, `backbone`, `trainable_pct`, ...), so grouped runs and parallel coordinates work unedited.
+"""
 from __future__ import annotations
 
 import json
@@ -6,6 +13,8 @@ import logging
 import netrc
 import os
 from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +37,28 @@ def wandb_offline() -> bool:
     return not wandb_credentials_available()
 
 
+def sweep_group(task_name: str) -> str:
+    """The W&B group: the sweep (`<task_name>:<sweep folder name>`) for a multirun job (also when it
+    runs in its own process, multirun.py); `task_name` for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from peft_lightning.multirun import CHILD_ENV
+
+    if not HydraConfig.initialized():
+        return task_name
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return f"{task_name}:{Path(str(hc.sweep.dir)).name}"
+    if os.environ.get(CHILD_ENV):  # a DDP job of a sweep, run as a single run in <sweep dir>/<job>
+        return f"{task_name}:{Path(hc.runtime.output_dir).parent.name}"
+    return task_name
+
+
 def make_wandb_logger(save_dir: str, project: str, name: str | None = None, group: str | None = None,
-                      tags: list[str] | None = None, **kwargs):
+                      tags: list[str] | None = None, task_name: str = "train", job_type: str | None = None,
+                      **kwargs):
+    """Lightning's WandbLogger; `group` None: the sweep (sweep_group); `job_type` None: train."""
     from lightning.pytorch.loggers import WandbLogger
 
     offline = wandb_offline()
@@ -42,8 +71,54 @@ def make_wandb_logger(save_dir: str, project: str, name: str | None = None, grou
     swept = job_overrides()
     if name and swept:  # runs of one sweep differ by their overrides: say them in the name
         name = f"{name} {','.join(swept)}"
-    return WandbLogger(save_dir=save_dir, project=project, name=name, group=group, tags=list(tags or []),
-                       offline=offline, **kwargs)
+    return WandbLogger(save_dir=save_dir, project=project, name=name, group=group or sweep_group(task_name),
+                       tags=list(tags or []), job_type=job_type or "train", offline=offline, **kwargs)
+
+
+def job_type(cfg: DictConfig) -> str:
+    """`eval` for a run that trains nothing (trainer.max_epochs / max_steps / limit_train_batches 0), else `train`."""
+    trainer = cfg.get("trainer") or {}
+    nothing = any(trainer.get(k) == 0 for k in ("max_epochs", "max_steps", "limit_train_batches"))
+    return "eval" if nothing else "train"
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], str(node) if isinstance(node, list) else node
+
+
+def flat_config(cfg: DictConfig, parameters: dict | None = None) -> dict:
+    """The run's settings for W&B: every leaf of the config under its dotted key (`method.optim.lr`,
+    as on the command line; lists as strings, `[3, 4, 5]`, so they filter and plot), and short keys
+    for what sweeps compare: method, backbone, data, seed, lr, weight_decay, warmup_ratio, head,
+    batch_size, max_epochs, every scalar knob of the method (prefix_length, reparameterization,
+    depth, r, bottleneck, ...), trainable and trainable_pct."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    flat = dict(_leaves({k: v for k, v in config.items() if k != "hydra"}))
+    method, data = config.get("method") or {}, config.get("data") or {}
+    short = {"method": method.get("name"), "backbone": (config.get("model") or {}).get("name"),
+             "data": data.get("name"), "seed": config.get("seed"), "head": (method.get("head") or {}).get("type"),
+             "batch_size": data.get("batch_size"), "max_epochs": (config.get("trainer") or {}).get("max_epochs")}
+    short.update(method.get("optim") or {})  # lr, weight_decay, warmup_ratio
+    short.update({k: str(v) if isinstance(v, list) else v for k, v in method.items()
+                  if k != "name" and not isinstance(v, dict)})
+    for key in ("trainable", "trainable_pct", "total"):
+        if parameters and key in parameters:
+            short[key] = parameters[key]
+    return {**flat, **short}
+
+
+def configure_wandb(logger, cfg: DictConfig, parameters: dict, metric: str) -> None:
+    """The flat config, and the summary of `val/<metric>` (the selection metric, higher is better:
+    selection keeps the maximum, see tasks/base.py) and of `val/loss` as their best values."""
+    run = logger.experiment
+    run.config.update(flat_config(cfg, parameters), allow_val_change=True)
+    # (Lightning's WandbLogger steps every metric by trainer/global_step: keep it for these two)
+    run.define_metric(f"val/{metric}", summary="max", step_metric="trainer/global_step")
+    run.define_metric("val/loss", summary="min", step_metric="trainer/global_step")
 
 
 def job_overrides(everything: bool = False) -> list[str]:

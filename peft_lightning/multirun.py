@@ -1,6 +1,14 @@
-"""DDP inside a Hydra multirun.
+"""Multiruns: sweeps that survive interruption, and DDP inside a sweep.
 
-Lightning starts DDP ranks 1..N-1 by re-running the command line (`sys.argv`) with
+Resumable sweeps. Relaunching a multirun with the same `hydra.sweep.dir` finishes it: each job
+finds its own folder by its overrides (`job_subdir`, the `hydra.sweep.subdir` resolver; not by
+its number, which another launch or Optuna may give to another job), a job whose results.json
+says it completed is not run again (train.py returns its recorded objective to the sweeper), and a
+job that failed, was interrupted or killed goes on from its `interrupted.ckpt` / `last.ckpt`
+through the single-run resume (run.py, faults.py). A seeded Optuna study resumes by replay: the
+same seed and the same recorded values make the sampler propose the same trials again.
+
+DDP inside a multirun. Lightning starts DDP ranks 1..N-1 by re-running the command line (`sys.argv`) with
 `hydra.run.dir` set. Inside a multirun that command line is the whole sweep (`-m` and every
 swept value) and `hydra.run.dir` is not the job's directory: every rank would start the sweep
 again, with duplicated jobs, runs in the wrong folders and killed processes.
@@ -13,15 +21,118 @@ metric (`objective`) to the sweeper. SLURM jobs are left alone: there srun start
 """
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+log = logging.getLogger(__name__)
 CHILD_ENV = "PEFT_LIGHTNING_MULTIRUN_CHILD"
+FINISHED = ("completed", "not_trained")  # statuses a relaunch does not run again
+
+
+# --- resumable sweeps -----------------------------------------------------------------------------
+def job_key(overrides) -> tuple[str, ...]:
+    """What identifies a job within a sweep: its overrides, in any order; a `ckpt_path` given to
+    resume it is not part of what it is."""
+    return tuple(sorted(str(o) for o in overrides if not str(o).lstrip("+").startswith("ckpt_path=")))
+
+
+def recorded_overrides(folder: Path) -> list[str] | None:
+    """The overrides a job folder was made for: Hydra's .hydra/overrides.yaml (written before the
+    job runs, so also for a job killed at once), else its results.json."""
+    file = folder / ".hydra" / "overrides.yaml"
+    try:
+        if file.is_file():
+            return [str(o) for o in OmegaConf.load(file)]
+        results = folder / "results.json"
+        if results.is_file():
+            return list(json.loads(results.read_text()).get("overrides") or [])
+    except (OSError, ValueError):  # a half-written or foreign file: not a job of this sweep
+        pass
+    return None
+
+
+_SUBDIRS: dict[tuple, str] = {}  # (sweep dir, num, key) -> folder name: the same answer however often asked
+
+
+def job_subdir(sweep_dir, num, overrides) -> str:
+    """`hydra.sweep.subdir` of a multirun job: the folder of an earlier launch's job with the same
+    overrides, else `num` when free, else the next free number (that number's folder holds another
+    job: a relaunch with other overrides, a renumbered Optuna trial). A folder is claimed by
+    creating it, so jobs launched in parallel (joblib, SLURM) never share one."""
+    sweep_dir, key = Path(str(sweep_dir)), job_key(overrides)
+    memo = (str(sweep_dir), int(num), key)
+    if memo in _SUBDIRS:
+        return _SUBDIRS[memo]
+    folders = [f for f in sweep_dir.iterdir() if f.is_dir()] if sweep_dir.is_dir() else []
+    found = [f.name for f in folders if (o := recorded_overrides(f)) is not None and job_key(o) == key]
+    if found:
+        name = min(found, key=lambda n: (len(n), n))
+    else:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        taken = [int(f.name) for f in folders if f.name.isdigit()]
+        for n in itertools.chain([int(num)], itertools.count(max([int(num), *taken]) + 1)):
+            try:
+                (sweep_dir / str(n)).mkdir()
+            except FileExistsError:
+                continue
+            name = str(n)
+            break
+    _SUBDIRS[memo] = name
+    return name
+
+
+def resume_checkpoint(job_dir: Path, results: dict) -> str | None:
+    """Where an unfinished job goes on from: the checkpoint its interrupt named (`resume_from`),
+    else the newest of checkpoints/interrupted.ckpt and last.ckpt (a killed job names none), else
+    nowhere (it starts afresh)."""
+    named = results.get("resume_from")
+    if named and Path(named).is_file():
+        return str(named)
+    found = [p for p in (job_dir / "checkpoints" / n for n in ("interrupted.ckpt", "last.ckpt")) if p.is_file()]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def finished_job(job_dir) -> dict | None:
+    """The results.json of a job folder whose job finished (completed, or had nothing to train)."""
+    try:
+        results = json.loads((Path(job_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return results if results.get("status") in FINISHED else None
+
+
+def earlier_launch(cfg: DictConfig) -> dict | None:
+    """In a multirun job: this job's results.json from an earlier launch of the sweep, when that
+    job finished (the caller skips the job). An unfinished one sets `cfg.ckpt_path` to where it
+    goes on from (unless a ckpt_path was given) and returns None: the job runs."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if os.environ.get(CHILD_ENV) or not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        results = json.loads((job_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None  # a new job (or one killed before it wrote anything): run it
+    status = results.get("status")
+    if status in FINISHED:
+        log.info("job %s finished in an earlier launch of this sweep (%s): not run again; %s",
+                 HydraConfig.get().job.num, status, job_dir / "results.json")
+        return results
+    resume = None if cfg.get("ckpt_path") else resume_checkpoint(job_dir, results)
+    if resume:
+        cfg.ckpt_path = resume
+    log.info("job %s was %s in an earlier launch of this sweep: %s", HydraConfig.get().job.num, status,
+             f"resuming from {resume}" if resume else "running it again")
+    return None
 
 
 def _devices(cfg: DictConfig) -> int:
@@ -66,12 +177,14 @@ def objective(best: dict, data: DictConfig | dict | None = None) -> float | None
     return best[selected[0]] if selected else None
 
 
-def run_job_in_own_process(script: str) -> float | None:
+def run_job_in_own_process(script: str, ckpt_path: str | None = None) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
-    command = [sys.executable, os.path.abspath(script), *hc.overrides.task,
+    resume = [f"ckpt_path={ckpt_path}"] if ckpt_path and not any(
+        o.lstrip("+").startswith("ckpt_path=") for o in hc.overrides.task) else []
+    command = [sys.executable, os.path.abspath(script), *hc.overrides.task, *resume,
                f"hydra.run.dir={job_dir}", "hydra.output_subdir=null", "hydra.job.name=job"]
     env = {**os.environ, CHILD_ENV: "1"}
     returncode = subprocess.run(command, env=env, cwd=hc.runtime.cwd).returncode

@@ -4,10 +4,14 @@
 
 Every job writes results.json whatever happens (run.py), so the report needs nothing else: no
 W&B. The sweep's axes are the overrides that differ between jobs; `seed` is averaged over
-(mean +- std, n). Jobs that failed or were interrupted are listed with their error.
+(mean +- std, a 95% confidence interval from the t-distribution, n). Jobs that failed or were
+interrupted are listed with their error; each setting's wall time per job counts every attempt.
 
 Settings are ranked, and the best one marked, by the best dev value of the selection metric
 (`val/<metric>_best`), never by test: the test value is shown beside it, for the record.
+Where settings share seeds, each is compared with the selected one (or `--baseline`) seed by
+seed: the mean paired difference and its 95% confidence interval, which is narrower than the two
+settings' own intervals when the seeds' draws (data order, initialisation) move both alike.
 """
 from __future__ import annotations
 
@@ -23,8 +27,27 @@ import pandas as pd
 
 
 
+def wall_time(results: dict) -> float | None:
+    """Seconds a job took, every attempt counted (an interrupted run's earlier attempts too)."""
+    attempts = [*results.get("previous_attempts", []), results]
+    times = [a["wall_time_s"] for a in attempts if isinstance(a, dict) and a.get("wall_time_s") is not None]
+    return float(sum(times)) if times else None
+
+
+def t_quantile(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with `df` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def ci_half_width(std: float, n: int) -> float:
+    """Half the 95% confidence interval of a mean of n values with sample std `std` (t, n - 1 df)."""
+    return t_quantile(n - 1) * std / n ** 0.5 if n > 1 else float("nan")
+
+
 def metric_columns(metric: str = "acc") -> dict[str, tuple[tuple, str]]:
-    """Report column -> (results.json path, format), for the sweep's selection metric (data.metric).
+    """Report column -> (results.json path, or a function of it; format), for the sweep's selection metric (data.metric).
     The first column, the best dev value, is the criterion: settings are ranked and picked by it.
     The test value (of the best-dev checkpoint) is shown beside it and never ranks anything:
     choosing by test would report a test score that was selected on test."""
@@ -34,6 +57,7 @@ def metric_columns(metric: str = "acc") -> dict[str, tuple[tuple, str]]:
         "trainable": (("parameters", "trainable"), "{:,.0f}"),
         "trainable %": (("parameters", "trainable_pct"), "{:.3f}"),
         "train s/epoch": (("train_seconds_per_epoch",), "{:.1f}"),
+        "wall s/job": (wall_time, "{:.0f}"),
     }
 
 
@@ -42,7 +66,9 @@ def _selection_metric(results: dict | None) -> str | None:
     return next((k[4:-5] for k in best if k.startswith("val/") and k.endswith("_best")), None)
 
 
-def _get(data: dict, path: tuple):
+def _get(data: dict, path):
+    if callable(path):
+        return path(data)
     for key in path:
         if not isinstance(data, dict) or key not in data:
             return None
@@ -97,44 +123,114 @@ def axes(frame: pd.DataFrame) -> list[str]:
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """Completed jobs grouped by the sweep's axes: mean (+- std over seeds) of every metric."""
+    """Completed jobs grouped by the sweep's axes: mean, std over seeds and the half-width of the
+    95% confidence interval of the mean (`<column> ci`; t-distribution, n - 1 df) of every metric."""
     done = frame[frame["status"] == "completed"]
     keys = axes(frame) or ["job"]
     columns = list(_columns(frame))
     grouped = done.groupby(keys, sort=False, dropna=False)
     out = grouped[columns].mean()
     std = grouped[columns].std()
+    count = grouped[columns].count()
     out["n"] = grouped.size()
     for column in columns:
         out[column + " std"] = std[column]
+        out[column + " ci"] = [ci_half_width(s, n) for s, n in zip(std[column], count[column])]
     return out.reset_index()
 
 
-def markdown(frame: pd.DataFrame, title: str, command: str | None = None, preface: list[str] = ()) -> str:
+def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple[dict, pd.DataFrame]:
+    """Every setting against one reference, seed by seed, over the seeds both ran: (the reference
+    setting, one row per other setting with n and, for the dev and the test metric, the mean
+    difference setting - reference and the half-width of its 95% confidence interval). The
+    reference is `baseline` (axis -> value), else the setting selection picks (best mean dev)."""
+    keys = axes(frame)
+    dev, test = list(_columns(frame))[:2]
+    done = frame[frame["status"] == "completed"]
+    if not keys or "seed" not in done.columns:
+        return {}, pd.DataFrame()
+    if baseline is None:
+        top = rank(summarize(frame), dev).iloc[0]
+        baseline = {k: str(top[k]) for k in keys}
+    if sorted(baseline) != sorted(keys):
+        raise ValueError(f"--baseline must name a value for each axis of this sweep, {keys}; got {sorted(baseline)}")
+
+    def setting(row) -> tuple:
+        return tuple(str(row[k]) for k in keys)
+
+    reference = tuple(str(baseline.get(k, "")) for k in keys)
+    by_setting: dict[tuple, dict[str, pd.Series]] = {}
+    for _, row in done.iterrows():
+        by_setting.setdefault(setting(row), {})[str(row["seed"])] = row
+    if reference not in by_setting:
+        raise ValueError(f"no completed job has the baseline setting {baseline}")
+    rows = []
+    for other, runs in by_setting.items():
+        if other == reference:
+            continue
+        seeds = [s for s in runs if s in by_setting[reference]]
+        row = dict(zip(keys, other), n=len(seeds))
+        for column in (dev, test):
+            diffs = pd.Series([runs[s][column] - by_setting[reference][s][column] for s in seeds], dtype=float).dropna()
+            row[column] = diffs.mean() if len(diffs) else float("nan")
+            row[column + " ci"] = ci_half_width(diffs.std(), len(diffs)) if len(diffs) > 1 else float("nan")
+        rows.append(row)
+    return dict(zip(keys, reference)), pd.DataFrame(rows)
+
+
+def markdown(frame: pd.DataFrame, title: str, command: str | None = None, preface: list[str] = (),
+             baseline: dict[str, str] | None = None) -> str:
     summary = summarize(frame)
     columns = _columns(frame)
     dev, test = list(columns)[:2]
-    keys = [c for c in summary.columns if c not in columns and not c.endswith(" std") and c != "n"]
+    keys = [c for c in summary.columns if c not in columns and not c.endswith((" std", " ci")) and c != "n"]
     many = bool((summary["n"] > 1).any())
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Produced by `{command}`", ""]
     lines += [_machine(), "", *preface]
     lines += [f"Ranked by {dev} (the selection metric; ties in job order); {test} is the test score of each "
-              "run's best-dev checkpoint, shown alongside, never used to rank.", ""]
-    header = keys + list(columns) + (["n"] if many else [])
+              "run's best-dev checkpoint, shown alongside, never used to rank."
+              + (" Over seeds: mean ± std, and the 95% confidence interval of the mean (t-distribution)."
+                 if many else "") + " wall s/job counts every attempt of a job.", ""]
+    header = []
+    for column in columns:
+        header += [column] + ([f"{'dev' if column == dev else 'test'} 95% CI"] if many and column in (dev, test) else [])
+    header = keys + header + (["n"] if many else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in rank(summary, dev).iterrows():
         cells = [_setting(row[k]) for k in keys]
         for column, (_, fmt) in columns.items():
-            value, spread = row[column], row[column + " std"]
+            value, spread, half = row[column], row[column + " std"], row[column + " ci"]
             cell = "" if pd.isna(value) else fmt.format(value)
             if many and not pd.isna(spread) and column in (test, dev):
                 cell += " ± " + fmt.format(spread)
             cells.append(cell)
+            if many and column in (dev, test):
+                cells.append("" if pd.isna(half) else f"[{fmt.format(value - half)}, {fmt.format(value + half)}]")
         if many:
             cells.append(str(int(row["n"])))
         lines.append("| " + " | ".join(cells) + " |")
+    wall = frame["wall s/job"].dropna()
+    if len(wall):
+        lines += ["", f"Wall time: {_duration(wall.sum())} for {len(wall)} jobs (mean {wall.mean():.0f} s per job)."]
+    reference, diffs = paired(frame, baseline)
+    if len(diffs) and (diffs["n"] > 1).any():
+        name = ", ".join(f"{k}={_setting(v)}" for k, v in reference.items())
+        lines += ["", f"Paired by seed against {name} ({'the baseline' if baseline else 'the selected setting'}): "
+                  f"the mean of (setting - {name}) over the seeds both ran, and its 95% confidence interval. "
+                  "An interval that excludes 0 is a difference the seeds support.", ""]
+        header = list(reference) + [f"Δ {dev}", "95% CI", f"Δ {test}", "95% CI", "seeds"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        fmt = columns[dev][1]
+        for _, row in diffs.sort_values(dev, ascending=False, kind="stable").iterrows():
+            cells = [_setting(row[k]) for k in reference]
+            for column in (dev, test):
+                value, half = row[column], row[column + " ci"]
+                cells.append("" if pd.isna(value) else f"{value:+.4f}")
+                cells.append("" if pd.isna(half) else f"[{value - half:+.4f}, {value + half:+.4f}]")
+            cells.append(str(int(row["n"])))
+            lines.append("| " + " | ".join(cells) + " |")
     failed = frame[frame["status"] != "completed"]
     if len(failed):
         lines += ["", "Jobs that did not complete:", ""]
@@ -142,6 +238,11 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
             what = ", ".join(f"{k}={row[k]}" for k in axes(frame)) or row["job"]
             lines.append(f"- job {row['job']} ({what}): {row['status']}{': ' + row['error'] if row['error'] else ''}")
     return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(int(round(seconds)), 3600)
+    return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min {rest % 60} s"
 
 
 def rank(summary: pd.DataFrame, dev: str) -> pd.DataFrame:
@@ -180,7 +281,7 @@ def _numeric(values) -> bool:
 
 
 def plots(frame: pd.DataFrame, directory: Path, metric: str | None = None) -> list[Path]:
-    """PNG plots of the selection metric (mean, error bars = std over seeds): the best dev value
+    """PNG plots of the selection metric (mean, error bars = 95% CI over seeds): the best dev value
     (solid; a star marks each line's best-dev setting, the one selection picks) with the test
     value of the same runs beside it (dashed), against each numeric axis (a line per combination
     of the other axes), or as grouped bars when every axis is categorical. `metric`: one report
@@ -192,7 +293,7 @@ def plots(frame: pd.DataFrame, directory: Path, metric: str | None = None) -> li
 
 
 def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metrics: list[str]) -> list[Path]:
-    """The plots of `plots` from a summary (summarize's frame: the metric columns, their " std"
+    """The plots of `plots` from a summary (summarize's frame: the metric columns, their " ci"
     columns and the axis columns `keys`); the first of `metrics` is the criterion, starred."""
     import matplotlib
 
@@ -216,12 +317,12 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metric
                 name = f"{label}, {metric}" if label else metric
                 style = dict(label=name, color=color, alpha=1.0 if i == 0 else 0.6)
                 if x in numeric:
-                    ax.errorbar(part[x].astype(float), part[metric], yerr=part[metric + " std"].fillna(0), capsize=3,
+                    ax.errorbar(part[x].astype(float), part[metric], yerr=part[metric + " ci"].fillna(0), capsize=3,
                                 marker="o" if i == 0 else "s", linestyle="-" if i == 0 else "--",
                                 mfc=color if i == 0 else "none", **style)
                 else:
                     where = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(part))]
-                    ax.bar(where, part[metric], width, yerr=part[metric + " std"].fillna(0), capsize=3,
+                    ax.bar(where, part[metric], width, yerr=part[metric + " ci"].fillna(0), capsize=3,
                            hatch="" if i == 0 else "//", **style)
                     ax.set_xticks(range(len(part)), part[x].astype(str))
             if part[metrics[0]].notna().any():  # the setting selection picks: best dev, not best test
@@ -234,7 +335,10 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metric
         if spread > 10:  # prefix lengths, example counts: powers of 2; learning rates: decades
             ax.set_xscale("log", base=10 if spread > 1000 else 2)
         ax.set_xlabel(x)
+        seeds = int(summary["n"].max()) if "n" in summary else 1
         ax.set_ylabel(" / ".join(metrics))
+        if seeds > 1:
+            ax.set_title(f"mean over seeds (up to {seeds}); error bars: 95% confidence interval", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -261,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="markdown file to write (default: <multirun>/report.md)")
     parser.add_argument("--title", default=None)
     parser.add_argument("--no-plots", action="store_true", help="the table only")
+    parser.add_argument("--baseline", default=None, metavar="AXIS=VALUE[,AXIS=VALUE]",
+                        help="the setting paired comparisons are made against (default: the selected one)")
     args = parser.parse_args(argv)
     if not args.multirun.is_dir():
         parser.error(f"{args.multirun} is not a directory")
@@ -268,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.multirun / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m peft_lightning.report " + " ".join(sys.argv[1:] if argv is None else argv)
+    baseline = dict(item.split("=", 1) for item in args.baseline.split(",")) if args.baseline else None
     text = markdown(frame, args.title or f"Results of {args.multirun}", command,
-                    preface=_optuna_best(args.multirun, frame.attrs["metric"]))
+                    preface=_optuna_best(args.multirun, frame.attrs["metric"]), baseline=baseline)
     if not args.no_plots:
         for path in plots(frame, out.parent):
             text += f"\n![{path.stem}]({path.name})\n"

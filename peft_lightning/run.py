@@ -24,7 +24,7 @@ from peft_lightning.data import TaskDataModule
 from peft_lightning.errors import ConfigError
 from peft_lightning.faults import (INTERRUPTS, AtomicCheckpointIO, ExactResume, InterruptCheckpoint, check_checkpoint,
                                    interrupt_on_sigterm, raise_if_sigterm_swallowed, run_folder)
-from peft_lightning.loggers import job_overrides, write_json_atomic
+from peft_lightning.loggers import configure_wandb, job_overrides, job_type, write_json_atomic
 from peft_lightning.methods import method_class
 from peft_lightning.validation import validate_config
 
@@ -83,6 +83,16 @@ def build(cfg: DictConfig):
     return datamodule, module
 
 
+def instantiate_loggers(cfg: DictConfig) -> list:
+    """The loggers of `cfg.logger`; a W&B logger without a job_type gets train or eval (loggers.job_type)."""
+    loggers = []
+    for c in (cfg.get("logger") or {}).values():
+        if c and "_target_" in c:
+            extra = {"job_type": job_type(cfg)} if "job_type" in c and c.get("job_type") is None else {}
+            loggers.append(hydra.utils.instantiate(c, **extra))
+    return loggers
+
+
 def task_config(data_cfg: dict) -> dict:
     """The module's task settings from a data config: task type, selection metric, generation options."""
     task = {"name": data_cfg.get("task", "classification")}
@@ -137,7 +147,7 @@ def train(cfg: DictConfig) -> dict:
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module = build(cfg)
         raise_if_sigterm_swallowed()
-        loggers = [hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values() if c and "_target_" in c]
+        loggers = instantiate_loggers(cfg)
         callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c and "_target_" in c]
         if not loggers:  # the LR monitor refuses to run without a logger
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -145,9 +155,13 @@ def train(cfg: DictConfig) -> dict:
         trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
         )
-        for lg in loggers:
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         summary["parameters"] = module.parameter_counts()
+        for lg in loggers:
+            if type(lg).__name__ == "WandbLogger":
+                if trainer.is_global_zero:
+                    configure_wandb(lg, cfg, summary["parameters"], module.task.metric)
+            else:
+                lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
         if cfg.get("eval_before_training") and not ckpt_path:  # the untrained (zero-shot) baseline
             before = trainer.validate(module, datamodule=datamodule)

@@ -47,7 +47,7 @@ class Each:
 _SHARED = {
     "name": ANY, "activation_checkpointing": ANY, "backbone_dropout": ANY,
     "head": {"type": ANY, "label_words": ANY, "pooling": ANY, "dropout": ANY},
-    "optim": {"lr": ANY, "weight_decay": ANY, "warmup_ratio": ANY},
+    "optim": {"lr": ANY, "weight_decay": ANY, "warmup_ratio": ANY, "warmup_steps": ANY},
 }
 _PROMPT = dict.fromkeys(("prefix_length", "reparameterization", "reparam_hidden", "depth", "init", "init_text",
                          "eject_on_export", "prefix_dropout", "cache_frozen_layers",

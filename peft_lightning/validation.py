@@ -48,6 +48,11 @@ def validate_config(cfg: DictConfig) -> None:
     lr = m.get("optim", {}).get("lr")
     if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
         raise ConfigError(f"method.optim.lr must be a positive number, got {lr!r}")
+    ratio, steps = m.get("optim", {}).get("warmup_ratio"), m.get("optim", {}).get("warmup_steps")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1):
+        raise ConfigError(f"method.optim.warmup_ratio must be a number in [0, 1), got {ratio!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ConfigError(f"method.optim.warmup_steps must be a count >= 0 (or null: use warmup_ratio), got {steps!r}")
     depth = m.get("depth", "deep")
     if not isinstance(depth, str):
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in depth):

@@ -36,7 +36,7 @@ def no_weights(monkeypatch):
     (["+seeed=3"], r"^unknown key seeed \(did you mean seed\?\)$"),
     (["+model.name_or_pth=x"], r"^unknown key model.name_or_pth \(did you mean model.name_or_path\?\)$"),
     (["+method.head.pooing=mean"], r"^unknown key method.head.pooing \(did you mean method.head.pooling\?\)$"),
-    (["+method.optim.wd=0.1"], r"^unknown key method.optim.wd; method.optim takes lr, warmup_ratio, weight_decay$"),
+    (["+method.optim.wd=0.1"], r"^unknown key method.optim.wd; method.optim takes lr, warmup_ratio, warmup_steps, weight_decay$"),
     # a key of another method: LoRA has no prefix, UniPELT's adapter has no style
     (["method=lora", "+method.prefix_length=8"], r"^unknown key method.prefix_length; method takes .*target_modules"),
     (["method=unipelt", "+method.style=houlsby"], r"^unknown key method.style; method takes "),

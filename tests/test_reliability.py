@@ -45,7 +45,7 @@ def fault(**kw):
      r"'deberta-v2', 'gpt2', 'llama', 'qwen2', 'roberta', 't5'\]"),
     (["method=adapter", "method.style=serial"], r"method.style must be one of \('houlsby', 'pfeiffer'\), got 'serial'"),
     (["method=lora", "method.r=0"], "method.r must be a positive integer, got 0"),
-    (["++method.head.type=mlp"], r"method.head.type must be one of \('linear', 'verbalizer'\), got 'mlp'"),
+    (["++method.head.type=mlp"], r"method.head.type must be one of \('linear', 'pooler', 'verbalizer'\), got 'mlp'"),
     (["method=prompt_tuning", "method.init=text"], "method.init=text needs method.init_text"),
     (["++data.train_examples=1.5"], r"data.train_examples must be a positive count or a fraction in \(0, 1\], got 1.5"),
 ])

@@ -1,10 +1,12 @@
 """The comparison report reads a multirun's results.json files, whatever state each job ended in."""
 import json
 
+import pytest
+
 from peft_lightning.report import collect, main, summarize
 
 
-def job(root, num, overrides, status="completed", acc=None, error=None, test=None):
+def job(root, num, overrides, status="completed", acc=None, error=None, test=None, wall=None, earlier=()):
     d = root / str(num)
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
@@ -15,6 +17,9 @@ def job(root, num, overrides, status="completed", acc=None, error=None, test=Non
                "parameters": {"trainable": 100, "trainable_pct": 0.5}, "train_seconds_per_epoch": [10.0, 12.0]}
     if error:
         results["error"] = error
+    if wall is not None:  # this attempt's seconds; `earlier`: those of interrupted attempts before it
+        results["wall_time_s"] = wall
+        results["previous_attempts"] = [{"status": "interrupted", "wall_time_s": w} for w in earlier]
     (d / "results.json").write_text(json.dumps(results))
 
 
@@ -70,5 +75,78 @@ def test_report_ranks_by_dev_not_by_test(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     # by dev: 128 (0.71) first although its test is the lowest; the 0.68 tie keeps job order (16, then 8)
     assert [row.split(" | ")[0][2:] for row in rows] == ["128", "64", "16", "8", "4"]
-    assert rows[0] == "| 128 | 0.7100 | 0.6800 | 100 | 0.500 | 11.0 |"
+    assert rows[0] == "| 128 | 0.7100 | 0.6800 | 100 | 0.500 | 11.0 |  |"  # (no wall time recorded)
     assert "Ranked by best dev acc" in text
+
+
+# Student's t, two-sided 95% (0.975 quantile), from a printed table: an independent reference
+T975 = {1: 12.7062, 2: 4.3027}
+
+
+def hand_ci(values):
+    """(mean, sample std, half-width of the 95% CI) by hand."""
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    return mean, std, T975[n - 1] * std / n ** 0.5
+
+
+def test_report_gives_confidence_intervals_paired_differences_and_wall_time(tmp_path, monkeypatch):
+    runs = {  # method -> seed -> (dev, test, wall seconds)
+        "a": {1: (0.80, 0.79, 10), 2: (0.82, 0.83, 11), 3: (0.78, 0.78, 12)},
+        "b": {1: (0.75, 0.74, 20), 2: (0.80, 0.79, 21), 3: (0.74, 0.73, 22)},
+        "c": {1: (0.70, 0.71, 5), 2: (0.72, 0.69, 7)},
+    }
+    num = 0
+    for method, seeds in runs.items():
+        for seed, (dev, test, wall) in seeds.items():
+            earlier = [100] if (method, seed) == ("b", 3) else []  # interrupted once, after 100 s, then resumed
+            job(tmp_path, num, [f"method={method}", f"seed={seed}"], acc=dev, test=test, wall=wall, earlier=earlier)
+            num += 1
+    bars = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, *a, **kw: bars.append(list(kw["yerr"])) or
+                        original(self, *a, **kw))
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+    text = (tmp_path / "r.md").read_text()
+
+    def row(method):
+        dev = hand_ci([v[0] for v in runs[method].values()])
+        test = hand_ci([v[1] for v in runs[method].values()])
+        return (f"| {method} | {dev[0]:.4f} ± {dev[1]:.4f} | [{dev[0] - dev[2]:.4f}, {dev[0] + dev[2]:.4f}] | "
+                f"{test[0]:.4f} ± {test[1]:.4f} | [{test[0] - test[2]:.4f}, {test[0] + test[2]:.4f}] | ")
+    for method in runs:
+        assert row(method) in text, (row(method), text)
+    # a: dev 0.80 ± 0.02, CI 0.80 ± 4.3027 * 0.02 / sqrt(3)
+    assert "| method | best dev acc | dev 95% CI | test acc | test 95% CI | trainable |" in text
+    assert "| a | 0.8000 ± 0.0200 | [0.7503, 0.8497] | 0.8000 ± 0.0265 | [0.7343, 0.8657] |" in text
+    # wall time per job, every attempt counted: b = (20 + 21 + 100 + 22) / 3
+    assert "| b | " in text and [r for r in text.splitlines() if r.startswith("| b |")][0].endswith("| 54 | 3 |")
+    assert "Wall time: 3 min 28 s for 8 jobs (mean 26 s per job)." in text
+
+    # paired by seed against the selected setting (a: best mean dev)
+    assert "Paired by seed against method=a (the selected setting)" in text
+    for method in ("b", "c"):
+        shared = [s for s in runs[method] if s in runs["a"]]
+        cells = []
+        for i in (0, 1):  # dev, test
+            mean, _, half = hand_ci([runs[method][s][i] - runs["a"][s][i] for s in shared])
+            cells += [f"{mean:+.4f}", f"[{mean - half:+.4f}, {mean + half:+.4f}]"]
+        assert f"| {method} | " + " | ".join(cells) + f" | {len(shared)} |" in text
+    assert "| b | -0.0367 | [-0.0746, +0.0013] | -0.0467 | [-0.0610, -0.0323] | 3 |" in text
+
+    # the plot's error bars are the same 95% half-widths (bars: dev, then test, per method)
+    expected_dev = [hand_ci([v[0] for v in runs[m].values()])[2] for m in runs]
+    assert bars[0] == pytest.approx(expected_dev, rel=1e-4)  # (the table's t to 5 digits)
+
+
+def test_report_pairs_against_a_named_baseline(tmp_path):
+    for num, (method, seed, acc) in enumerate([("a", 1, 0.8), ("a", 2, 0.9), ("b", 1, 0.7), ("b", 2, 0.75)]):
+        job(tmp_path, num, [f"method={method}", f"seed={seed}"], acc=acc)
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--baseline", "method=b", "--no-plots"]) == 0
+    text = (tmp_path / "r.md").read_text()
+    mean, _, half = hand_ci([0.8 - 0.7, 0.9 - 0.75])
+    assert "Paired by seed against method=b (the baseline)" in text
+    assert f"| a | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |" in text

@@ -21,7 +21,9 @@ from peft_lightning.injection.architectures import ARCHITECTURES
 from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState
 from peft_lightning.schema import check_method_keys_exist
 from peft_lightning.tasks import Classification, make_task
-from peft_lightning.tasks.heads import HEAD_TYPES, Verbalizer
+from peft_lightning.errors import ConfigError
+from peft_lightning.tasks.base import Task
+from peft_lightning.tasks.heads import HEAD_TYPES, PoolerHead, Verbalizer
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,9 @@ class PeftClassifier(L.LightningModule):
                  task: dict | None = None):
         super().__init__()
         check_method_keys_exist(method)  # a misspelt knob must not be silently ignored
-        self.save_hyperparameters()
+        # (not logged by Lightning: run.py logs the whole config, flat for W&B, where these nested
+        # dicts would overwrite the flat `method` / `model` keys)
+        self.save_hyperparameters(logger=False)
         self.method_cfg = dict(method)
         head = method.get("head", {})
         head_type = head.get("type", "linear")
@@ -63,13 +67,15 @@ class PeftClassifier(L.LightningModule):
                 self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.train(True)  # Lightning keeps the modes it finds (see train())
         self.build()
-        # Our head reads the last hidden states, never the backbone's pooler: it stays frozen, or
-        # DDP would find trainable parameters without gradients.
+        # The backbone's pooler is frozen: the linear head never reads it (DDP would find trainable
+        # parameters without gradients), and the official P-Tuning v2 head (pooler) keeps it frozen.
         pooler = getattr(self.backbone, "pooler", None)
         if isinstance(pooler, nn.Module):
             pooler.requires_grad_(False)
         if lm_head is not None:
             self.head = self._verbalizer(lm_head, head.get("label_words") or labels, num_labels, model)
+        elif head_type == "pooler":
+            self.head = self._pooler_head(pooler, head, config.model_type)
         else:
             self.head = self.task.head(self.backbone.config.hidden_size, head, self.kind)
         # Lightning loads our checkpoints non-strictly: they hold only the trainable tensors.
@@ -222,6 +228,15 @@ class PeftClassifier(L.LightningModule):
             raise ValueError(f"cannot find the LM head of {type(lm).__name__}: children {[n for n, _ in lm.named_children()]}")
         return backbone, heads[0]
 
+    def _pooler_head(self, pooler, head: dict, model_type: str) -> PoolerHead:
+        if not isinstance(pooler, nn.Module):
+            raise ConfigError(f"method.head.type=pooler reads the backbone's pooler, and a {model_type!r} backbone "
+                              "has none (BERT and RoBERTa do): use method.head.type=linear")
+        if type(self.task).head is not Task.head:  # token tagging, generation: not one vector per example
+            raise ConfigError(f"method.head.type=pooler pools each example into one vector: it does not fit "
+                              f"data.task={type(self.task).__name__}; use method.head.type=linear")
+        return PoolerHead(pooler, self.backbone.config.hidden_size, self.task.num_outputs, head.get("dropout", 0.1))
+
     def _verbalizer(self, lm_head, words, num_labels: int, model: dict) -> Verbalizer:
         words = [str(w) for w in (words or [])]
         if len(words) != num_labels:
@@ -320,7 +335,9 @@ class PeftClassifier(L.LightningModule):
             params, lr=optim.get("lr", 5e-3), weight_decay=optim.get("weight_decay", 0.0)
         )
         total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(optim.get("warmup_ratio", 0.0) * total)
+        # warmup_steps (a count, as Prefix-Tuning's code gives it) wins over warmup_ratio (a share of training)
+        steps = optim.get("warmup_steps")
+        warmup = min(int(steps), total) if steps is not None else int(optim.get("warmup_ratio", 0.0) * total)
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -1,8 +1,11 @@
 """Classification heads, a knob of every method (`method.head.type`):
 
-  linear      a randomly initialised linear layer on one pooled hidden state (P-Tuning v2):
+  linear      a randomly initialised linear layer on one pooled hidden state (our default):
               the first token (encoders), the last real token (decoders, whose first token sees
               nothing else; encoder-decoders, as BART's classifier) or the mean of real tokens
+  pooler      the official P-Tuning v2 head: the backbone's own pretrained pooler (BERT,
+              RoBERTa: dense + tanh on the first token; frozen, like the rest of the backbone),
+              then dropout and a randomly initialised linear layer
   token       (token classification) a linear layer on every token's hidden state
   verbalizer  no new parameters: the backbone's own (frozen) LM head scores one label word per
               class (Prompt Tuning, P-Tuning). Encoders read a [MASK] token inserted before the
@@ -14,7 +17,7 @@ import torch
 from torch import nn
 
 POOLINGS = ("auto", "first", "last", "mean")
-HEAD_TYPES = ("linear", "verbalizer")
+HEAD_TYPES = ("linear", "pooler", "verbalizer")
 
 
 def last_real(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -40,6 +43,22 @@ class ClassificationHead(nn.Module):
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         return self.linear(self.dropout(pooled))
+
+
+class PoolerHead(nn.Module):
+    """Linear on the backbone's pooler output (P-Tuning v2's `self.classifier(self.dropout(outputs[1]))`,
+    model/sequence_classification.py of THUDM/P-tuning-v2). `pooler` is the backbone's own module,
+    shared, not copied: its weights stay frozen and are not saved with the adapter (a fresh backbone
+    brings them)."""
+
+    def __init__(self, pooler: nn.Module, hidden: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.pooler = pooler
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden, num_labels)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(self.pooler(hidden)))
 
 
 class TokenHead(nn.Module):
