@@ -1,12 +1,15 @@
 """Export an adapter to the HF `peft` format, for people whose serving stack loads `peft`, and
-import peft LoRA / prefix-tuning adapters to continue training or serve them here.
+import peft LoRA (DoRA) / prefix-tuning adapters to continue training or serve them here.
 
     python -m peft_lightning.export <adapter dir> <out dir> [--overwrite]
     module = import_peft("<peft adapter dir>", model={"name_or_path": "roberta-base"}, num_labels=2)
 
 Writes what `peft.PeftModel.from_pretrained(base_model, out_dir)` loads, for the methods with a
 peft twin:
-  lora                 LoraConfig + lora_A / lora_B per target: peft computes exactly what we do.
+  lora, dora           LoraConfig (dora: use_dora=True, + lora_magnitude_vector) + lora_A / lora_B
+                       per target: peft computes exactly what we do.
+  ia3                  IA3Config + ia3_l per target (keys and values: the output, the feed-forward
+                       projection: its input); GPT-2's fused q/k/v gets ones on its query third.
   ptuning_v2, prefix_tuning (deep, every layer)
                        PrefixTuningConfig + the flat prefix (`prompt_embeddings`, the MLP
                        ejected); the key/value layout is the same as ours.
@@ -24,6 +27,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from peft_lightning.checkpoint import load_pretrained
@@ -39,14 +43,14 @@ def _require_peft():
 
 def export_peft(module, directory: str | Path) -> Path:
     _require_peft()
-    from peft import LoraConfig, PrefixTuningConfig
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     method = module.hparams.method
     name = method["name"]
     base = module.hparams.model.get("name_or_path")
-    if name == "lora":
+    if name in ("lora", "dora"):
         tensors, targets, conv1d = {}, [], False
         for key, lora in module.lora.items():
             target = key.replace("-", ".")
@@ -54,11 +58,30 @@ def export_peft(module, directory: str | Path) -> Path:
             conv1d |= type(module.backbone.get_submodule(target)).__name__ == "Conv1D"
             tensors[f"base_model.model.{target}.lora_A.weight"] = lora.A.detach().contiguous().cpu()
             tensors[f"base_model.model.{target}.lora_B.weight"] = lora.B.detach().contiguous().cpu()
+            if name == "dora":
+                magnitude = lora.magnitude.detach().contiguous().cpu()
+                tensors[f"base_model.model.{target}.lora_magnitude_vector"] = magnitude
             if lora.gate is not None:
                 raise AdapterError("a gated LoRA (unipelt) has no peft twin")
         config = LoraConfig(r=int(method.get("r", 8)), lora_alpha=float(method.get("alpha", 16)),
                             lora_dropout=float(method.get("dropout", 0.0)), target_modules=targets,
-                            fan_in_fan_out=conv1d, task_type="FEATURE_EXTRACTION", base_model_name_or_path=base)
+                            fan_in_fan_out=conv1d, use_dora=name == "dora", task_type="FEATURE_EXTRACTION",
+                            base_model_name_or_path=base)
+    elif name == "ia3":
+        tensors, targets, feedforward, conv1d = {}, [], [], False
+        for key, scale in module.ia3.items():
+            target = key.replace("-", ".")
+            targets.append(target)
+            conv1d |= type(module.backbone.get_submodule(target)).__name__ == "Conv1D"
+            vector = scale.vector.detach().cpu()
+            if scale.on_input:  # the feed-forward's intermediate activation: a peft feed-forward module, (1, in)
+                feedforward.append(target)
+                vector = vector[None]
+            else:  # scales its output, (out, 1); a fused q/k/v projection keeps its query third as is
+                vector = torch.cat([torch.ones(scale.start), vector])[:, None]
+            tensors[f"base_model.model.{target}.ia3_l"] = vector.contiguous()
+        config = IA3Config(target_modules=targets, feedforward_modules=feedforward, fan_in_fan_out=conv1d,
+                           task_type="FEATURE_EXTRACTION", base_model_name_or_path=base)
     elif name in ("ptuning_v2", "prefix_tuning") and getattr(module, "depth", None) == "deep":
         from peft_lightning.backbone import attention_geometry
 
@@ -72,8 +95,8 @@ def export_peft(module, directory: str | Path) -> Path:
                                     task_type="FEATURE_EXTRACTION", base_model_name_or_path=base)
     else:
         raise AdapterError(
-            f"method={name} (depth={method.get('depth')}) has no peft twin here; export supports lora and "
-            "deep ptuning_v2 / prefix_tuning"
+            f"method={name} (depth={method.get('depth')}) has no peft twin here; export supports lora, dora, ia3 "
+            "and deep ptuning_v2 / prefix_tuning"
         )
     config.save_pretrained(str(directory))
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -85,7 +108,7 @@ def export_peft(module, directory: str | Path) -> Path:
 
 def import_peft(directory: str | Path, model: dict | None = None, num_labels: int = 2,
                 labels: list[str] | None = None):
-    """Our module from a peft LoRA or prefix-tuning (no projection) adapter directory, with its
+    """Our module from a peft LoRA (DoRA) or prefix-tuning (no projection) adapter directory, with its
     `head.safetensors` if present (else a fresh head). `model` defaults to the adapter's
     base_model_name_or_path."""
     import json
@@ -104,14 +127,18 @@ def import_peft(directory: str | Path, model: dict | None = None, num_labels: in
         targets = config["target_modules"]
         targets = [targets] if isinstance(targets, str) else list(targets)
         patterns = [rf"(^|\.){re.escape(t)}$" for t in targets]
-        method = {"name": "lora", "r": config["r"], "alpha": config["lora_alpha"],
+        kind_name = "dora" if config.get("use_dora") else "lora"
+        method = {"name": kind_name, "r": config["r"], "alpha": config["lora_alpha"],
                   "dropout": config.get("lora_dropout", 0.0), "target_modules": patterns}
-        module = METHODS["lora"](model=model, method=method, num_labels=num_labels, labels=labels)
+        module = METHODS[kind_name](model=model, method=method, num_labels=num_labels, labels=labels)
         state = {}
+        pairs = [("A", "lora_A.weight"), ("B", "lora_B.weight")]
+        if kind_name == "dora":
+            pairs.append(("magnitude", "lora_magnitude_vector"))
         for key in module.lora:
             name = key.replace("-", ".")
-            for ours, theirs in (("A", "lora_A"), ("B", "lora_B")):
-                found = f"base_model.model.{name}.{theirs}.weight"
+            for ours, theirs in pairs:
+                found = f"base_model.model.{name}.{theirs}"
                 if found not in tensors:
                     raise KeyError(f"{directory}: no tensor {found} for target {name}")
                 state[f"lora.{key}.{ours}"] = tensors[found]

@@ -53,13 +53,15 @@ _PROMPT = dict.fromkeys(("prefix_length", "reparameterization", "reparam_hidden"
                          "eject_on_export", "prefix_dropout", "cache_frozen_layers",
                          "recompute_attention"))
 _ADAPTER = dict.fromkeys(("style", "bottleneck", "activation"))
-_LORA = dict.fromkeys(("r", "alpha", "dropout", "target_modules"))
+# methods with LoRA's B matrices also take LoRA+'s learning-rate ratio for them
+_LORA = {**dict.fromkeys(("r", "alpha", "dropout", "target_modules")),
+         "optim": {**_SHARED["optim"], "lr_ratio": ANY}}
 # each method's own keys (beside _SHARED); UniPELT's adapter is always Pfeiffer-style: no `style`
 METHOD_KEYS: dict[str, dict] = {
     "ptuning_v2": _PROMPT, "prefix_tuning": _PROMPT, "prompt_tuning": _PROMPT, "p_tuning": _PROMPT,
-    "adapter": _ADAPTER, "lora": _LORA,
+    "adapter": _ADAPTER, "lora": _LORA, "dora": _LORA,
     "unipelt": {**_PROMPT, "bottleneck": ANY, "activation": ANY, **_LORA},
-    "bitfit": {}, "finetune": {},
+    "bitfit": {}, "finetune": {}, "ia3": {},
 }
 # keys a method takes that its yaml leaves out (they only matter with another key's value)
 # (init_text: with init=text; cache_frozen_layers, recompute_attention: deep prefixes, in their methods' files)

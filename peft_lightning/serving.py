@@ -9,6 +9,10 @@ padded to the longest with masked-out positions, which leaves the shorter ones e
     model = MultiTaskModel({"sentiment": "runs/a/adapter", "spam": "runs/b/adapter"})
     logits = model(batch, tasks=["spam", "sentiment", ...])   # one tensor per example
 
+(IA)^3 adapters mix the same way: each example's keys, values and feed-forward activations are
+scaled by its own task's vectors (a (batch, width) table gathered per batch). A model serves one
+kind: deep prefixes or (IA)^3 vectors.
+
 Prompt ensembling (Lester et al.) is the same thing with several prompts of one task:
 `ensemble(model, batch, members)` runs every member on every example in one forward pass.
 
@@ -27,7 +31,8 @@ from torch import nn
 from peft_lightning.checkpoint import load_pretrained
 from peft_lightning.injection.prefix import PrefixState
 
-MIXABLE = ("ptuning_v2", "prefix_tuning")
+PREFIX_METHODS = ("ptuning_v2", "prefix_tuning")
+MIXABLE = (*PREFIX_METHODS, "ia3")
 
 
 class MultiTaskModel(nn.Module):
@@ -39,27 +44,45 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.labels: dict[str, list[str] | None] = {}
         prefixes: dict[str, PrefixState] = {}
+        vectors: dict[str, dict[str, torch.Tensor]] = {}
         first = None
         for task, directory in adapters.items():
             module = load_pretrained(directory)
             method = module.hparams.method["name"]
-            if method not in MIXABLE or module.prefix is None:
-                raise ValueError(f"task {task!r}: mixed-task batches need deep prefixes ({', '.join(MIXABLE)} with "
-                                 f"depth deep or a layer list); {directory} holds method={method}")
+            if method not in MIXABLE or (method in PREFIX_METHODS and module.prefix is None):
+                raise ValueError(f"task {task!r}: mixed-task batches need deep prefixes ({', '.join(PREFIX_METHODS)} "
+                                 f"with depth deep or a layer list) or ia3; {directory} holds method={method}")
             if first is None:
                 first = module
                 self.backbone = module.backbone  # shared; the other tasks' copies are dropped
+                self.kind = "ia3" if method == "ia3" else "prefix"
             elif module.hparams.model != first.hparams.model:
                 raise ValueError(f"task {task!r} was trained on model {module.hparams.model}, "
                                  f"task {self.tasks[0]!r} on {first.hparams.model}: one backbone serves them all")
-            elif module.prefix.slots != first.prefix.slots:
+            elif (method == "ia3") != (self.kind == "ia3"):
+                raise ValueError(f"task {task!r} holds method={method}, task {self.tasks[0]!r} "
+                                 f"{first.hparams.method['name']}: one model serves deep prefixes or (IA)^3, not both")
+            elif self.kind == "prefix" and module.prefix.slots != first.prefix.slots:
                 raise ValueError(f"task {task!r} has prefixes in attention slots {module.prefix.slots}, "
                                  f"task {self.tasks[0]!r} in {first.prefix.slots}: they must match")
-            with torch.no_grad():
-                prefixes[task] = module.eval().prefix(1)  # computed once: no reparameterization at serving time
+            module.eval()
+            if self.kind == "ia3":
+                vectors[task] = {key: scale.vector.detach() for key, scale in module.ia3.items()}
+            else:
+                with torch.no_grad():
+                    prefixes[task] = module.prefix(1)  # computed once: no reparameterization at serving time
             self.heads[task] = module.head
             self.labels[task] = module.hparams.labels
         self.run_backbone = first.run_backbone
+        self.eval()
+        if self.kind == "ia3":
+            # the first task's Scale modules (hooked into the shared backbone) read each batch's
+            # rows from these tables: per target, (tasks, width)
+            self.scales = first.ia3
+            self.vectors = nn.Module()
+            for key in self.scales:
+                self.vectors.register_buffer(key, torch.stack([vectors[t][key] for t in self.tasks]), persistent=False)
+            return
         self.slots = first.prefix.slots
         self.longest = max(next(iter(s.keys.values())).shape[-2] for s in prefixes.values())
         # per task: keys/values padded to the longest prefix, (slots, 2, heads, longest, head_dim)
@@ -73,13 +96,13 @@ class MultiTaskModel(nn.Module):
         self.register_buffer("prefix_mask", torch.arange(self.longest)[None] < torch.tensor(lengths)[:, None],
                              persistent=False)
         self.lengths = lengths
-        self.eval()
 
     def task_index(self, tasks: list[str]) -> torch.Tensor:
         unknown = sorted(set(tasks) - set(self.tasks))
         if unknown:
             raise KeyError(f"unknown task(s) {unknown}; this model serves {self.tasks}")
-        return torch.tensor([self.tasks.index(t) for t in tasks], device=self.kv.device)
+        device = next(self.backbone.parameters()).device
+        return torch.tensor([self.tasks.index(t) for t in tasks], device=device)
 
     def prefix_for(self, index: torch.Tensor) -> PrefixState:
         """Each row's task's prefix, (batch, H, longest, D) per slot, shorter ones masked."""
@@ -95,6 +118,20 @@ class MultiTaskModel(nn.Module):
         values = {slot: kv[i, 1][None] for i, slot in enumerate(self.slots)}
         return PrefixState(keys, values)
 
+    def hidden(self, batch: dict[str, torch.Tensor], index: torch.Tensor, single: bool) -> torch.Tensor:
+        """The backbone's hidden states, each row with its task's prefix or (IA)^3 vectors."""
+        if self.kind == "prefix":
+            return self.run_backbone(batch, prefix=self.task_prefix(int(index[0])) if single
+                                     else self.prefix_for(index))
+        rows = index[0] if single else index  # one vector for the batch, or one per row
+        try:
+            for key, scale in self.scales.items():
+                scale.rows = getattr(self.vectors, key)[rows]
+            return self.run_backbone(batch)
+        finally:
+            for scale in self.scales.values():
+                scale.rows = None
+
     @torch.no_grad()
     def forward(self, batch: dict[str, torch.Tensor], tasks: list[str]) -> list[torch.Tensor]:
         """Logits per example (tasks may have different label sets), one backbone pass."""
@@ -104,9 +141,9 @@ class MultiTaskModel(nn.Module):
         mask = batch["attention_mask"]
         if len(set(tasks)) == 1:
             task = int(index[0])
-            hidden = self.run_backbone(batch, prefix=self.task_prefix(task))
+            hidden = self.hidden(batch, index, single=True)
             return list(self.heads[self.tasks[task]](hidden, mask).unbind(0))
-        hidden = self.run_backbone(batch, prefix=self.prefix_for(index))
+        hidden = self.hidden(batch, index, single=False)
         # rows grouped by task (stable: each block keeps the batch's row order), one head call per block
         order = torch.argsort(index, stable=True)
         counts = torch.bincount(index, minlength=len(self.tasks)).tolist()

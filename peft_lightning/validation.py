@@ -45,9 +45,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.train_examples must be a positive count or a fraction in (0, 1], got {size!r}")
     if "reparameterization" in m and m.reparameterization not in REPARAMETERIZATIONS:
         raise ConfigError(f"method.reparameterization must be one of {REPARAMETERIZATIONS}, got {m.reparameterization!r}")
-    lr = m.get("optim", {}).get("lr")
-    if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
-        raise ConfigError(f"method.optim.lr must be a positive number, got {lr!r}")
+    for key in ("lr", "lr_ratio"):
+        value = m.get("optim", {}).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ConfigError(f"method.optim.{key} must be a positive number, got {value!r}")
     ratio, steps = m.get("optim", {}).get("warmup_ratio"), m.get("optim", {}).get("warmup_steps")
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1):
         raise ConfigError(f"method.optim.warmup_ratio must be a number in [0, 1), got {ratio!r}")

@@ -87,6 +87,35 @@ def test_prompt_method_trains_under_bf16_autocast(name, arch, attn, kernel_calls
         assert not torch.equal(before, dict(m.named_parameters())[n]), f"{n} did not train"
 
 
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("name", ["dora", "ia3"])
+def test_hooked_methods_keep_the_activations_dtype_under_bf16_autocast(name, arch, kernel_calls):
+    """DoRA's float32 magnitudes and (IA)^3's float32 vectors must not promote the projections' bf16
+    outputs: attention gets exactly the dtypes the frozen backbone's kernel gets, and they train."""
+    m = METHODS[name](model=tiny_model(arch, "sdpa"), method=dict(name=name, r=4, head={"dropout": 0.0}),
+                      num_labels=2)
+    batch = make_batch(arch, length=LENGTH)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for p in m.parameters():  # off their identity start (DoRA's B stays 0): the hooks really compute
+            if p.requires_grad:
+                p.mul_(1.5)
+        m.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    # the stock kernels' dtypes (test_prompt_method_trains_under_bf16_autocast): values bf16, and
+    # Llama's RoPE'd queries/keys come out of a float32 rotation
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert {c[:3] for c in kernel_calls} == ({(bf16,) * 3} if arch == "bert" else {(f32, f32, bf16)})
+    trainable = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(m(batch).float(), batch["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for n, before in trainable.items():
+        assert not torch.equal(before, dict(m.named_parameters())[n]), f"{n} did not train"
+
+
 class _Batches(torch.utils.data.Dataset):
     def __init__(self, arch, n=2):
         self.items = [make_batch(arch, length=LENGTH, seed=i) for i in range(n)]

@@ -38,6 +38,49 @@ def test_lora_export_loads_in_peft_with_the_same_logits(tmp_path, arch):
         assert (hidden - fresh_base(m)(**m.backbone_inputs(batch)).last_hidden_state).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "t5"])
+@pytest.mark.parametrize("name", ["dora", "ia3"])
+def test_dora_and_ia3_export_load_in_peft_with_the_same_logits(tmp_path, name, arch):
+    """peft's own DoRA (`use_dora`) and IA3 layers, reading our exported tensors, compute our
+    hidden states: an independent implementation of the same method. Trained first, so the
+    magnitudes and vectors are far from their identity start (and dropout 0.1 is on in training)."""
+    m = trained(name, arch, dropout=0.1)
+    export_peft(m, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(fresh_base(m), str(tmp_path / "peft")).eval()
+    config = loaded.peft_config["default"]
+    want = ("LORA", True) if name == "dora" else ("IA3", None)
+    assert (config.peft_type.value, getattr(config, "use_dora", None)) == want
+    batch = make_batch(arch, seed=4)
+    with torch.no_grad():
+        hidden = loaded(**m.backbone_inputs(batch)).last_hidden_state
+        torch.testing.assert_close(m.head(hidden, batch["attention_mask"]), m(batch), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hidden, m.run_backbone(batch), atol=1e-5, rtol=1e-5)
+        assert (hidden - fresh_base(m)(**m.backbone_inputs(batch)).last_hidden_state).abs().max() > 1e-4
+
+
+def test_peft_dora_imports_with_the_same_hidden_states(tmp_path):
+    """A DoRA made by peft itself (use_dora, magnitudes moved off their start) imports as method=dora."""
+    from peft_lightning.export import import_peft
+
+    torch.manual_seed(0)
+    base = load_backbone(BackboneSpec(**tiny_model("bert"))).eval()
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    dora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                     use_dora=True, task_type="FEATURE_EXTRACTION"))
+    with torch.no_grad():
+        for n, p in dora.named_parameters():
+            if "lora_B" in n or "magnitude" in n:
+                p.add_(torch.randn_like(p) * 0.5)
+    dora.save_pretrained(str(tmp_path / "theirs"))
+    ours = import_peft(tmp_path / "theirs", model=tiny_model("bert"), num_labels=2)
+    assert ours.hparams.method["name"] == "dora"
+    ours.backbone.load_state_dict(base_state)
+    batch = make_batch("bert", seed=6)
+    with torch.no_grad():
+        theirs = dora.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        torch.testing.assert_close(ours.run_backbone(batch), theirs, atol=1e-5, rtol=1e-5)
+
+
 def test_prefix_export_holds_the_ejected_prefix_in_peft_layout(tmp_path):
     m = trained("prefix_tuning", "bert")
     export_peft(m, tmp_path / "peft")

@@ -16,16 +16,17 @@ P, H, REPARAM_HIDDEN, BOTTLENECK, R, HIDDEN = 4, 32, 16, 8, 4, 32
 # per tiny architecture (3 layers, width 32, 4 heads of 8; Llama: 2 key/value heads):
 #   slots: attention modules (encoder-decoders: encoder self + decoder self + cross, 3 each)
 #   kv: key/value width per slot;  attn/ffn: adapted attention / feed-forward outputs (width 32)
+#   inner: the feed-forward's intermediate width (intermediate_size / d_ff 37; GPT-2's 4 x 32)
 #   lora: (in, out) of each default LoRA target
 QV = [(32, 32)] * 6
 GEOMETRY = {
-    "bert": dict(slots=3, kv=32, attn=3, ffn=3, lora=QV),
-    "roberta": dict(slots=3, kv=32, attn=3, ffn=3, lora=QV),
-    "deberta-v2": dict(slots=3, kv=32, attn=3, ffn=3, lora=QV),
-    "gpt2": dict(slots=3, kv=32, attn=3, ffn=3, lora=[(32, 96)] * 3),  # fused q/k/v
-    "llama": dict(slots=3, kv=16, attn=3, ffn=3, lora=[(32, 32)] * 3 + [(32, 16)] * 3),
-    "t5": dict(slots=9, kv=32, attn=9, ffn=6, lora=[(32, 32)] * 18),
-    "bart": dict(slots=9, kv=32, attn=9, ffn=6, lora=[(32, 32)] * 18),
+    "bert": dict(slots=3, kv=32, attn=3, ffn=3, inner=37, lora=QV),
+    "roberta": dict(slots=3, kv=32, attn=3, ffn=3, inner=37, lora=QV),
+    "deberta-v2": dict(slots=3, kv=32, attn=3, ffn=3, inner=37, lora=QV),
+    "gpt2": dict(slots=3, kv=32, attn=3, ffn=3, inner=128, lora=[(32, 96)] * 3),  # fused q/k/v
+    "llama": dict(slots=3, kv=16, attn=3, ffn=3, inner=37, lora=[(32, 32)] * 3 + [(32, 16)] * 3),
+    "t5": dict(slots=9, kv=32, attn=9, ffn=6, inner=37, lora=[(32, 32)] * 18),
+    "bart": dict(slots=9, kv=32, attn=9, ffn=6, inner=37, lora=[(32, 32)] * 18),
 }
 HEAD = HIDDEN * 2 + 2
 
@@ -37,6 +38,8 @@ METHOD_CFG = {
     "p_tuning": dict(depth="embedding", reparameterization="lstm", eject_on_export=True),
     "adapter": dict(style="houlsby"),
     "lora": dict(),
+    "dora": dict(),
+    "ia3": dict(),
     "bitfit": dict(),
     "finetune": dict(),
     "unipelt": dict(depth="deep", reparameterization="mlp"),
@@ -84,6 +87,10 @@ def expected_trainable(name, arch, model):
         return (g["attn"] + g["ffn"]) * adapter(HIDDEN) + HEAD
     if name == "lora":
         return sum(R * (i + o) for i, o in g["lora"]) + HEAD
+    if name == "dora":  # + a magnitude per output feature
+        return sum(R * (i + o) + o for i, o in g["lora"]) + HEAD
+    if name == "ia3":  # a key and a value vector per attention module, an intermediate vector per feed-forward
+        return g["slots"] * 2 * g["kv"] + g["ffn"] * g["inner"] + HEAD
     if name == "unipelt":
         lora = sum(R * (i + o) + i + 1 for i, o in g["lora"])
         return mlp(deep) + g["slots"] + g["ffn"] * adapter(HIDDEN, gated=True) + lora + HEAD
@@ -134,17 +141,19 @@ def test_unsupported_architecture_names_the_supported_ones():
 # --- equivalences: each method starts from (or can be reduced to) the frozen backbone exactly ----
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", ["lora", "adapter"])
-def test_zero_initialised_lora_and_adapters_equal_the_base(name, arch):
-    """LoRA's B and the adapters' up-projections start at zero: outputs are the backbone's, bit for bit."""
+@pytest.mark.parametrize("name", ["lora", "adapter", "dora", "ia3"])
+def test_hooked_methods_start_equal_to_the_base(name, arch):
+    """LoRA's B and the adapters' up-projections start at zero, DoRA's magnitude at the weight's
+    own norm, (IA)^3's vectors at ones: outputs are the backbone's, bit for bit."""
     m = build(name, arch).eval()
     batch = make_batch(arch)
     with torch.no_grad():
         out = m.encode(batch)
         for handle_owner in m.backbone.modules():  # the same backbone without our hooks
             handle_owner._forward_hooks.clear()
+            handle_owner._forward_pre_hooks.clear()
         ref = m.encode(batch)
-    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -195,7 +204,7 @@ def test_ejected_reparameterization_gives_the_same_logits(tmp_path, name, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", ["lora", "adapter", "unipelt", "prompt_tuning"])
+@pytest.mark.parametrize("name", ["lora", "adapter", "unipelt", "prompt_tuning", "dora", "ia3"])
 def test_save_load_round_trip(tmp_path, name, arch):
     m = build(name, arch)
     train_steps(m, [make_batch(arch, length=8)], 3)

@@ -37,6 +37,50 @@ def test_each_example_uses_its_own_tasks_prefix(tmp_path):
         torch.testing.assert_close(out[row], alone[task][row], atol=1e-5, rtol=1e-5)
 
 
+def test_each_example_uses_its_own_tasks_ia3_vectors(tmp_path):
+    """(IA)^3 tasks in one batch: every example's output equals its task's module run alone, and a
+    batch of one task (the fast path) too; the backbone's hooks are left without per-row vectors."""
+    a, dir_a = trained(tmp_path, "ia3", ["neg", "pos"], seed=1)
+    b, dir_b = trained(tmp_path, "ia3", ["x", "y", "z"], seed=2)
+    assert not torch.equal(a.ia3["encoder-layer-0-attention-self-key"].vector,
+                           b.ia3["encoder-layer-0-attention-self-key"].vector)
+    torch.manual_seed(0)
+    served = MultiTaskModel({"a": dir_a, "b": dir_b})
+    batch = make_batch(batch=6, seed=5)
+    tasks = ["a", "b", "b", "a", "b", "a"]
+    out = served(batch, tasks)
+    with torch.no_grad():
+        alone = {"a": a(batch), "b": b(batch)}
+    for row, task in enumerate(tasks):
+        assert out[row].shape == (2 if task == "a" else 3,)
+        torch.testing.assert_close(out[row], alone[task][row], atol=1e-6, rtol=1e-6)
+    for task in ("a", "b"):
+        torch.testing.assert_close(torch.stack(served(batch, [task] * 6)), alone[task], atol=1e-6, rtol=1e-6)
+    assert all(scale.rows is None for scale in served.scales.values())
+    with pytest.raises(ValueError, match="one model serves deep prefixes or \\(IA\\)\\^3, not both"):
+        MultiTaskModel({"a": dir_a, "p": trained(tmp_path, "ptuning_v2", ["neg", "pos"], seed=3)[1]})
+
+
+def test_ia3_on_deberta_shared_position_keys_serves_one_task_per_batch(tmp_path):
+    """DeBERTa with share_att_key runs its key projection on the position embeddings too, shared by
+    the batch: one vector per row cannot apply there, so a mixed batch is refused with the reason;
+    a batch of one task still equals the task alone."""
+    model = {"config": {**tiny_model("deberta-v2")["config"], "share_att_key": True}}
+    dirs, modules = {}, {}
+    for task, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(0)
+        m = METHODS["ia3"](model=model, method={"name": "ia3", "head": {"dropout": 0.0}}, num_labels=2)
+        train_steps(m, [make_batch("deberta-v2", seed=seed)], 3)
+        modules[task], dirs[task] = m.eval(), save_pretrained(m, tmp_path / task)
+    served = MultiTaskModel(dirs)
+    batch = make_batch("deberta-v2", batch=2, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack(served(batch, ["b", "b"])), modules["b"](batch), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="DeBERTa's shared position keys"):
+        served(batch, ["a", "b"])
+    assert all(scale.rows is None for scale in served.scales.values())
+
+
 def test_mixing_refuses_methods_without_deep_prefixes(tmp_path):
     _, dir_a = trained(tmp_path, "ptuning_v2", ["neg", "pos"], seed=1)
     _, dir_l = trained(tmp_path, "lora", ["neg", "pos"], seed=2)

@@ -26,6 +26,9 @@ class Architecture:
     # adapters: sublayer output projections (before the residual add), by sublayer
     adapter_targets: dict[str, str] = field(default_factory=dict)
     lora_targets: tuple[str, ...] = ()  # default LoRA targets (query and value projections)
+    # (IA)^3: the key and value projections of every attention module (self and cross)
+    key_value: tuple[str, ...] = ()
+    fused_qkv: bool = False  # GPT-2: one projection (c_attn) outputs q, k, v concatenated, in that order
     # a module whose output (position embeddings) must skip the prompt positions
     positions_module: str | None = None
     # the embedding module gets the attention mask as a keyword and must see only the real tokens
@@ -37,43 +40,51 @@ ARCHITECTURES: dict[str, Architecture] = {
         "encoder", ("BertSelfAttention",), "embeddings",
         {"attention": r"attention\.output\.dense$", "ffn": r"layer\.\d+\.output\.dense$"},
         (r"attention\.self\.query$", r"attention\.self\.value$"),
+        key_value=(r"attention\.self\.key$", r"attention\.self\.value$"),
     ),
     "roberta": Architecture(
         "encoder", ("RobertaSelfAttention",), "embeddings",
         {"attention": r"attention\.output\.dense$", "ffn": r"layer\.\d+\.output\.dense$"},
         (r"attention\.self\.query$", r"attention\.self\.value$"),
+        key_value=(r"attention\.self\.key$", r"attention\.self\.value$"),
     ),
     "deberta-v2": Architecture(
         "encoder", ("DisentangledSelfAttention",), "embeddings",
         {"attention": r"attention\.output\.dense$", "ffn": r"layer\.\d+\.output\.dense$"},
         (r"self\.query_proj$", r"self\.value_proj$"),
         embedding_mask_kwarg="mask",
+        key_value=(r"self\.key_proj$", r"self\.value_proj$"),
     ),
     "gpt2": Architecture(
         "decoder", ("GPT2Attention",), None,
         {"attention": r"attn\.c_proj$", "ffn": r"mlp\.c_proj$"},
         (r"attn\.c_attn$",),  # GPT-2 projects q, k, v with one fused layer
+        key_value=(r"attn\.c_attn$",), fused_qkv=True,
     ),
     "llama": Architecture(
         "decoder", ("LlamaAttention",), None,
         {"attention": r"self_attn\.o_proj$", "ffn": r"mlp\.down_proj$"},
         (r"q_proj$", r"v_proj$"),
+        key_value=(r"k_proj$", r"v_proj$"),
     ),
     "qwen2": Architecture(  # Llama's layout, with q/k/v biases (and an optional sliding window, off by default)
         "decoder", ("Qwen2Attention",), None,
         {"attention": r"self_attn\.o_proj$", "ffn": r"mlp\.down_proj$"},
         (r"q_proj$", r"v_proj$"),
+        key_value=(r"k_proj$", r"v_proj$"),
     ),
     "t5": Architecture(
         "encoder-decoder", ("T5Attention",), "encoder.embed_tokens",
         {"attention": r"(SelfAttention|EncDecAttention)\.o$", "ffn": r"DenseReluDense\.wo$"},
         (r"Attention\.q$", r"Attention\.v$"),
+        key_value=(r"Attention\.k$", r"Attention\.v$"),
     ),
     "bart": Architecture(
         "encoder-decoder", ("BartAttention",), "encoder.embed_tokens",
         {"attention": r"(self_attn|encoder_attn)\.out_proj$", "ffn": r"layers\.\d+\.fc2$"},
         (r"q_proj$", r"v_proj$"),
         positions_module="encoder.embed_positions",
+        key_value=(r"k_proj$", r"v_proj$"),
     ),
 }
 

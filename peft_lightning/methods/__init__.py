@@ -3,7 +3,8 @@ from peft_lightning.methods.adapter import AdapterTuning
 from peft_lightning.methods.base import PeftClassifier
 from peft_lightning.methods.bitfit import BitFit
 from peft_lightning.methods.finetune import FineTune
-from peft_lightning.methods.lora import LoRATuning
+from peft_lightning.methods.ia3 import IA3
+from peft_lightning.methods.lora import DoRATuning, LoRATuning
 from peft_lightning.methods.p_tuning import PTuning
 from peft_lightning.methods.prefix_tuning import PrefixTuning
 from peft_lightning.methods.prompt_tuning import PromptTuning
@@ -13,7 +14,9 @@ from peft_lightning.methods.unipelt import UniPELT
 METHODS: dict[str, type[PeftClassifier]] = {
     "adapter": AdapterTuning,
     "bitfit": BitFit,
+    "dora": DoRATuning,
     "finetune": FineTune,
+    "ia3": IA3,
     "lora": LoRATuning,
     "p_tuning": PTuning,
     "prefix_tuning": PrefixTuning,
@@ -29,5 +32,5 @@ def method_class(name: str) -> type[PeftClassifier]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "AdapterTuning", "BitFit", "FineTune", "LoRATuning", "PTuning", "PTuningV2", "PeftClassifier",
-           "PrefixTuning", "PromptTuning", "UniPELT", "method_class"]
+__all__ = ["METHODS", "AdapterTuning", "BitFit", "DoRATuning", "FineTune", "IA3", "LoRATuning", "PTuning", "PTuningV2",
+           "PeftClassifier", "PrefixTuning", "PromptTuning", "UniPELT", "method_class"]

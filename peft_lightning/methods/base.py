@@ -17,7 +17,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, get_linear
 
 from peft_lightning.backbone import (BackboneSpec, checkpointing, count_parameters, load_backbone, load_config,
                                      load_tokenizer)
+from peft_lightning.errors import ConfigError
 from peft_lightning.injection.architectures import ARCHITECTURES
+from peft_lightning.injection.modules import LoRA
 from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState
 from peft_lightning.schema import check_method_keys_exist
 from peft_lightning.tasks import Classification, make_task
@@ -328,12 +330,24 @@ class PeftClassifier(L.LightningModule):
     def predict_step(self, batch, batch_idx):
         return self.task.predictions(self(batch), batch, self)
 
+    def param_groups(self, lr: float, ratio: float) -> list[dict]:
+        """The trainable parameters; with LoRA+ (ratio != 1, Hayou et al., 2024) LoRA's B matrices
+        in a second group at lr x ratio. One group otherwise, as checkpoints without LoRA+ hold."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if ratio == 1:
+            return [{"params": params}]
+        fast = {id(m.B) for m in self.modules() if isinstance(m, LoRA)}
+        if not fast:
+            raise ConfigError(f"method.optim.lr_ratio={ratio} sets the learning rate of LoRA's B matrices, and "
+                              f"method={self.method_cfg.get('name')} has none; leave it at 1")
+        return [{"params": [p for p in params if id(p) not in fast]},
+                {"params": [p for p in params if id(p) in fast], "lr": lr * ratio}]
+
     def configure_optimizers(self):
         optim = self.method_cfg.get("optim", {})
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=optim.get("lr", 5e-3), weight_decay=optim.get("weight_decay", 0.0)
-        )
+        lr = optim.get("lr", 5e-3)
+        optimizer = torch.optim.AdamW(self.param_groups(lr, float(optim.get("lr_ratio", 1))), lr=lr,
+                                      weight_decay=optim.get("weight_decay", 0.0))
         total = int(self.trainer.estimated_stepping_batches)
         # warmup_steps (a count, as Prefix-Tuning's code gives it) wins over warmup_ratio (a share of training)
         steps = optim.get("warmup_steps")

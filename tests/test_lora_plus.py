@@ -1,0 +1,90 @@
+"""LoRA+ (Hayou et al., 2024; `method.optim.lr_ratio`): LoRA's B matrices learn at lr x ratio, in
+their own optimizer parameter group, for lora, dora and unipelt's LoRA part; everything else at lr."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import make_batch, tiny_model
+from test_config_schema import no_weights  # noqa: F401 (fixture)
+from test_configs import compose_cfg
+
+from peft_lightning.errors import ConfigError
+from peft_lightning.methods import METHODS
+from peft_lightning.validation import validate_config
+
+LR, RATIO, STEPS = 1e-3, 16, 20
+
+
+def build(name, ratio, warmup=0.0):
+    torch.manual_seed(0)
+    method = dict(name=name, r=4, alpha=8, dropout=0.0, bottleneck=4, prefix_length=2, reparam_hidden=8,
+                  head={"dropout": 0.0}, optim={"lr": LR, "lr_ratio": ratio, "warmup_ratio": warmup})
+    m = METHODS[name](model=tiny_model("bert"), method=method, num_labels=2)
+    m._trainer = SimpleNamespace(estimated_stepping_batches=STEPS)  # all configure_optimizers reads of it
+    return m
+
+
+def b_matrices(m):  # by name: every LoRA module's B (lora.<target>.B), independently of the code's isinstance
+    return {n for n, _ in m.named_parameters() if n.startswith("lora.") and n.endswith(".B")}
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "unipelt"])
+def test_b_matrices_get_their_own_group_at_lr_times_ratio_through_the_schedule(name):
+    m = build(name, RATIO, warmup=0.1)
+    config = m.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    names = {id(p): n for n, p in m.named_parameters()}
+    groups = [{names[id(p)] for p in g["params"]} for g in optimizer.param_groups]
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert len(b_matrices(m)) == 6  # query and value in 3 layers
+    assert groups == [trainable - b_matrices(m), b_matrices(m)]
+    warmup = int(0.1 * STEPS)
+    for step in range(STEPS):  # the linear warmup-then-decay schedule, by hand, for both groups
+        factor = step / warmup if step < warmup else (STEPS - step) / (STEPS - warmup)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([LR * factor, LR * RATIO * factor])
+        optimizer.step()
+        scheduler.step()
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_one_step_moves_b_ratio_times_as_far_and_the_rest_the_same(name):
+    """The same model, batch and gradients: AdamW's first step with ratio 16 moves every B matrix
+    exactly 16 times as far as with ratio 1, and every other tensor (head, DoRA's magnitudes) as far."""
+    batch = make_batch(length=8)
+    moved = []
+    for ratio in (1, RATIO):
+        m = build(name, ratio)
+        optimizer = m.configure_optimizers()["optimizer"]
+        assert len(optimizer.param_groups) == (1 if ratio == 1 else 2)  # no LoRA+: the group checkpoints hold
+        before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+        m.train()
+        torch.nn.functional.cross_entropy(m(batch), batch["labels"]).backward()
+        optimizer.step()
+        moved.append({n: p.detach() - before[n] for n, p in m.named_parameters() if p.requires_grad})
+    plain, plus = moved
+    for n in plain:
+        want = plain[n] * (RATIO if n in b_matrices(m) else 1)
+        torch.testing.assert_close(plus[n], want, rtol=1e-5, atol=1e-9)
+        if n in b_matrices(m) or n.startswith("head.") or n.endswith(".magnitude"):
+            assert plain[n].abs().max() > LR / 2, n  # each of them really moved
+
+
+def test_lr_ratio_without_lora_matrices_is_refused():
+    with pytest.raises(ConfigError, match=r"^method.optim.lr_ratio=16.0 sets the learning rate of LoRA's B matrices, "
+                                          r"and method=ia3 has none; leave it at 1$"):
+        build("ia3", RATIO).configure_optimizers()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method=lora", "method.optim.lr_ratio=0"], r"^method.optim.lr_ratio must be a positive number, got 0$"),
+    (["method=dora", "method.optim.lr_ratio=-2"], r"^method.optim.lr_ratio must be a positive number, got -2$"),
+    (["method=adapter", "+method.optim.lr_ratio=16"], r"^unknown key method.optim.lr_ratio "),
+])
+def test_lr_ratio_config_errors_name_the_key(overrides, message, no_weights):  # noqa: F811
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_cfg(overrides))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "unipelt"])
+def test_lr_ratio_is_a_knob_of_every_lora_method(method, no_weights):  # noqa: F811
+    validate_config(compose_cfg([f"method={method}", "method.optim.lr_ratio=16"]))
