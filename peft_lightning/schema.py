@@ -50,7 +50,7 @@ _SHARED = {
     "optim": {"lr": ANY, "weight_decay": ANY, "warmup_ratio": ANY},
 }
 _PROMPT = dict.fromkeys(("prefix_length", "reparameterization", "reparam_hidden", "depth", "init", "init_text",
-                         "eject_on_export", "prefix_dropout", "cache_frozen_layers",
+                         "init_from", "eject_on_export", "prefix_dropout", "cache_frozen_layers",
                          "recompute_attention"))
 _ADAPTER = dict.fromkeys(("style", "bottleneck", "activation"))
 _LORA = dict.fromkeys(("r", "alpha", "dropout", "target_modules"))
@@ -62,8 +62,9 @@ METHOD_KEYS: dict[str, dict] = {
     "bitfit": {}, "finetune": {},
 }
 # keys a method takes that its yaml leaves out (they only matter with another key's value)
-# (init_text: with init=text; cache_frozen_layers, recompute_attention: deep prefixes, in their methods' files)
-OPTIONAL_METHOD_KEYS = {"init_text", "cache_frozen_layers", "recompute_attention"}
+# (init_text: with init=text; init_from: with init=adapter; cache_frozen_layers, recompute_attention: deep
+# prefixes, in their methods' files)
+OPTIONAL_METHOD_KEYS = {"init_text", "init_from", "cache_frozen_layers", "recompute_attention"}
 
 
 def method_schema(node: dict) -> dict:

@@ -39,6 +39,11 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"method.head.{key} must be one of {allowed}, got {head[key]!r}")
     if m.get("init") == "text" and not m.get("init_text"):
         raise ConfigError("method.init=text needs method.init_text (the words to start the prompt from)")
+    if m.get("init") == "adapter" and not m.get("init_from"):
+        raise ConfigError("method.init=adapter needs method.init_from: a trained adapter folder (<run>/adapter)")
+    if m.get("init_from") and m.get("init") != "adapter":  # (a sweep may set it for both arms: not an error)
+        log.warning("method.init_from is read only with method.init=adapter; this run starts from init=%s",
+                    m.get("init"))
     size = cfg.data.get("train_examples")
     if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0
                              or (isinstance(size, float) and size > 1)):
