@@ -62,8 +62,8 @@ METHOD_KEYS: dict[str, dict] = {
     "bitfit": {}, "finetune": {},
 }
 # keys a method takes that its yaml leaves out (they only matter with another key's value)
-# (init_text: with init=text; init_from: with init=adapter; cache_frozen_layers, recompute_attention: deep
-# prefixes, in their methods' files)
+# (init_text: with init=text; init_from: with init=adapter, in the prompt methods' files; cache_frozen_layers,
+# recompute_attention: deep prefixes, in their methods' files)
 OPTIONAL_METHOD_KEYS = {"init_text", "init_from", "cache_frozen_layers", "recompute_attention"}
 
 

@@ -145,5 +145,5 @@ def test_config_checks_init_from(caplog):
 
     with pytest.raises(ConfigError, match="method.init=adapter needs method.init_from"):
         validate_config(compose_cfg(["method.init=adapter"]))
-    validate_config(compose_cfg(["+method.init_from=somewhere/adapter"]))  # (a sweep's random arm)
+    validate_config(compose_cfg(["method.init_from=somewhere/adapter"]))  # (a sweep's random arm)
     assert "method.init_from is read only with method.init=adapter" in caplog.text
