@@ -147,3 +147,28 @@ def test_config_checks_init_from(caplog):
         validate_config(compose_cfg(["method.init=adapter"]))
     validate_config(compose_cfg(["method.init_from=somewhere/adapter"]))  # (a sweep's random arm)
     assert "method.init_from is read only with method.init=adapter" in caplog.text
+
+
+@pytest.mark.slow  # two train.py runs, ~40 s on 2 shared cores: .ci/run runs it
+def test_two_step_commands_on_the_embedded_tasks(tmp_path):
+    """The documented two steps: a source run on SMS spam, then a low-data run on Rotten Tomatoes
+    that starts from its prefix (tiny random BERT, one seed: the same backbone in both runs)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    small = ["model=tiny-bert", "debug=limit", "trainer.max_epochs=1", "logger=csv"]
+
+    def train(*args):
+        proc = subprocess.run([sys.executable, "train.py", *small, *args], cwd=root, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    train("data=sms_spam", "data.train_examples=64", f"hydra.run.dir={tmp_path / 'source'}")
+    train("method.init=adapter", f"method.init_from={tmp_path / 'source' / 'adapter'}",
+                 "data.train_examples=64", f"hydra.run.dir={tmp_path / 'target'}")
+    assert "method.init=adapter: the prefix of" in (tmp_path / "target" / "train.log").read_text()
+    results = json.loads((tmp_path / "target" / "results.json").read_text())
+    assert results["status"] == "completed" and "test/acc" in results["metrics"]["test"]
