@@ -53,12 +53,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics import MaxMetric
-from transformers import get_linear_schedule_with_warmup
 
 from peft_lightning.backbone import count_parameters, shared_backbones
 from peft_lightning.data.datamodule import TaskDataModule
 from peft_lightning.errors import ConfigError
 from peft_lightning.injection.prefix_encoder import KVPrompt, kv_optimizer_state, prefix_state
+from peft_lightning.methods.base import PeftClassifier
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ class MultiTaskPrompts(L.LightningModule):
         super().__init__()
         from peft_lightning.methods import method_class
 
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # (run.py logs the whole config)
         self.method_cfg = dict(method)
         if method.get("cache_frozen_layers") == "auto":  # (mixed batches run every layer)
             method = {**method, "cache_frozen_layers": False}
@@ -341,16 +341,13 @@ class MultiTaskPrompts(L.LightningModule):
                 torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def configure_optimizers(self):
-        # the members' recipe (methods/base.py): AdamW, linear warmup and decay, method.optim
-        optim = self.method_cfg.get("optim", {})
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=optim.get("lr", 5e-3), weight_decay=optim.get("weight_decay", 0.0))
+        # the members' own recipe (AdamW, warmup and decay, every method.optim knob), run on this
+        # module's parameters: every task's tensors in one optimizer
+        config = PeftClassifier.configure_optimizers(self)
         for member in self.members.values():
             if isinstance(member.prefix.encoder, KVPrompt):  # (checkpoints keep the table's moments flat)
-                kv_optimizer_state(optimizer, member.prefix.encoder.embedding)
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(optim.get("warmup_ratio", 0.0) * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+                kv_optimizer_state(config["optimizer"], member.prefix.encoder.embedding)
+        return config
 
     # --- per-task evaluation: each task's own loader, its own module ----------------------------
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):

@@ -250,3 +250,29 @@ def test_train_py_two_tasks_on_the_embedded_tasks(tmp_path):
                          input="WINNER! claim your free prize now\n", capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["label"] in ("ham", "spam")
+
+
+def test_resume_from_a_checkpoint_finishes_like_the_straight_run(tmp_path):
+    """The checkpoint holds every task's tensors, Adam moments (the key/value tables' flat) and best
+    states; the mixed order is a function of (seed, epoch): resuming after epoch 0 ends bit for bit
+    where the straight run ends, each task's best state included."""
+    import shutil
+
+    from peft_lightning.run import train
+
+    straight = train(two_task_config(tmp_path / "a", "trainer.max_epochs=2"))
+    first = next((tmp_path / "a" / "run" / "checkpoints").glob("epoch00-*.ckpt"))
+    resumed_dir = tmp_path / "b" / "run" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copy(first, resumed_dir / first.name)
+    cfg = two_task_config(tmp_path / "b", "trainer.max_epochs=2")
+    with open_dict(cfg):
+        cfg.ckpt_path = str(resumed_dir / first.name)
+    resumed = train(cfg)
+    assert resumed["global_step"] == straight["global_step"] > 0
+    for part in ("final", "test"):
+        assert resumed["metrics"][part] == straight["metrics"][part], part
+    assert resumed["task_best"] == straight["task_best"]
+    for name, folder in straight["adapters"].items():
+        a, b = (load_file(str(Path(f) / "adapter_model.safetensors")) for f in (folder, resumed["adapters"][name]))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
