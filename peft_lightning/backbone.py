@@ -6,7 +6,9 @@ through the ordinary `from_pretrained` path, so hub names keep working for users
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -63,9 +65,29 @@ def load_config(spec: BackboneSpec) -> PretrainedConfig:
     return AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
 
 
+_shared: dict | None = None  # see shared_backbones
+
+
+@contextlib.contextmanager
+def shared_backbones():
+    """Within this block every `load_backbone` of one spec and model class returns one model:
+    several modules built on one frozen backbone, loaded once (multi-task training builds one
+    module per task; a randomly initialised backbone is then one draw for all)."""
+    global _shared
+    outer = _shared
+    _shared = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
 def load_backbone(spec: BackboneSpec, model_class=AutoModel, config: PretrainedConfig | None = None) -> PreTrainedModel:
     """Load the backbone with every weight frozen; `config`: `load_config(spec)` if already read
     (a GGUF file's header is not parsed twice)."""
+    key = (json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str), model_class)
+    if _shared is not None and key in _shared:
+        return _shared[key]
     if spec.config is not None:
         model = model_class.from_config(config or load_config(spec), attn_implementation=spec.attn_implementation)
     else:
@@ -78,6 +100,8 @@ def load_backbone(spec: BackboneSpec, model_class=AutoModel, config: PretrainedC
         model = model_class.from_pretrained(path, attn_implementation=spec.attn_implementation, dtype=torch.float32,
                                             **extra)
     model.requires_grad_(False)
+    if _shared is not None:
+        _shared[key] = model
     return model
 
 

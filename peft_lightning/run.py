@@ -69,17 +69,21 @@ def build(cfg: DictConfig):
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     tokenizer = load_tokenizer(BackboneSpec(**model_cfg))
-    labels = list(data_cfg.get("labels") or [])
-    task = task_config(data_cfg)
-    module = method_class(method_cfg["name"])(model=model_cfg, method=method_cfg, num_labels=len(labels),
-                                              labels=labels, task=task)
+    if "tasks" in data_cfg:  # several tasks' prompts on one backbone
+        from peft_lightning import multitask
+
+        datamodule, module = multitask.build(cfg, tokenizer)
+    else:
+        labels = list(data_cfg.get("labels") or [])
+        module = method_class(method_cfg["name"])(model=model_cfg, method=method_cfg, num_labels=len(labels),
+                                                  labels=labels, task=task_config(data_cfg))
+        datamodule = TaskDataModule(tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
+                                    **{**data_cfg, "task": module.task})
     try:  # another model's tokenizer would index past the embedding table
         name = model_cfg.get("tokenizer") or model_cfg.get("name_or_path")
         check_tokenizer_fits(tokenizer, module.backbone, f"model.tokenizer={name!r}")
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    datamodule = TaskDataModule(tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
-                                **{**data_cfg, "task": module.task})
     return datamodule, module
 
 
@@ -189,14 +193,22 @@ def train(cfg: DictConfig) -> dict:
         if not trained:  # trainer.max_epochs=0, max_steps=0, limit_train_batches=0: nothing was learned
             log.warning("no training step ran (trainer.max_epochs / max_steps / limit_train_batches): status "
                         "not_trained; the test metrics are the untrained model's and no adapter is written")
+        multitask = hasattr(module, "use_task_best")  # each task tested and exported from its own best-dev state
+        if multitask:
+            module.use_task_best()
+            summary["task_best"] = module.task_best_record()
         if cfg.get("test", True) and not trainer.fast_dev_run:
-            results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=None if multitask else best or None,
+                                   weights_only=True)
             test_metrics = {k: _to_python(v) for k, v in (results[0] if results else {}).items()}
             test_metrics.update(evaluate_extra_sets(cfg, trainer, module, datamodule, best or None))
             summary["metrics"]["test"] = test_metrics
         if trainer.is_global_zero and not trainer.fast_dev_run and trained:
             # the module holds the best weights after test(ckpt_path=best)
-            summary["adapter"] = str(save_pretrained(module, out_dir / "adapter"))
+            if multitask:
+                summary["adapters"] = module.save_adapters(out_dir / "adapters")
+            else:
+                summary["adapter"] = str(save_pretrained(module, out_dir / "adapter"))
         raise_if_sigterm_swallowed()
         summary["status"] = "completed" if trained else "not_trained"
         for lg in loggers:

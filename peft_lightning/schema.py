@@ -50,7 +50,7 @@ _SHARED = {
     "optim": {"lr": ANY, "weight_decay": ANY, "warmup_ratio": ANY, "warmup_steps": ANY},
 }
 _PROMPT = dict.fromkeys(("prefix_length", "reparameterization", "reparam_hidden", "depth", "init", "init_text",
-                         "eject_on_export", "prefix_dropout", "cache_frozen_layers",
+                         "init_from", "eject_on_export", "prefix_dropout", "cache_frozen_layers",
                          "recompute_attention"))
 _ADAPTER = dict.fromkeys(("style", "bottleneck", "activation"))
 # methods with LoRA's B matrices also take LoRA+'s learning-rate ratio for them
@@ -64,8 +64,9 @@ METHOD_KEYS: dict[str, dict] = {
     "bitfit": {}, "finetune": {}, "ia3": {},
 }
 # keys a method takes that its yaml leaves out (they only matter with another key's value)
-# (init_text: with init=text; cache_frozen_layers, recompute_attention: deep prefixes, in their methods' files)
-OPTIONAL_METHOD_KEYS = {"init_text", "cache_frozen_layers", "recompute_attention"}
+# (init_text: with init=text; init_from: with init=adapter, in the prompt methods' files; cache_frozen_layers,
+# recompute_attention: deep prefixes, in their methods' files)
+OPTIONAL_METHOD_KEYS = {"init_text", "init_from", "cache_frozen_layers", "recompute_attention"}
 
 
 def method_schema(node: dict) -> dict:
@@ -84,11 +85,18 @@ _DATAMODULE_OWN = {"self", "tokenizer", "cache_dir", "seed"}
 _EXTRA_EVAL_FIXED = {"name", "task", "labels", "metric", "generation", "extra_eval", "train_examples"}
 
 
+# several tasks in one run (peft_lightning/multitask.py); each entry of `tasks` is checked as a data config
+MULTITASK_DATA = dict.fromkeys(("name", "tasks", "sampling", "temperature", "metric", "max_length", "batch_size",
+                                "eval_batch_size", "num_workers"))
+
+
 def data_schema(node: dict, extra: bool = False) -> dict:
     from peft_lightning.data import TaskDataModule
     from peft_lightning.tasks import TASKS
     from peft_lightning.tasks.generation import DEFAULTS as GENERATION_OPTIONS
 
+    if "tasks" in node and not extra:
+        return MULTITASK_DATA
     name = node.get("task", "classification")
     if name not in TASKS:
         raise ConfigError(f"data.task must be one of {sorted(TASKS)}, got {name!r}{_hint(name, TASKS)}")
@@ -145,6 +153,11 @@ def check_method_keys_exist(method: dict) -> None:
     for key in method:
         if key not in known:
             raise ConfigError(f"unknown key method.{key}{_hint(key, known, 'method')}")
+
+
+def check_data(node: dict, path: str = "data") -> None:
+    """One data config (a multi-task run's task, `path` data.tasks.<name>): unknown keys are errors."""
+    _check(node, data_schema, path)
 
 
 def check_method(method: dict) -> None:

@@ -30,6 +30,7 @@ from torch import nn
 
 from peft_lightning.checkpoint import load_pretrained
 from peft_lightning.injection.prefix import PrefixState
+from peft_lightning.injection.prefix_encoder import prefix_state
 
 PREFIX_METHODS = ("ptuning_v2", "prefix_tuning")
 MIXABLE = (*PREFIX_METHODS, "ia3")
@@ -105,11 +106,9 @@ class MultiTaskModel(nn.Module):
         return torch.tensor([self.tasks.index(t) for t in tasks], device=device)
 
     def prefix_for(self, index: torch.Tensor) -> PrefixState:
-        """Each row's task's prefix, (batch, H, longest, D) per slot, shorter ones masked."""
-        kv = self.kv[index]  # (batch, slots, 2, H, P, D)
-        keys = {slot: kv[:, i, 0] for i, slot in enumerate(self.slots)}
-        values = {slot: kv[:, i, 1] for i, slot in enumerate(self.slots)}
-        return PrefixState(keys, values, self.prefix_mask[index])
+        """Each row's task's prefix, (batch, H, longest, D) per slot, shorter ones masked (the
+        gather multi-task training uses too)."""
+        return prefix_state(self.kv[index], self.slots, len(index), mask=self.prefix_mask[index])
 
     def task_prefix(self, task: int) -> PrefixState:
         """One task's prefix for every row: (1, H, P_task, D) views of the stored table, no mask."""

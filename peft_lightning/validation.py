@@ -39,10 +39,11 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"method.head.{key} must be one of {allowed}, got {head[key]!r}")
     if m.get("init") == "text" and not m.get("init_text"):
         raise ConfigError("method.init=text needs method.init_text (the words to start the prompt from)")
-    size = cfg.data.get("train_examples")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0
-                             or (isinstance(size, float) and size > 1)):
-        raise ConfigError(f"data.train_examples must be a positive count or a fraction in (0, 1], got {size!r}")
+    if m.get("init") == "adapter" and not m.get("init_from"):
+        raise ConfigError("method.init=adapter needs method.init_from: a trained adapter folder (<run>/adapter)")
+    if m.get("init_from") and m.get("init") != "adapter":  # (a sweep may set it for both arms: not an error)
+        log.warning("method.init_from is read only with method.init=adapter; this run starts from init=%s",
+                    m.get("init"))
     if "reparameterization" in m and m.reparameterization not in REPARAMETERIZATIONS:
         raise ConfigError(f"method.reparameterization must be one of {REPARAMETERIZATIONS}, got {m.reparameterization!r}")
     for key in ("lr", "lr_ratio"):
@@ -65,12 +66,17 @@ def validate_config(cfg: DictConfig) -> None:
     for key, value in (("seed", cfg.get("seed")), ("data.split.seed", (cfg.data.get("split") or {}).get("seed"))):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
-    _validate_task(cfg.data)
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    _validate_source_keys(data)
-    _validate_data(data, "data")
-    for name, spec in (data.get("extra_eval") or {}).items():
-        _validate_data({**data, **(spec or {})}, f"data.extra_eval.{name}")
+    if "tasks" in cfg.data:  # several tasks, each checked as a run's own data config
+        from peft_lightning import multitask
+
+        multitask.validate(cfg)
+    else:
+        _validate_task(cfg.data)
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        _validate_source_keys(data)
+        _validate_data(data, "data")
+        for name, spec in (data.get("extra_eval") or {}).items():
+            _validate_data({**data, **(spec or {})}, f"data.extra_eval.{name}")
     _validate_trainer(cfg.trainer)
     _validate_against_backbone(cfg)
 
@@ -100,6 +106,10 @@ def _validate_data(data: dict, where: str) -> None:
     for key in ("batch_size", "eval_batch_size", "max_length"):
         if key in data and not _positive_int(data[key]):
             raise ConfigError(f"{where}.{key} must be a positive integer, got {data[key]!r}")
+    size = data.get("train_examples")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0
+                             or (isinstance(size, float) and size > 1)):
+        raise ConfigError(f"{where}.train_examples must be a positive count or a fraction in (0, 1], got {size!r}")
     workers = data.get("num_workers", 0)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ConfigError(f"{where}.num_workers must be an integer >= 0, got {workers!r}")

@@ -124,27 +124,34 @@ class PrefixEncoder(nn.Module):
         return flat.view(self.prefix_length, len(self.slots), 2, self.kv_heads, self.head_dim).permute(1, 2, 3, 0, 4)
 
     def forward(self, batch_size: int, mask: torch.Tensor | None = None) -> PrefixState:
-        kv = self.kv()[None]  # (1, S, 2, H, P, D)
-        p = self.dropout.p
-        if self.training and p > 0:
-            # P-Tuning v2 drops out each example's copy of the prefix independently. (nn.Dropout,
-            # as it was applied to the flat table's view: the noise laid out token-major, as
-            # empty_like made it then, so a seed draws the same masks as before the layout change.)
-            S, _, H, P, D = kv.shape[1:]
-            noise = kv.new_empty(batch_size, P, S, 2, H, D).permute(0, 2, 3, 4, 1, 5)
-            kv = kv * noise.bernoulli_(1 - p).div_(1 - p)
-        # unbind, not indexing: its backward stacks the slots' gradients once, where indexing
-        # would fill a zero tensor of the whole table per slot
-        keys, values = {}, {}
-        for slot, pair in zip(self.slots, kv.unbind(1)):
-            keys[slot], values[slot] = pair.unbind(1)
-        return PrefixState(keys, values, mask)
+        return prefix_state(self.kv()[None], self.slots, batch_size, self.dropout.p if self.training else 0.0, mask)
 
     def eject_reparameterization(self) -> None:
         if isinstance(self.encoder, KVPrompt):
             return
         self.encoder.eject_reparameterization()
         self._to_kv_layout()
+
+
+def prefix_state(kv: torch.Tensor, slots: list[int], batch_size: int, dropout: float = 0.0,
+                 mask: torch.Tensor | None = None) -> PrefixState:
+    """The PrefixState of key/value tables `kv`, (1 or batch_size, S, 2, H, P, D): one prefix for
+    every row, or each row's own (mixed-task batches: the row's task's table, `tables[task_of_row]`,
+    as serving.MultiTaskModel and multi-task training gather them), each row's copy dropped out
+    independently with probability `dropout` (training)."""
+    if dropout > 0:
+        # P-Tuning v2 drops out each example's copy of the prefix independently. (nn.Dropout,
+        # as it was applied to the flat table's view: the noise laid out token-major, as
+        # empty_like made it then, so a seed draws the same masks as before the layout change.)
+        S, _, H, P, D = kv.shape[1:]
+        noise = kv.new_empty(batch_size, P, S, 2, H, D).permute(0, 2, 3, 4, 1, 5)
+        kv = kv * noise.bernoulli_(1 - dropout).div_(1 - dropout)
+    # unbind, not indexing: its backward stacks the slots' gradients once, where indexing
+    # would fill a zero tensor of the whole table per slot
+    keys, values = {}, {}
+    for slot, pair in zip(slots, kv.unbind(1)):
+        keys[slot], values[slot] = pair.unbind(1)
+    return PrefixState(keys, values, mask)
 
 
 def kv_optimizer_state(optimizer: torch.optim.Optimizer, table: KVTable) -> None:

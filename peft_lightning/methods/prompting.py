@@ -12,7 +12,8 @@ can vary them across methods); each method only sets its own defaults (conf/meth
   reparameterization  none (a free table) | mlp (Li & Liang) | lstm (P-Tuning), `reparam_hidden` wide
   init                random | uniform ([-0.5, 0.5], Lester et al.) | vocab (embeddings of sampled
                       vocabulary tokens) | labels (the class-label words' embeddings, then sampled
-                      tokens) | text (the embeddings of `init_text`'s tokens, repeated to P)
+                      tokens) | text (the embeddings of `init_text`'s tokens, repeated to P) |
+                      adapter (another run's prompt, `init_from`: prompt_transfer.py, SPoT)
   prefix_dropout      dropout on each example's copy of a deep prefix
   eject_on_export     save the adapter as the flat prompt the reparameterization produces
   recompute_attention keep only each attention's query/key/value for backward and recompute the
@@ -46,8 +47,9 @@ from peft_lightning.injection.architectures import num_layers
 from peft_lightning.injection.prefix import PREFIX_KWARG, PrefixState, recompute_attention
 from peft_lightning.injection.prefix_encoder import KVPrompt, kv_optimizer_state
 from peft_lightning.methods.base import PeftClassifier
+from peft_lightning.methods.prompt_transfer import init_from_adapter
 
-INITS = ("random", "uniform", "vocab", "labels", "text")
+INITS = ("random", "uniform", "vocab", "labels", "text", "adapter")
 log = logging.getLogger(__name__)
 
 
@@ -133,6 +135,8 @@ class PromptMethod(PeftClassifier):
         write = encoder.set_flat if kv else table.copy_
         if init == "random":
             return
+        if init == "adapter":
+            return init_from_adapter(self, self.method_cfg.get("init_from"))
         if init == "uniform":
             write(nn.init.uniform_(torch.empty_like(table), -0.5, 0.5))
             return
@@ -213,6 +217,8 @@ class PromptMethod(PeftClassifier):
         reparameterization network is ejected into the flat table it produces: identical outputs,
         far fewer numbers, no network to rebuild. Training checkpoints always keep the network."""
         tensors, method = super().export_state()
+        if method.get("init") == "adapter":  # the saved tensors are the prompt: loading never reads the source again
+            method = {**{k: v for k, v in method.items() if k != "init_from"}, "init": "random"}
         encoder = self.prompt_encoder
         if encoder.net is None or not method.get("eject_on_export", False):
             return tensors, method
