@@ -340,6 +340,9 @@ class MultiTaskPrompts(L.LightningModule):
             if params:
                 torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
+    selection_metric = "mean"  # val/mean selects the run's checkpoint (see the module docstring)
+    param_groups = PeftClassifier.param_groups  # LoRA+ groups; one group for prompt methods
+
     def configure_optimizers(self):
         # the members' own recipe (AdamW, warmup and decay, every method.optim knob), run on this
         # module's parameters: every task's tensors in one optimizer

@@ -163,7 +163,7 @@ def train(cfg: DictConfig) -> dict:
         for lg in loggers:
             if type(lg).__name__ == "WandbLogger":
                 if trainer.is_global_zero:
-                    configure_wandb(lg, cfg, summary["parameters"], module.task.metric)
+                    configure_wandb(lg, cfg, summary["parameters"], selection_metric(module))
             else:
                 lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -323,6 +323,12 @@ def last_checkpoint(trainer) -> str | None:
     savers = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
     lasts = [cb.last_model_path for cb in savers] + [cb.best_model_path for cb in savers if not cb.monitor]
     return next((p for p in lasts if p and Path(p).is_file()), None)
+
+
+def selection_metric(module) -> str:
+    """The metric whose best dev value selects the checkpoint: the task's (f1, acc, ...), or for a
+    multi-task run the mean over tasks (val/mean)."""
+    return module.task.metric if hasattr(module, "task") else module.selection_metric
 
 
 def _rank_zero(trainer) -> bool:

@@ -239,13 +239,14 @@ def test_train_py_two_tasks_on_the_embedded_tasks(tmp_path):
     task's adapter from the command line."""
     proc = subprocess.run(
         [sys.executable, "train.py", "data=multitask", "model=tiny-bert", "debug=limit", "trainer.max_epochs=1",
-         "logger=csv", "data.tasks=[{name:rotten_tomatoes,train_examples:64},{name:sms_spam,train_examples:64}]",
+         "logger=wandb", "data.tasks=[{name:rotten_tomatoes,train_examples:64},{name:sms_spam,train_examples:64}]",
          f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "completed" and sorted(results["adapters"]) == ["rotten_tomatoes", "sms_spam"]
     assert {"val/rotten_tomatoes/acc", "val/sms_spam/f1", "val/mean"} <= set(results["metrics"]["final"])
     assert list((tmp_path / "checkpoints").glob("epoch00-mean*.ckpt"))
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1  # W&B selects by val/mean too
     out = subprocess.run([sys.executable, "-m", "peft_lightning.predict", results["adapters"]["sms_spam"]], cwd=ROOT,
                          input="WINNER! claim your free prize now\n", capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
