@@ -5,6 +5,8 @@ W&B as a sweep needs it: a multirun's runs share one group, the sweep (`<task_na
 (`define_metric`, not the last epoch's); and the config is flat, every knob a key named as on the
 command line (`method.prefix_length`) plus short names for the ones sweeps compare (`prefix_length`,
 `lr`, `backbone`, `trainable_pct`, ...), so grouped runs and parallel coordinates work unedited.
+A run or sweep job is one W&B run however often it resumes: results.json records the run id
+(`wandb_run_id`) and an attempt in the same folder continues that run (`resume_id`, `keep_best`).
 """
 from __future__ import annotations
 
@@ -57,8 +59,9 @@ def sweep_group(task_name: str) -> str:
 
 def make_wandb_logger(save_dir: str, project: str, name: str | None = None, group: str | None = None,
                       tags: list[str] | None = None, task_name: str = "train", job_type: str | None = None,
-                      **kwargs):
-    """Lightning's WandbLogger; `group` None: the sweep (sweep_group); `job_type` None: train."""
+                      id: str | None = None, **kwargs):
+    """Lightning's WandbLogger; `group` None: the sweep (sweep_group); `job_type` None: train; `id`
+    None: a new run (run.py passes the id an earlier attempt in the run's folder recorded)."""
     from lightning.pytorch.loggers import WandbLogger
 
     offline = wandb_offline()
@@ -71,8 +74,32 @@ def make_wandb_logger(save_dir: str, project: str, name: str | None = None, grou
     swept = job_overrides()
     if name and swept:  # runs of one sweep differ by their overrides: say them in the name
         name = f"{name} {','.join(swept)}"
+    # resume="allow": online, the run with this id goes on (created if the server never saw it: an
+    # attempt that was offline); offline, wandb writes another offline-run-<time>-<id> folder under
+    # the same id, and `wandb sync` uploads a run's folders oldest first into that one run
+    kwargs.setdefault("resume", "allow")
     return WandbLogger(save_dir=save_dir, project=project, name=name, group=group or sweep_group(task_name),
-                       tags=list(tags or []), job_type=job_type or "train", offline=offline, **kwargs)
+                       tags=list(tags or []), job_type=job_type or "train", offline=offline, id=id, **kwargs)
+
+
+def is_wandb(logger_cfg) -> bool:
+    """A logger config that builds a W&B logger (ours, or Lightning's WandbLogger named directly)."""
+    return str(logger_cfg.get("_target_", "")).endswith(("make_wandb_logger", "WandbLogger"))
+
+
+def resume_id(results: dict) -> str | None:
+    """The W&B run an attempt in this folder continues: the newest `wandb_run_id` that results.json
+    (this attempt's, with the earlier ones under `previous_attempts`) recorded; None: none yet."""
+    attempts = [*results.get("previous_attempts", []), results]
+    return next((a["wandb_run_id"] for a in reversed(attempts) if a.get("wandb_run_id")), None)
+
+
+def keep_best(logger, metric: str, best: float) -> None:
+    """The summary's `val/<metric>` as {"max": best}, the run's best dev value over all its attempts
+    (val/<metric>_best, which travels in the checkpoint). define_metric's max is kept by each
+    attempt's own wandb process, over the values that process logged: an attempt resumed after the
+    best epoch would end the run with a lower "max" (its summary is the run's last)."""
+    logger.experiment.summary[f"val/{metric}"] = {"max": best}
 
 
 def job_type(cfg: DictConfig) -> str:

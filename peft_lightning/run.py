@@ -24,7 +24,8 @@ from peft_lightning.data import TaskDataModule
 from peft_lightning.errors import ConfigError
 from peft_lightning.faults import (INTERRUPTS, AtomicCheckpointIO, ExactResume, InterruptCheckpoint, check_checkpoint,
                                    interrupt_on_sigterm, raise_if_sigterm_swallowed, run_folder)
-from peft_lightning.loggers import configure_wandb, job_overrides, job_type, write_json_atomic
+from peft_lightning.loggers import (configure_wandb, is_wandb, job_overrides, job_type, keep_best, resume_id,
+                                    write_json_atomic)
 from peft_lightning.methods import method_class
 from peft_lightning.validation import validate_config
 
@@ -87,12 +88,15 @@ def build(cfg: DictConfig):
     return datamodule, module
 
 
-def instantiate_loggers(cfg: DictConfig) -> list:
-    """The loggers of `cfg.logger`; a W&B logger without a job_type gets train or eval (loggers.job_type)."""
+def instantiate_loggers(cfg: DictConfig, wandb_id: str | None = None) -> list:
+    """The loggers of `cfg.logger`; a W&B logger without a job_type gets train or eval (loggers.job_type),
+    one without an id `wandb_id` (the run an earlier attempt in this folder started: it goes on)."""
     loggers = []
     for c in (cfg.get("logger") or {}).values():
         if c and "_target_" in c:
             extra = {"job_type": job_type(cfg)} if "job_type" in c and c.get("job_type") is None else {}
+            if wandb_id and is_wandb(c) and not c.get("id"):
+                extra["id"] = wandb_id
             loggers.append(hydra.utils.instantiate(c, **extra))
     return loggers
 
@@ -137,7 +141,7 @@ def train(cfg: DictConfig) -> dict:
     summary: dict = {"status": "running", "overrides": job_overrides(everything=True), "method": cfg.method.name,
                      "model": cfg.model.name, "data": cfg.data.name, "seed": cfg.seed}
     summary.update(previous_attempts(out_dir))
-    trainer = datamodule = None
+    trainer = datamodule = module = None
     fit_end = None  # the last checkpoint of a finished fit: a resume from it only tests and exports
     loggers: list = []
     timer = EpochTimer()
@@ -151,7 +155,7 @@ def train(cfg: DictConfig) -> dict:
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module = build(cfg)
         raise_if_sigterm_swallowed()
-        loggers = instantiate_loggers(cfg)
+        loggers = instantiate_loggers(cfg, resume_id(summary))
         callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c and "_target_" in c]
         if not loggers:  # the LR monitor refuses to run without a logger
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -164,6 +168,9 @@ def train(cfg: DictConfig) -> dict:
             if type(lg).__name__ == "WandbLogger":
                 if trainer.is_global_zero:
                     configure_wandb(lg, cfg, summary["parameters"], selection_metric(module))
+                    # recorded at once: a resume in this folder continues this run (even after a SIGKILL)
+                    summary["wandb_run_id"] = lg.experiment.id
+                    write_json_atomic(out_dir / "results.json", summary)
             else:
                 lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -245,6 +252,12 @@ def train(cfg: DictConfig) -> dict:
             log.info("results: %s", out_dir / "results.json")
         if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
             import wandb
+
+            best = getattr(module, "val_best", None)  # (updated by a validation or a checkpoint: the run exists)
+            if _rank_zero(trainer) and best is not None and best.update_called:
+                for lg in loggers:  # max_value, not compute(): no DDP sync on rank 0 alone
+                    if type(lg).__name__ == "WandbLogger":
+                        keep_best(lg, selection_metric(module), best.max_value.item())
 
             wandb.finish(exit_code=0 if summary["status"] == "completed" else 1)
         restore_sigterm()
