@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from peft_lightning.errors import ConfigError
 from peft_lightning.validation import validate_config
 from test_configs import compose_cfg
+from test_wandb import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +49,9 @@ def test_two_nodes_as_slurm_starts_them_train_one_run(tmp_path):
     assert results["status"] == "completed" and results["metrics"]["test"]
     assert results["global_step"] == 4  # 64 examples / batch 8 / world size 2
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1  # rank 1 logs nothing
+    run = read_offline_run(tmp_path)  # the one run: the job's group, id and settings, finished
+    assert (run["group"], run["id"], run["exit_code"]) == ("train", results["wandb_run_id"], 0)
+    assert (run["config"]["trainer.num_nodes"], run["config"]["trainer.devices"]) == (2, 1)
     assert (results["world_size"], results["num_nodes"]) == (2, 2)
 
 
