@@ -58,9 +58,14 @@ OmegaConf.register_new_resolver("sweep_subdir", _sweep_subdir, replace=True)
 def main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from peft_lightning.multirun import earlier_launch, needs_own_process, objective, run_job_in_own_process
-    from peft_lightning.run import train
     from peft_lightning.errors import ConfigError, UserError
+    from peft_lightning.multirun import earlier_launch, needs_own_process, objective, run_job_in_own_process
+
+    try:
+        from peft_lightning.run import train  # (checks the transformers and Lightning versions: compat.py)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
 
     finished = earlier_launch(cfg)  # a relaunched sweep: a finished job is not run again, an unfinished one resumes
     if finished is not None:

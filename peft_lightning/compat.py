@@ -28,6 +28,8 @@ import torch
 import transformers
 from packaging.version import Version
 
+from peft_lightning.errors import IncompatibleVersion
+
 # (lowest release, newest release); patch releases of the newest count as tested. .ci/compat runs the
 # test suite on both (.ci/compat-oldest.txt, -newest.txt). Below 5.20, T5's attention does not go through
 # the attention interface (5.15 and older have no T5 eager kernel; in 5.16-5.19 the self-check below finds
@@ -37,7 +39,8 @@ TESTED_TRANSFORMERS = ("5.20", "5.24")
 
 def pin() -> str:
     low, high = TESTED_TRANSFORMERS
-    return f'pip install "transformers>={low},<={high}"'
+    after = Version(high)
+    return f'pip install "transformers>={low},<{after.major}.{after.minor + 1}"'
 
 
 def _installed() -> str:
@@ -53,7 +56,7 @@ def check_transformers_version(version: str | None = None) -> None:
     have = Version(version)
     tested = f"tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}"
     if have.release[:2] < low.release[:2]:
-        raise ImportError(
+        raise IncompatibleVersion(
             f"peft-lightning needs a newer transformers: installed {version}, {tested}. Install one with: {pin()}"
         )
     if have.release[:2] > high.release[:2]:
@@ -79,7 +82,7 @@ def check_parameters(symbol: str, fn, expected: tuple[str, ...], keywords: tuple
             return
     found = "unknown" if params is None else f"({', '.join(p.name for p in params)})"
     want = ", ".join(expected) + (f"; accepting {', '.join(keywords)}" if keywords else "")
-    raise ImportError(
+    raise IncompatibleVersion(
         f"transformers {_installed()} changed {symbol}, which the prefix mechanism wraps: expected "
         f"parameters ({want}), found {found}. Use a tested release: {pin()}"
     )
@@ -89,7 +92,7 @@ def _lookup(module: str, name: str):
     try:
         return getattr(__import__(module, fromlist=[name]), name)
     except (ImportError, AttributeError):
-        raise ImportError(
+        raise IncompatibleVersion(
             f"transformers {_installed()} has no {module}.{name}, which the prefix mechanism uses. "
             f"Use a tested release: {pin()}"
         ) from None
@@ -98,8 +101,33 @@ def _lookup(module: str, name: str):
 KERNEL = ("module", "query", "key", "value", "attention_mask")
 
 
+TESTED_LIGHTNING = "2.6"  # Trainer.fit/test(weights_only=...), which every checkpoint load passes
+
+
+def check_lightning(version: str | None = None) -> None:
+    import lightning
+
+    version = version or lightning.__version__
+    if Version(version).release[:2] < Version(TESTED_LIGHTNING).release[:2]:
+        raise IncompatibleVersion(f"peft-lightning needs lightning>={TESTED_LIGHTNING} (Trainer.fit/test with "
+                                  f"weights_only), installed {version}: pip install \"lightning>={TESTED_LIGHTNING},<3\"")
+
+
+def check_causal_flags(slots) -> None:
+    """A decoder's self-attention must still say `is_causal = True`: the prefix kernels read it to keep
+    the causal mask once the prefix columns are added (a missing flag would let tokens see later ones,
+    which the self-check's output comparison cannot notice)."""
+    for role, module in slots:
+        if role == "decoder" and getattr(module, "is_causal", None) is not True:
+            raise IncompatibleVersion(
+                f"transformers {_installed()}: {type(module).__module__}.{type(module).__name__} (a decoder's "
+                f"self-attention) no longer has is_causal=True, which the prefix mechanism reads to keep the "
+                f"causal mask. Use a tested release: {pin()}")
+
+
 def check_transformers() -> None:
-    """The version, and every internal prefix.py imports, at import time."""
+    """The versions, and every internal prefix.py imports, at import time."""
+    check_lightning()
     check_transformers_version()
     mu = "transformers.masking_utils"
     sdpa = _lookup("transformers.integrations.sdpa_attention", "sdpa_attention_forward")
@@ -107,7 +135,7 @@ def check_transformers() -> None:
     for registry in ("transformers.AttentionInterface", f"{mu}.ALL_MASK_ATTENTION_FUNCTIONS"):
         module, _, name = registry.rpartition(".")
         if not callable(getattr(_lookup(module, name), "register", None)):
-            raise ImportError(f"transformers {_installed()}: {registry} has no register(); "
+            raise IncompatibleVersion(f"transformers {_installed()}: {registry} has no register(); "
                               f"use a tested release: {pin()}")
     # our implementations alias the stock masks: that is only right while the stock kernels use them
     masks = _lookup(mu, "ALL_MASK_ATTENTION_FUNCTIONS")
@@ -116,10 +144,10 @@ def check_transformers() -> None:
         mask_fn = _lookup(mu, f"{impl}_mask")
         check_parameters(f"{mu}.{impl}_mask", mask_fn, ("batch_size", "q_length", "kv_length"), ("attention_mask",))
         if masks.get(impl) is not mask_fn:
-            raise ImportError(f"transformers {_installed()} no longer builds '{impl}' masks with "
+            raise IncompatibleVersion(f"transformers {_installed()} no longer builds '{impl}' masks with "
                               f"{mu}.{impl}_mask; use a tested release: {pin()}")
     if kernels.get("sdpa") is not sdpa:
-        raise ImportError(f"transformers {_installed()}: the 'sdpa' attention kernel is no longer "
+        raise IncompatibleVersion(f"transformers {_installed()}: the 'sdpa' attention kernel is no longer "
                           f"sdpa_attention_forward; use a tested release: {pin()}")
 
 
@@ -137,7 +165,7 @@ def check_model_kernels(model, slot_modules, patched: bool) -> None:
         _lookup(cls.__module__, "scaled_size_sqrt")
         for attr in ("transpose_for_scores", "disentangled_attention_bias"):
             if not callable(getattr(cls, attr, None)):
-                raise ImportError(f"transformers {_installed()}: {cls.__module__}.{cls.__name__} has no "
+                raise IncompatibleVersion(f"transformers {_installed()}: {cls.__module__}.{cls.__name__} has no "
                                   f"{attr}(), which the prefix mechanism uses; use a tested release: {pin()}")
     elif model.config._attn_implementation.endswith("eager"):
         check_parameters(f"{cls.__module__}.eager_attention_forward", _lookup(where.__name__, "eager_attention_forward"),

@@ -53,3 +53,8 @@ class OutputError(UserError, ValueError):
 
 def user_error_message(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
+
+
+class IncompatibleVersion(UserError, ImportError):
+    """An installed transformers/Lightning outside the tested range, or one whose internals changed:
+    the message gives the tested range and the pip line that installs it."""

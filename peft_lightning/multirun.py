@@ -27,6 +27,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -58,6 +59,20 @@ def recorded_overrides(folder: Path) -> list[str] | None:
     return None
 
 
+SRUN_WAIT_S = 600.0
+
+
+def srun_rank() -> int | None:
+    """This process's task number when srun started several tasks for one job (SLURM_PROCID), else
+    None. As Lightning decides (SLURMEnvironment.detect): an interactive allocation (job name `bash`
+    or `interactive`) is not srun's, Lightning starts the DDP processes there itself."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and SLURMEnvironment.detect():
+        return int(os.environ.get("SLURM_PROCID", "0"))
+    return None
+
+
 _SUBDIRS: dict[tuple, str] = {}  # (sweep dir, num, key) -> folder name: the same answer however often asked
 
 
@@ -70,8 +85,19 @@ def job_subdir(sweep_dir, num, overrides) -> str:
     memo = (str(sweep_dir), int(num), key)
     if memo in _SUBDIRS:
         return _SUBDIRS[memo]
-    folders = [f for f in sweep_dir.iterdir() if f.is_dir()] if sweep_dir.is_dir() else []
-    found = [f.name for f in folders if (o := recorded_overrides(f)) is not None and job_key(o) == key]
+    rank, waited = srun_rank(), 0.0
+    while True:
+        folders = [f for f in sweep_dir.iterdir() if f.is_dir()] if sweep_dir.is_dir() else []
+        found = [f.name for f in folders if (o := recorded_overrides(f)) is not None and job_key(o) == key]
+        # srun's other tasks of this job (DDP ranks on SLURM, each running this same job) take the folder
+        # task 0 claims, once its .hydra/overrides.yaml names it: a claim of their own would split the job
+        if found or not rank or waited >= SRUN_WAIT_S:
+            break
+        time.sleep(0.2)
+        waited += 0.2
+    if rank and not found:
+        raise RuntimeError(f"SLURM task {rank}: no job folder with overrides {list(key)} appeared in {sweep_dir} "
+                           f"within {SRUN_WAIT_S:.0f} s (task 0 claims it)")
     if found:
         name = min(found, key=lambda n: (len(n), n))
     else:
@@ -154,7 +180,7 @@ def needs_own_process(cfg: DictConfig) -> bool:
 
     if os.environ.get(CHILD_ENV) or not HydraConfig.initialized():
         return False
-    if HydraConfig.get().mode != RunMode.MULTIRUN or os.environ.get("SLURM_NTASKS", "1") != "1":
+    if HydraConfig.get().mode != RunMode.MULTIRUN or srun_rank() is not None:  # srun started the ranks
         return False
     strategy = cfg.trainer.get("strategy")
     spawned = isinstance(strategy, str) and "spawn" in strategy  # spawn re-runs no command line

@@ -124,7 +124,7 @@ def _validate_data(data: dict, where: str) -> None:
 # replicated; only the adapter's gradients are synchronised (DDP). FSDP/DeepSpeed would shard the
 # frozen weights the prefix kernels, the hooks and the vocabulary-initialised prompts read whole
 # (`init=vocab` copies rows of the full embedding matrix), and none of that has run sharded here.
-SHARDED = ("fsdp", "deepspeed")
+SHARDED = ("fsdp", "deepspeed", "modelparallel")  # (ModelParallelStrategy: Lightning's FSDP2 + tensor parallel)
 
 
 def sharded_strategy(strategy) -> str | None:
@@ -133,7 +133,7 @@ def sharded_strategy(strategy) -> str | None:
     name = strategy.get("_target_", "") if isinstance(strategy, (dict, DictConfig)) else strategy
     if not isinstance(name, str):
         return None
-    low = name.rsplit(".", 1)[-1].lower()
+    low = name.rsplit(".", 1)[-1].lower().replace("_", "")
     return name if any(low.startswith(s) for s in SHARDED) else None
 
 

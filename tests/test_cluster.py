@@ -69,9 +69,11 @@ def test_slurm_launcher_asks_for_the_trainers_nodes(monkeypatch):
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed", "deepspeed_stage_3", "fsdp_cpu_offload",
                                       "{_target_: lightning.pytorch.strategies.FSDPStrategy}",
-                                      "{_target_: lightning.pytorch.strategies.DeepSpeedStrategy, stage: 2}"])
+                                      "{_target_: lightning.pytorch.strategies.DeepSpeedStrategy, stage: 2}",
+                                      "deepspeed_stage_2_offload", "FSDP",
+                                      "{_target_: lightning.pytorch.strategies.ModelParallelStrategy}"])
 def test_sharded_strategies_are_refused_by_name(strategy):
-    with pytest.raises(ConfigError, match=r"trainer.strategy=.*(FSDP|fsdp|DeepSpeed|deepspeed).* is not supported"):
+    with pytest.raises(ConfigError, match=r"trainer.strategy=.*(FSDP|fsdp|DeepSpeed|deepspeed|ModelParallel).* is not supported"):
         validate_config(compose_cfg(["trainer=ddp", "~trainer.strategy", f"+trainer.strategy={strategy}"]))
 
 
@@ -87,3 +89,48 @@ def test_sharded_strategy_exits_2_with_one_line(tmp_path):
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert "trainer.strategy=fsdp is not supported" in run.stderr.strip().splitlines()[-1]
+
+
+def _as_srun_task(monkeypatch, procid: int, job_name: str = "peft"):
+    for key, value in {"SLURM_NTASKS": "2", "SLURM_PROCID": str(procid), "SLURM_JOB_NAME": job_name}.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_srun_tasks_of_one_sweep_job_share_task_0s_folder(tmp_path, monkeypatch):
+    """On SLURM every task srun starts for a sweep job (a DDP rank) resolves the job's folder itself.
+    Task 0 claims one; task 1 must take that folder, found by its overrides once Hydra has written them,
+    not claim the next free number (which split one job over two folders)."""
+    import threading
+    import time
+
+    from peft_lightning import multirun
+
+    _as_srun_task(monkeypatch, 1)
+
+    def task_0():  # claims folder 0; Hydra writes the job's overrides a moment later
+        time.sleep(0.6)
+        (tmp_path / "0" / ".hydra").mkdir(parents=True)
+        (tmp_path / "0" / ".hydra" / "overrides.yaml").write_text("- method.prefix_length=4\n")
+
+    writer = threading.Thread(target=task_0)
+    writer.start()
+    assert multirun.job_subdir(tmp_path, 0, ["method.prefix_length=4"]) == "0"
+    writer.join()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0"]
+    monkeypatch.setattr(multirun, "SRUN_WAIT_S", 0.4)  # task 0 never shows up: a clear error, no claim
+    with pytest.raises(RuntimeError, match="SLURM task 1: no job folder with overrides"):
+        multirun.job_subdir(tmp_path, 1, ["method.prefix_length=8"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0"]
+
+
+def test_srun_task_0_claims_and_an_interactive_allocation_is_not_srun(tmp_path, monkeypatch):
+    from peft_lightning import multirun
+
+    _as_srun_task(monkeypatch, 0)
+    assert multirun.srun_rank() == 0
+    assert multirun.job_subdir(tmp_path, 0, ["seed=1"]) == "0"
+    # `srun --pty bash`: Lightning starts the DDP processes itself, so a multirun job must run in its own
+    # process as off SLURM (else rank 1 re-runs the whole sweep)
+    _as_srun_task(monkeypatch, 1, job_name="interactive")
+    assert multirun.srun_rank() is None
+    assert multirun.job_subdir(tmp_path, 1, ["seed=2"]) == "1"

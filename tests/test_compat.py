@@ -17,6 +17,8 @@ from packaging.version import Version
 from peft_lightning import compat
 from peft_lightning.backbone import BackboneSpec, load_backbone
 from peft_lightning.injection import prefix
+from peft_lightning.errors import UserError
+from peft_lightning.injection.architectures import attention_slots
 from peft_lightning.injection.prefix import install_prefix_attention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,17 +59,20 @@ def test_compat_job_pins_are_the_ends_of_pyprojects_ranges():
 
 
 def test_older_transformers_is_refused_with_the_pin(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "4.57.1")
-    with pytest.raises(ImportError) as err:
+    # (the module object compat reads: importing some transformers submodules replaces sys.modules' entry)
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.1")
+    with pytest.raises(ImportError) as err:  # an ImportError, and a UserError the entry points print in one line
         compat.check_transformers()
+    assert isinstance(err.value, UserError)
     low, high = compat.TESTED_TRANSFORMERS
     assert "installed 4.57.1" in str(err.value)
-    assert f'pip install "transformers>={low},<={high}"' in str(err.value)
+    after = Version(high)  # every patch release of the newest tested one, as pyproject admits
+    assert f'pip install "transformers>={low},<{after.major}.{after.minor + 1}"' in str(err.value)
 
 
 def test_newer_transformers_warns_and_tested_patch_release_does_not(monkeypatch):
     high = Version(compat.TESTED_TRANSFORMERS[1])
-    monkeypatch.setattr(transformers, "__version__", f"{high.major}.{high.minor + 1}.0")
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", f"{high.major}.{high.minor + 1}.0")
     with pytest.warns(UserWarning, match=r"newer than any release .*pip install"):
         compat.check_transformers_version()
     with warnings.catch_warnings():
@@ -82,7 +87,38 @@ def test_import_of_the_injection_machinery_refuses_old_transformers():
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode != 0
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("ImportError: peft-lightning needs a newer transformers: installed 4.40.0"), last
+    assert last.startswith("peft_lightning.errors.IncompatibleVersion: peft-lightning needs a newer transformers: "
+                           "installed 4.40.0"), last
+
+
+def test_train_py_with_an_untested_transformers_exits_2_with_one_line(tmp_path):
+    code = ("import sys, runpy, transformers; transformers.__version__ = '5.19.0'; "
+            f"sys.argv = ['train.py', 'model=tiny-bert', 'hydra.run.dir={tmp_path}']; "
+            "runpy.run_path('train.py', run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: peft-lightning needs a newer transformers: "
+                                                          "installed 5.19.0")
+
+
+def test_older_lightning_is_refused_with_the_pin():
+    with pytest.raises(ImportError, match=r"needs lightning>=2\.6 .*installed 2\.5\.0: pip install"):
+        compat.check_lightning("2.5.0")
+    compat.check_lightning("2.6.0")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5", "bart"])
+def test_a_decoder_attention_without_its_causal_flag_fails_at_build(arch):
+    """The prefix kernels keep the causal mask by reading the attention module's is_causal; a release
+    that drops it would let tokens see later ones with a prefix on, which the output self-check misses."""
+    model = load_backbone(BackboneSpec(**tiny_model(arch)))
+    for _, module in attention_slots(model):
+        if _.role == "decoder":
+            del module.is_causal
+    with pytest.raises(ImportError, match=r"no longer has is_causal=True"):
+        install_prefix_attention(model)
 
 
 def test_changed_sdpa_kernel_signature_names_the_symbol(monkeypatch):

@@ -116,6 +116,7 @@ def install_prefix_attention(model: PreTrainedModel) -> list[AttentionSlot]:
         setattr(module, SLOT_ATTR, i)
     model._peft_prefix_installed = True
     compat.check_installed(model, [m for _, m in slots])  # loud, not "no prefix applied", if internals changed
+    compat.check_causal_flags([(s.role, m) for s, m in slots])
     return [s for s, _ in slots]
 
 
