@@ -78,20 +78,62 @@ def _get(data: dict, path):
     return data
 
 
+BOOKKEEPING = ("sweeps", "task_name", "hydra.", "ckpt_path")  # overrides that are not knobs
+
+
+def _canonical(value) -> str:
+    """One spelling per value, so an override (`[3,4,5]`, `true`) and the same value read from a job's
+    config (`[3, 4, 5]`, True) compare equal."""
+    import yaml
+
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_canonical(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
 def _overrides(job: Path, results: dict | None) -> dict[str, str]:
     listed = results.get("overrides") if results else None
     if listed is None:
         file = job / ".hydra" / "overrides.yaml"
         listed = [line[2:].strip() for line in file.read_text().splitlines() if line.startswith("- ")] \
             if file.is_file() else []
-    return dict(item.lstrip("+").split("=", 1) for item in listed if "=" in item)
+    pairs = (item.lstrip("+").split("=", 1) for item in listed if "=" in item)
+    return {k: _canonical(v) for k, v in pairs if not k.startswith(BOOKKEEPING)}
 
 
-def collect(multirun: Path) -> pd.DataFrame:
-    """One row per job directory (any folder with results.json or .hydra/ under `multirun`)."""
+def _configured(job: Path, key: str) -> str | None:
+    """What a job ran with for `key` when it did not override it: a config group's choice
+    (`method`, `data`) from .hydra/hydra.yaml, else the value at `key` in .hydra/config.yaml."""
+    from omegaconf import OmegaConf
+
+    try:
+        choices = OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.runtime.choices
+        if key in choices:
+            return _canonical(choices[key])
+        value = OmegaConf.select(OmegaConf.load(job / ".hydra" / "config.yaml"), key, default="<missing>")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if value == "<missing>" else _canonical(OmegaConf.to_container(value)
+                                                         if OmegaConf.is_config(value) else value)
+
+
+def collect(multirun: Path | list[Path], where: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per job directory (any folder with results.json or .hydra/ under `multirun`, or under
+    each of several sweep folders: arms of one question run as separate sweeps). An axis a job did not
+    override holds the value it ran with (its .hydra config), so a default-setting job from one sweep
+    pairs with the varied settings of another. `where`: keep the jobs with these values only."""
+    folders = [multirun] if isinstance(multirun, Path) else list(multirun)
     rows, found = [], []
-    jobs = sorted({p.parent for p in multirun.rglob("results.json")} | {p.parent for p in multirun.rglob(".hydra")},
-                  key=lambda p: (len(p.parts), p.name.zfill(6)))
+    jobs = [job for folder in folders for job in sorted(
+        {p.parent for p in folder.rglob("results.json")} | {p.parent for p in folder.rglob(".hydra")},
+        key=lambda p: (len(p.parts), p.name.zfill(6)))]
     for job in jobs:
         file = job / "results.json"
         results = json.loads(file.read_text()) if file.is_file() else None
@@ -99,15 +141,26 @@ def collect(multirun: Path) -> pd.DataFrame:
     metric = next((m for _, r in found if (m := _selection_metric(r))), "acc")
     columns = metric_columns(metric)
     for job, results in found:
-        row = {"job": job.name, **_overrides(job, results)}
+        name = job.name if len(folders) == 1 else f"{job.parent.name}/{job.name}"
+        row = {"job": name, "_path": job, **_overrides(job, results)}
         row["status"] = results.get("status", "unknown") if results else "no results.json"
         row["error"] = (results or {}).get("error", "")
         for column, (path, _) in columns.items():
             row[column] = _get(results or {}, path)
         rows.append(row)
     if not rows:
-        raise FileNotFoundError(f"no job directories (results.json or .hydra/) under {multirun}")
+        raise FileNotFoundError(f"no job directories (results.json or .hydra/) under {', '.join(map(str, folders))}")
     frame = pd.DataFrame(rows)
+    knobs = [c for c in frame.columns if c not in ("job", "_path", "status", "error", "seed", *columns)]
+    for key in [*knobs, *(k for k in (where or {}) if k not in knobs)]:
+        if key not in frame.columns:
+            frame[key] = None
+        missing = frame[key].isna()
+        frame.loc[missing, key] = [_configured(p, key) for p in frame.loc[missing, "_path"]]
+    for key, value in (where or {}).items():
+        frame = frame[frame[key] == _canonical(value)]
+    if frame.empty:
+        raise FileNotFoundError(f"no job has {where}")
     frame.attrs["metric"] = metric
     return frame
 
@@ -118,7 +171,7 @@ def _columns(frame: pd.DataFrame) -> dict[str, tuple[tuple, str]]:
 
 def axes(frame: pd.DataFrame) -> list[str]:
     """The overrides that vary between jobs (the sweep's axes), seed excluded."""
-    skip = {"job", "status", "error", "seed", *_columns(frame)}
+    skip = {"job", "_path", "status", "error", "seed", *_columns(frame)}
     return [c for c in frame.columns if c not in skip and frame[c].astype(str).nunique() > 1]
 
 
@@ -361,22 +414,32 @@ def _machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peft_lightning.report", description=__doc__.splitlines()[0])
-    parser.add_argument("multirun", type=Path, help="a multirun directory (outputs/<task>/multiruns/<time>)")
+    parser.add_argument("multirun", type=Path, nargs="+",
+                        help="a multirun directory (outputs/<task>/multiruns/<time>), or several: one table")
+    parser.add_argument("--where", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="only the jobs that ran with these values (e.g. method=ptuning_v2)")
     parser.add_argument("--out", type=Path, help="markdown file to write (default: <multirun>/report.md)")
     parser.add_argument("--title", default=None)
     parser.add_argument("--no-plots", action="store_true", help="the table only")
     parser.add_argument("--baseline", default=None, metavar="AXIS=VALUE[,AXIS=VALUE]",
                         help="the setting paired comparisons are made against (default: the selected one)")
     args = parser.parse_args(argv)
-    if not args.multirun.is_dir():
-        parser.error(f"{args.multirun} is not a directory")
-    frame = collect(args.multirun)
-    out = args.out or args.multirun / "report.md"
+    for folder in args.multirun:
+        if not folder.is_dir():
+            parser.error(f"{folder} is not a directory")
+    where = dict(item.split("=", 1) for item in args.where.split(",")) if args.where else None
+    try:
+        frame = collect(args.multirun, where)
+    except FileNotFoundError as error:  # no jobs, or none with --where's values: a user error
+        parser.error(str(error))
+    out = args.out or args.multirun[0] / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m peft_lightning.report " + " ".join(sys.argv[1:] if argv is None else argv)
-    baseline = dict(item.split("=", 1) for item in args.baseline.split(",")) if args.baseline else None
-    text = markdown(frame, args.title or f"Results of {args.multirun}", command,
-                    preface=_optuna_best(args.multirun, frame.attrs["metric"]), baseline=baseline)
+    baseline = {k: _canonical(v) for k, v in (item.split("=", 1) for item in args.baseline.split(","))} \
+        if args.baseline else None
+    text = markdown(frame, args.title or f"Results of {', '.join(map(str, args.multirun))}", command,
+                    preface=[line for f in args.multirun for line in _optuna_best(f, frame.attrs["metric"])],
+                    baseline=baseline)
     if not args.no_plots:
         for path in plots(frame, out.parent):
             text += f"\n![{path.stem}]({path.name})\n"

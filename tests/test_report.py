@@ -150,3 +150,38 @@ def test_report_pairs_against_a_named_baseline(tmp_path):
     mean, _, half = hand_ci([0.8 - 0.7, 0.9 - 0.75])
     assert "Paired by seed against method=b (the baseline)" in text
     assert f"| a | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |" in text
+
+
+def configured(root, num, method, config_yaml):
+    """A job folder's Hydra record of what it ran with: the group choice and the composed config."""
+    d = root / str(num) / ".hydra"
+    (d / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    choices:\n      method: {method}\n      data: rt\n")
+    (d / "config.yaml").write_text(config_yaml)
+
+
+def test_report_joins_sweeps_filling_axes_a_job_left_at_its_default(tmp_path):
+    """The dropout-on arm runs as its own sweep; its baseline (dropout off, the default) comes from the
+    methods sweep, where `method.backbone_dropout` was never overridden: the report reads the value
+    each job ran with from its .hydra config and pairs the two by seed."""
+    methods, arm = tmp_path / "methods", tmp_path / "dropout"
+    default = "method:\n  name: {}\n  backbone_dropout: false\n  depth: [3, 4, 5]\n"
+    for i, (method, seed, acc) in enumerate([("ptuning_v2", 1, 0.80), ("ptuning_v2", 2, 0.82), ("lora", 1, 0.90)]):
+        job(methods, i, [f"method={method}", "+sweeps=methods", f"seed={seed}"], acc=acc)
+        configured(methods, i, method, default.format(method))
+    for i, (seed, acc) in enumerate([(1, 0.83), (2, 0.86)]):
+        job(arm, i, ["method=ptuning_v2", "method.backbone_dropout=true", f"seed={seed}", "task_name=dropout"], acc=acc)
+        configured(arm, i, "ptuning_v2", default.format("ptuning_v2").replace("false", "true"))
+    frame = collect([methods, arm], where={"method": "ptuning_v2"})
+    assert sorted(frame["job"]) == ["dropout/0", "dropout/1", "methods/0", "methods/1"]  # lora filtered out
+    assert list(frame.sort_values("job")["method.backbone_dropout"]) == ["true", "true", "false", "false"]
+    from peft_lightning.report import axes
+    assert axes(frame) == ["method.backbone_dropout"]  # sweeps/task_name are bookkeeping, method is fixed
+    out = tmp_path / "r.md"
+    assert main([str(methods), str(arm), "--where", "method=ptuning_v2", "--baseline",
+                 "method.backbone_dropout=False", "--out", str(out), "--no-plots"]) == 0
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| true |") and "+0.0" in line)
+    assert row.startswith("| true | +0.0350 |")  # ((0.83 - 0.80) + (0.86 - 0.82)) / 2, paired by seed
+    # the canonical spelling: an override "[3,4,5]" and a config's [3, 4, 5] are one value
+    from peft_lightning.report import _canonical
+    assert _canonical("[3,4,5]") == _canonical([3, 4, 5]) == "[3,4,5]" and _canonical(True) == _canonical("true")
