@@ -381,7 +381,8 @@ def section_train(args, sizes, rec: Record) -> None:
     k = max(1, min(5, len(losses) // 4))
     first, last = statistics.mean(losses[:k]), statistics.mean(losses[-k:])
     step_ms = statistics.median(times[min(5, len(times) - 1):]) * 1e3 if times else float("nan")
-    moved = max(((module.state_dict()[n].detach().cpu().float() - v.cpu().float()).abs().max().item()
+    params = dict(module.named_parameters())  # (state_dict holds a free prefix flat, the parameter is kv layout)
+    moved = max(((params[n].detach().cpu().float() - v.cpu().float()).abs().max().item()
                  for n, v in before.items()), default=0.0)
     calls = [{"query_dtype": k[0], "key_dtype": k[1], "value_dtype": k[2], "query_len": k[3], "key_len": k[4],
               "mask_dtype": k[5], "autocast": k[6], "calls": c} for k, c in seen.items()]
