@@ -315,7 +315,9 @@ def measure_work(step, model: nn.Module | None = None) -> dict:
 
 
 def peak_bytes(step, device: str = "cpu") -> int:
-    """Peak bytes allocated during `step()` above what was allocated when it started."""
+    """Peak bytes allocated during `step()` above what was allocated when it started. (On the CPU
+    the profiler cannot report the free of a block allocated before it started, "memory block of
+    unknown size": such a free is missed, so the figure can err high, never miss a peak.)"""
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
