@@ -185,17 +185,6 @@ def build_on(dev: str, make, label: str = ""):
     return model.to(dev), where
 
 
-def attention_backend(ops: dict) -> str:
-    """The SDPA backend(s) one step hit, from the aten ops it dispatched."""
-    names = sorted({n.removeprefix("_scaled_dot_product_").removesuffix("_backward") for n in ops
-                    if "attention" in n and "backward" not in n})
-    if names:
-        return ",".join(names)
-    if any(n in ops for n in ("_safe_softmax", "_softmax")):
-        return "math (unfused softmax)"
-    return "-"
-
-
 def token7_batches(n: int, length: int, vocab: int, seed: int = 0) -> dict:
     """n sequences of random tokens (ids >= 10, never 7); label 1 for half of them, which carry
     token 7 first (where the head reads) and once more at a random position."""
@@ -217,14 +206,6 @@ def method_config(name: str, **overrides) -> dict:
     cfg = yaml.safe_load((ROOT / "conf" / "method" / f"{name}.yaml").read_text())
     cfg.update(overrides)
     return cfg
-
-
-def median_iqr(values: list[float]) -> tuple[float, float, float]:
-    if len(values) < 2:
-        v = values[0] if values else float("nan")
-        return v, v, v
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return statistics.median(values), q[0], q[2]
 
 
 # --- env ------------------------------------------------------------------------------------------
@@ -400,7 +381,8 @@ def section_train(args, sizes, rec: Record) -> None:
     k = max(1, min(5, len(losses) // 4))
     first, last = statistics.mean(losses[:k]), statistics.mean(losses[-k:])
     step_ms = statistics.median(times[min(5, len(times) - 1):]) * 1e3 if times else float("nan")
-    moved = max(((module.state_dict()[n].detach().cpu().float() - v.cpu().float()).abs().max().item()
+    params = dict(module.named_parameters())  # (state_dict holds a free prefix flat, the parameter is kv layout)
+    moved = max(((params[n].detach().cpu().float() - v.cpu().float()).abs().max().item()
                  for n, v in before.items()), default=0.0)
     calls = [{"query_dtype": k[0], "key_dtype": k[1], "value_dtype": k[2], "query_len": k[3], "key_len": k[4],
               "mask_dtype": k[5], "autocast": k[6], "calls": c} for k, c in seen.items()]
@@ -452,30 +434,11 @@ PAIRS = [  # label, our method, our knobs, speed.PeftTwin kind
 MODES = ("eval", "train")  # eval: every backbone's dropout off; train: all on
 
 
-def set_mode(model, mode: str) -> None:
-    from peft_lightning.methods import PeftClassifier
-
-    if isinstance(model, PeftClassifier):
-        # read only by PeftClassifier.train(): the same as building with backbone_dropout true/false
-        model.method_cfg["backbone_dropout"] = mode == "train"
-        model.train()
-    else:
-        model.train(mode == "train")
-
-
-def active_dropouts(model) -> int:
-    from torch import nn
-
-    return sum(1 for m in model.modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0)
-
-
 def section_speed(args, sizes, rec: Record) -> None:
     import torch
     from torch import nn
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks import speed as S
+    from benchmarks import speed as S  # the configs and the measuring helpers, shared with the CPU benchmark
 
     assert S.P == PREFIX
     dev = device()
@@ -487,7 +450,7 @@ def section_speed(args, sizes, rec: Record) -> None:
     def build(name):
         torch.manual_seed(0)
         if name == "floor":
-            return S.Floor(spec)
+            return S.floor(spec)
         for label, method, knobs, twin in PAIRS:
             if name == label:
                 return S.ours(method, knobs, spec)
@@ -520,52 +483,23 @@ def section_speed(args, sizes, rec: Record) -> None:
         loss.backward()
         optimizers[name].step()
 
-    class AttentionOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = {}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = str(func.overloadpacket.__name__)
-            if "attention" in name or "softmax" in name:
-                self.ops[name] = self.ops.get(name, 0) + 1
-            return func(*args, **(kwargs or {}))
-
     entries = [(n, mode) for n in models for mode in MODES]
     facts, broken = {}, {}
     t_facts = time.perf_counter()
     for name, mode in entries:  # warm-up, then one step each for FLOPs/kernels and one for memory
         key = f"{name} | {mode}"
         try:
-            set_mode(models[name], mode)
+            S.set_mode(models[name], mode == "train")
             for _ in range(sizes["warmup"]):
                 step(name)
             sync()
-            params = {p.data_ptr() for p in models[name].parameters()}
-            saved = {}
-
-            def pack(t, params=params, saved=saved):
-                try:
-                    if t.data_ptr() not in params:
-                        saved[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
-                except Exception:  # noqa: BLE001, S110 - a tensor without storage: not counted
-                    pass
-                return t
-
-            with FlopCounterMode(display=False) as counter, AttentionOps() as ops, \
-                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                step(name)
+            work = S.measure_work(lambda: step(name), models[name])
             sync()
-            fact = {"gflop": counter.get_total_flops() / 1e9, "attention_ops": ops.ops,
-                    "attention_backend": attention_backend(ops.ops),
-                    "saved_for_backward_mib": sum(saved.values()) / 2**20,
-                    "active_dropouts": active_dropouts(models[name]), "trainable": trainable[name]}
+            fact = {"gflop": work["flops"] / 1e9, "attention_ops": work["attention_ops"],
+                    "attention_backend": work["attention"], "saved_for_backward_mib": work["saved_bytes"] / 2**20,
+                    "active_dropouts": S.active_dropouts(models[name]), "trainable": trainable[name]}
             if cuda:
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                step(name)
-                sync()
-                fact["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                fact["peak_mib"] = S.peak_bytes(lambda: step(name), "cuda") / 2**20
             facts[key] = fact
         except Exception as exc:  # noqa: BLE001
             broken[key] = first_lines(exc)
@@ -590,7 +524,7 @@ def section_speed(args, sizes, rec: Record) -> None:
         order = entries[:]
         rng.shuffle(order)
         for name, mode in order:
-            set_mode(models[name], mode)
+            S.set_mode(models[name], mode == "train")
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -613,7 +547,7 @@ def section_speed(args, sizes, rec: Record) -> None:
         f"(order shuffled each round; timer: {'CUDA events' if cuda else 'perf_counter'})")
 
     def stats(key):
-        med, q1, q3 = median_iqr(times[key])
+        med, q1, q3 = S.median_iqr(times[key])
         out = {"ms_median": med * 1e3, "ms_q1": q1 * 1e3, "ms_q3": q3 * 1e3, **facts.get(key, {})}
         if "gflop" in out and med > 0:
             out["tflops"] = out["gflop"] / 1e3 / med
@@ -624,7 +558,7 @@ def section_speed(args, sizes, rec: Record) -> None:
         ratios = [x / y for x, y in zip(times[a], times[b])]
         if not ratios:
             return None
-        med, q1, q3 = median_iqr(ratios)
+        med, q1, q3 = S.median_iqr(ratios)
         verdict = "parity (IQR spans 1)" if q1 <= 1.0 <= q3 else ("faster" if med < 1 else "slower")
         return {"median": med, "q1": q1, "q3": q3, "min": min(ratios), "max": max(ratios), "verdict": verdict}
 
