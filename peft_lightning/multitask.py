@@ -8,7 +8,8 @@
 `{name: <config>, <key>: <value>, ...}` that changes keys of it (`{name: sms_spam, train_examples: 500}`)
 or, for a name without a file, is a whole data config (source, labels, columns, ...). Each task
 is split, deduplicated and tokenized exactly as a single-task run of that config, except that
-the run's data.max_length, batch_size, eval_batch_size and num_workers apply to every task.
+the run's data.max_length, batch_size, eval_batch_size and num_workers apply to every task (an entry
+that sets one, or group_by_length / extra_eval, which are not used here, is refused).
 
 Sampling: each training example is drawn by first drawing its task i with probability
   proportional   p_i = n_i / sum_j n_j                  (as if the training sets were pooled)
@@ -65,6 +66,11 @@ log = logging.getLogger(__name__)
 SAMPLING = ("proportional", "temperature")
 MIXABLE = ("ptuning_v2", "prefix_tuning")  # (serving.MIXABLE: what MultiTaskModel loads)
 SHARED_DATA_KEYS = ("max_length", "batch_size", "eval_batch_size", "num_workers")  # the run's, not each task's
+# data config keys a multi-task run does not read per task: a task entry that sets one is refused
+# (its data config file may hold them: those are the file's defaults, replaced without a word)
+NOT_PER_TASK = {**{k: f"the run's data.{k} applies to every task; set data.{k}" for k in SHARED_DATA_KEYS},
+                "group_by_length": "not used in a multi-task run (training batches mix tasks by data.sampling)",
+                "extra_eval": "not used in a multi-task run (each task is tested on its own test split)"}
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a task name is a metric key part and a folder name
 
 
@@ -85,6 +91,9 @@ def task_configs(data: dict) -> dict[str, dict]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise ConfigError(f"data.tasks[{i}] must be a data config name or a mapping with a name, got {entry!r}")
         name = entry["name"]
+        for key in entry:
+            if key in NOT_PER_TASK:
+                raise ConfigError(f"data.tasks.{name}.{key}: {NOT_PER_TASK[key]}")
         if not NAME.match(name):
             raise ConfigError(f"data.tasks[{i}]: name {name!r} must be letters, digits, _ or - (it names metrics "
                               "and the task's adapter folder)")

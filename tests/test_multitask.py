@@ -226,6 +226,15 @@ def test_two_task_run_exports_adapters_that_serving_and_predict_load_as_the_run_
     (["data.tasks=[rotten_tomatoes,{name:sms_spam,train_examples:0}]"],
      "data.tasks.sms_spam.train_examples must be a positive count"),
     (["trainer=ddp"], "set trainer.strategy.find_unused_parameters=true"),
+    # keys a task entry may not set: the run reads them once for every task (a silent no-op otherwise)
+    (["data.tasks=[rotten_tomatoes,{name:sms_spam,max_length:16}]"],
+     r"^data.tasks.sms_spam.max_length: the run's data.max_length applies to every task; set data.max_length"),
+    (["data.tasks=[{name:rotten_tomatoes,batch_size:4},sms_spam]"],
+     r"^data.tasks.rotten_tomatoes.batch_size: the run's data.batch_size applies to every task"),
+    (["data.tasks=[rotten_tomatoes,{name:sms_spam,group_by_length:false}]"],
+     r"^data.tasks.sms_spam.group_by_length: not used in a multi-task run \(training batches mix tasks"),
+    (["data.tasks=[rotten_tomatoes,{name:sms_spam,extra_eval:{x:{source:'embedded:sms_spam'}}}]"],
+     r"^data.tasks.sms_spam.extra_eval: not used in a multi-task run"),
 ])
 def test_multitask_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
