@@ -59,7 +59,7 @@ from peft_lightning.backbone import count_parameters, shared_backbones
 from peft_lightning.data.datamodule import TaskDataModule
 from peft_lightning.errors import ConfigError
 from peft_lightning.injection.prefix_encoder import KVPrompt, kv_optimizer_state, prefix_state
-from peft_lightning.methods.base import PeftClassifier
+from peft_lightning.methods.base import PeftClassifier, check_checkpoint_fits
 
 log = logging.getLogger(__name__)
 
@@ -434,10 +434,7 @@ class MultiTaskPrompts(L.LightningModule):
         checkpoint["task_best"] = self.task_best
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"]))
-        if missing:
-            raise KeyError(f"Checkpoint lacks trainable tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
-                           "it was saved by another method, configuration or task list.")
+        check_checkpoint_fits(self, checkpoint)  # (a changed task list: tensors missing or left over)
         self.val_best.reset()
         if checkpoint.get("val_best") is not None:
             self.val_best.update(checkpoint["val_best"].to(self.val_best.max_value.device))

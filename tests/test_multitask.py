@@ -108,6 +108,27 @@ def test_a_tasks_gradients_never_reach_another_tasks_prefix_or_head():
         torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_resume_with_another_task_list_is_a_checkpoint_error():
+    """A checkpoint of other tasks: refused by name (exit 2), not a KeyError traceback; one that holds a
+    task this run lacks is refused too (its tensors and best state would be dropped without a word)."""
+    from peft_lightning.errors import CheckpointError
+
+    def checkpoint(m):
+        return {"state_dict": {f"members.{n}.{k}": v for n, member in m.members.items()
+                               for k, v in member.trainable_state_dict().items()}}
+
+    saved = checkpoint(module())
+    module().on_load_checkpoint(saved)  # the run's own task list: loads
+    torch.manual_seed(0)
+    renamed = MultiTaskPrompts(tiny_model("bert"), METHOD, {"sentiment": TASKS["sentiment"], "spam": TASKS["topic"]})
+    with pytest.raises(CheckpointError, match=r"^checkpoint lacks trainable tensors \['members.spam.head.linear.bias'"):
+        renamed.on_load_checkpoint(saved)
+    torch.manual_seed(0)
+    fewer = MultiTaskPrompts(tiny_model("bert"), METHOD, {"sentiment": TASKS["sentiment"], "x": TASKS["sentiment"]})
+    with pytest.raises(CheckpointError, match=r"^checkpoint holds tensors this run does not train \['members.topic."):
+        fewer.on_load_checkpoint({"state_dict": {**saved["state_dict"], **checkpoint(fewer)["state_dict"]}})
+
+
 def test_gradient_clipping_is_per_task():
     m = module()
     a, b = m.members["sentiment"], m.members["topic"]
