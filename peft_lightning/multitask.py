@@ -52,7 +52,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchmetrics import MaxMetric
 
 from peft_lightning.backbone import count_parameters, shared_backbones
@@ -260,6 +260,11 @@ class MultiTaskDataModule(TaskDataModule):
             return [self.parts[n]._loader(split, False) for n in self.names]
         sampler = TaskMixSampler([len(p) for p in self.data["train"].parts], self.probabilities, self.seed,
                                  self._samples_to_skip)
+        if self.trainer is not None and self.trainer.overfit_batches:
+            # Lightning would swap a shuffling sampler for a sequential one over the dataset, which is the
+            # tasks end to end (the first task's rows alone): overfit the first batches of epoch 0's mix
+            return DataLoader(Subset(self.data["train"], sampler.order()), batch_size=self.batch_size,
+                              collate_fn=self.collate, num_workers=self.num_workers)
         return DataLoader(self.data["train"], batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
                           num_workers=self.num_workers)
 

@@ -230,6 +230,30 @@ def test_two_task_run_exports_adapters_that_serving_and_predict_load_as_the_run_
         torch.testing.assert_close(out[row], in_run[name][row], atol=1e-5, rtol=1e-5)
 
 
+def test_overfit_batches_overfit_a_mix_of_tasks(tmp_path):
+    """trainer.overfit_batches (debug=overfit): Lightning swaps a shuffling sampler for a sequential one
+    over the dataset, here the tasks end to end: the fixed batches held the first task's rows alone,
+    and the other tasks were never trained. They are the first batches of epoch 0's mixed order."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import SequentialSampler
+
+    from peft_lightning.backbone import BackboneSpec, load_tokenizer
+    from peft_lightning.multitask import build
+
+    cfg = two_task_config(tmp_path)
+    model = {k: v for k, v in cfg.model.items() if k != "name"}
+    datamodule, _ = build(cfg, load_tokenizer(BackboneSpec(**model)))
+    datamodule.setup("fit")
+    mixed = next(iter(datamodule.train_dataloader()))
+    datamodule.trainer = SimpleNamespace(overfit_batches=2, world_size=1)
+    loader = datamodule.train_dataloader()
+    assert isinstance(loader.sampler, SequentialSampler)  # (Lightning keeps it as it is)
+    first = next(iter(loader))
+    assert set(first["task_ids"].tolist()) == {0, 1}
+    assert all(torch.equal(first[k], mixed[k]) for k in mixed)
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["data.tasks=[rotten_tomatoes]"], r"data.tasks lists one task \(rotten_tomatoes\); a single-task run is "
                                         r"data=rotten_tomatoes"),
