@@ -118,3 +118,21 @@ def test_resume_as_another_method_or_shape_is_a_checkpoint_error():
                                               r"shape torch.Size\(\[4, 32\]\), this run's settings build "
                                               r"torch.Size\(\[2, 32\]\)"):
         other.on_load_checkpoint(ckpt)
+
+
+def test_python_callers_nested_knobs_are_checked_and_saved_only_where_read(tmp_path):
+    """Built in Python (no Hydra schema): a misspelt optim knob is refused, not silently dropped (LoRA+
+    would be off); a shared optim dict's lr_ratio on a method without LoRA is not written into its
+    adapter, whose config is read back strictly (it failed to load: unknown key method.optim.lr_ratio)."""
+    import json
+
+    from peft_lightning.checkpoint import load_pretrained, save_pretrained
+
+    with pytest.raises(ConfigError, match=r"^unknown key method.optim.lr_ratoi \(did you mean method.optim.lr_ratio\?\)$"):
+        METHODS["lora"](model=tiny_model("bert"), method=dict(name="lora", optim={"lr_ratoi": 16}), num_labels=2)
+    with pytest.raises(ConfigError, match=r"^unknown key method.head.pooing \(did you mean method.head.pooling\?\)$"):
+        METHODS["ia3"](model=tiny_model("bert"), method=dict(name="ia3", head={"pooing": "mean"}), num_labels=2)
+    m = METHODS["ia3"](model=tiny_model("bert"), method=dict(name="ia3", optim={"lr": LR, "lr_ratio": 1}), num_labels=2)
+    folder = save_pretrained(m, tmp_path / "adapter")
+    assert json.loads((folder / "adapter_config.json").read_text())["method"]["optim"] == {"lr": LR}
+    load_pretrained(folder)
