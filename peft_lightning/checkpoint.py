@@ -2,6 +2,8 @@
 
     adapter/adapter_model.safetensors   only the method's trainable tensors and the head
     adapter/adapter_config.json         model, method, labels: enough to rebuild on a fresh backbone
+    adapter/backbone_model.safetensors  a config-built (random) backbone's weights (+ lm_head_model.safetensors:
+                                        a verbalizer's LM head), which no file elsewhere holds
 
 Lightning's own .ckpt files (for resuming: optimizer, scheduler and loop state) also hold only the
 trainable tensors; see PeftClassifier.on_save_checkpoint.
@@ -24,6 +26,16 @@ CONFIG = "adapter_config.json"
 # A backbone built from a config (random weights: tests, smoke runs) has no file to be reloaded
 # from, so its weights travel with the adapter.
 BACKBONE = "backbone_model.safetensors"
+LM_HEAD = "lm_head_model.safetensors"  # the verbalizer head's frozen LM head (outside the bare backbone)
+
+
+def _random_parts(module) -> dict[str, object]:
+    """File name -> the frozen module whose random weights a config-built backbone's adapter carries."""
+    parts = {BACKBONE: module.backbone}
+    lm_head = getattr(module.head, "lm_head", None)  # (a verbalizer: its transform and bias are drawn too)
+    if lm_head is not None:
+        parts[LM_HEAD] = lm_head
+    return parts
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:
@@ -41,9 +53,10 @@ def save_pretrained(module, directory: str | Path) -> Path:
     config["method"] = own_method_keys(method)  # (read back strictly by read_config)
     _atomic_save(tensors, directory / WEIGHTS)
     if module.hparams.model.get("config") is not None:
-        tmp = directory / (BACKBONE + ".tmp")
-        save_model(module.backbone, str(tmp))  # (handles tied weights)
-        os.replace(tmp, directory / BACKBONE)
+        for name, part in _random_parts(module).items():
+            tmp = directory / (name + ".tmp")
+            save_model(part, str(tmp))  # (handles tied weights)
+            os.replace(tmp, directory / name)
     tmp = directory / (CONFIG + ".tmp")
     tmp.write_text(json.dumps(config, indent=2))
     os.replace(tmp, directory / CONFIG)
@@ -187,10 +200,15 @@ def load_pretrained(directory: str | Path, model_override: dict | None = None):
             )
     module.load_state_dict(tensors, strict=False)
     if backbone_file.is_file():
-        try:
-            load_model(module.backbone, str(backbone_file))  # (ties shared weights again)
-        except (SafetensorError, OSError) as err:
-            raise AdapterError(f"{backbone_file} is truncated or corrupt ({err}); save the adapter again") from None
-        except RuntimeError as err:
-            raise AdapterError(f"{backbone_file} does not fit key 'model' of {config_file}: {_one_line(err)}") from None
+        for name, part in _random_parts(module).items():
+            file = directory / name
+            if not file.is_file():  # (the backbone's is checked above, before anything was built)
+                raise AdapterError(f"{file} not found: model.config in {config_file} builds a randomly initialised "
+                                   "backbone and LM head, whose weights must be saved with the adapter")
+            try:
+                load_model(part, str(file))  # (ties shared weights again)
+            except (SafetensorError, OSError) as err:
+                raise AdapterError(f"{file} is truncated or corrupt ({err}); save the adapter again") from None
+            except RuntimeError as err:
+                raise AdapterError(f"{file} does not fit key 'model' of {config_file}: {_one_line(err)}") from None
     return module.eval()

@@ -8,7 +8,8 @@
 `{name: <config>, <key>: <value>, ...}` that changes keys of it (`{name: sms_spam, train_examples: 500}`)
 or, for a name without a file, is a whole data config (source, labels, columns, ...). Each task
 is split, deduplicated and tokenized exactly as a single-task run of that config, except that
-the run's data.max_length, batch_size, eval_batch_size and num_workers apply to every task.
+the run's data.max_length, batch_size, eval_batch_size and num_workers apply to every task (an entry
+that sets one, or group_by_length / extra_eval, which are not used here, is refused).
 
 Sampling: each training example is drawn by first drawing its task i with probability
   proportional   p_i = n_i / sum_j n_j                  (as if the training sets were pooled)
@@ -51,20 +52,25 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchmetrics import MaxMetric
 
 from peft_lightning.backbone import count_parameters, shared_backbones
 from peft_lightning.data.datamodule import TaskDataModule
 from peft_lightning.errors import ConfigError
 from peft_lightning.injection.prefix_encoder import KVPrompt, kv_optimizer_state, prefix_state
-from peft_lightning.methods.base import PeftClassifier
+from peft_lightning.methods.base import PeftClassifier, check_checkpoint_fits
 
 log = logging.getLogger(__name__)
 
 SAMPLING = ("proportional", "temperature")
 MIXABLE = ("ptuning_v2", "prefix_tuning")  # (serving.MIXABLE: what MultiTaskModel loads)
 SHARED_DATA_KEYS = ("max_length", "batch_size", "eval_batch_size", "num_workers")  # the run's, not each task's
+# data config keys a multi-task run does not read per task: a task entry that sets one is refused
+# (its data config file may hold them: those are the file's defaults, replaced without a word)
+NOT_PER_TASK = {**{k: f"the run's data.{k} applies to every task; set data.{k}" for k in SHARED_DATA_KEYS},
+                "group_by_length": "not used in a multi-task run (training batches mix tasks by data.sampling)",
+                "extra_eval": "not used in a multi-task run (each task is tested on its own test split)"}
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a task name is a metric key part and a folder name
 
 
@@ -85,6 +91,9 @@ def task_configs(data: dict) -> dict[str, dict]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise ConfigError(f"data.tasks[{i}] must be a data config name or a mapping with a name, got {entry!r}")
         name = entry["name"]
+        for key in entry:
+            if key in NOT_PER_TASK:
+                raise ConfigError(f"data.tasks.{name}.{key}: {NOT_PER_TASK[key]}")
         if not NAME.match(name):
             raise ConfigError(f"data.tasks[{i}]: name {name!r} must be letters, digits, _ or - (it names metrics "
                               "and the task's adapter folder)")
@@ -251,6 +260,11 @@ class MultiTaskDataModule(TaskDataModule):
             return [self.parts[n]._loader(split, False) for n in self.names]
         sampler = TaskMixSampler([len(p) for p in self.data["train"].parts], self.probabilities, self.seed,
                                  self._samples_to_skip)
+        if self.trainer is not None and self.trainer.overfit_batches:
+            # Lightning would swap a shuffling sampler for a sequential one over the dataset, which is the
+            # tasks end to end (the first task's rows alone): overfit the first batches of epoch 0's mix
+            return DataLoader(Subset(self.data["train"], sampler.order()), batch_size=self.batch_size,
+                              collate_fn=self.collate, num_workers=self.num_workers)
         return DataLoader(self.data["train"], batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
                           num_workers=self.num_workers)
 
@@ -425,10 +439,7 @@ class MultiTaskPrompts(L.LightningModule):
         checkpoint["task_best"] = self.task_best
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"]))
-        if missing:
-            raise KeyError(f"Checkpoint lacks trainable tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
-                           "it was saved by another method, configuration or task list.")
+        check_checkpoint_fits(self, checkpoint)  # (a changed task list: tensors missing or left over)
         self.val_best.reset()
         if checkpoint.get("val_best") is not None:
             self.val_best.update(checkpoint["val_best"].to(self.val_best.max_value.device))

@@ -140,19 +140,35 @@ def check_keys(cfg: dict) -> None:
 
 def own_method_keys(method: dict) -> dict:
     """`method` without the keys its method does not read (knobs of other methods a Python caller
-    passed along): what an adapter saves, so that its config passes `check_method` on reload."""
-    keys = method_schema(method)
-    return {k: v for k, v in method.items() if k in keys}
+    passed along, in `optim` and `head` too): what an adapter saves, so that its config passes
+    `check_method` on reload."""
+    def own(node: dict, spec: dict) -> dict:
+        return {k: own(v, spec[k]) if isinstance(v, dict) and isinstance(spec[k], dict) else v
+                for k, v in node.items() if k in spec}
+
+    return own(method, method_schema(method))
 
 
 def check_method_keys_exist(method: dict) -> None:
     """A method config built in Python (not composed by Hydra): a key that NO method reads is a
-    typo that would be silently ignored (`prefix_lenght`); knobs of other methods are tolerated,
-    as shared dicts of knobs are common in scripts."""
-    known = set(_SHARED).union(*METHOD_KEYS.values())
-    for key in method:
-        if key not in known:
-            raise ConfigError(f"unknown key method.{key}{_hint(key, known, 'method')}")
+    typo that would be silently ignored (`prefix_lenght`, `optim.lr_ratoi`); knobs of other methods
+    are tolerated, as shared dicts of knobs are common in scripts."""
+    def known_keys(path: tuple[str, ...]) -> set:
+        specs = [{**_SHARED, **keys} for keys in METHOD_KEYS.values()]
+        for key in path:
+            specs = [spec[key] for spec in specs if isinstance(spec.get(key), dict)]
+        return set().union(*specs)
+
+    def check(node: dict, path: tuple[str, ...]) -> None:
+        known = known_keys(path)
+        where = ".".join(("method", *path))
+        for key, value in node.items():
+            if key not in known:
+                raise ConfigError(f"unknown key {where}.{key}{_hint(key, known, where)}")
+            if isinstance(value, dict) and known_keys((*path, key)):
+                check(value, (*path, key))
+
+    check(method, ())
 
 
 def check_data(node: dict, path: str = "data") -> None:

@@ -60,6 +60,11 @@ class MultiTaskModel(nn.Module):
             elif module.hparams.model != first.hparams.model:
                 raise ValueError(f"task {task!r} was trained on model {module.hparams.model}, "
                                  f"task {self.tasks[0]!r} on {first.hparams.model}: one backbone serves them all")
+            elif module.hparams.model.get("config") is not None and not _same_weights(module.backbone, first.backbone):
+                # (the same settings, another draw: each adapter carries its random backbone's weights)
+                raise ValueError(f"task {task!r} was trained on a randomly initialised backbone (model.config) with "
+                                 f"other weights than task {self.tasks[0]!r} (another seed?): one backbone serves "
+                                 "them all")
             elif (method == "ia3") != (self.kind == "ia3"):
                 raise ValueError(f"task {task!r} holds method={method}, task {self.tasks[0]!r} "
                                  f"{first.hparams.method['name']}: one model serves deep prefixes or (IA)^3, not both")
@@ -152,6 +157,11 @@ class MultiTaskModel(nn.Module):
         for row, logits in zip(order.tolist(), grouped):
             out[row] = logits
         return out
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    theirs = b.state_dict()
+    return all(torch.equal(v, theirs[k]) for k, v in a.state_dict().items())
 
 
 @torch.no_grad()

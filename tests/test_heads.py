@@ -65,6 +65,25 @@ def test_verbalized_prompt_tuning_trains_the_prompt_alone(arch):
     assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if not p.requires_grad)
 
 
+@pytest.mark.parametrize("name", ["prompt_tuning", "ia3"])
+def test_verbalized_adapter_reloads_and_resumes(tmp_path, name):
+    """The verbalizer's label-word ids are a non-persistent buffer (rebuilt from the config): not a
+    trainable tensor that an adapter or a checkpoint must hold. (They were counted as one, so every
+    verbalizer adapter failed to load and every verbalizer run failed to resume.)"""
+    from peft_lightning.checkpoint import load_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    m = verbalized("bert", name=name)
+    train_steps(m, [make_batch("bert", length=8)], 3)
+    m.on_load_checkpoint({"state_dict": m.trainable_state_dict()})  # a resume of its own checkpoint
+    batch = make_batch("bert", seed=2)
+    with torch.no_grad():
+        want = m.eval()(batch)
+        folder = save_pretrained(m, tmp_path / "a")
+        torch.manual_seed(123)  # another random draw: a config-built backbone's weights, LM head too, are in the folder
+        torch.testing.assert_close(load_pretrained(folder)(batch), want, atol=0, rtol=0)
+
+
 def test_verbalizer_errors_name_the_fix():
     with pytest.raises(ValueError, match="one word per class"):
         verbalized("bert", label_words=["good"])

@@ -8,7 +8,7 @@ from conftest import make_batch, tiny_model
 from test_config_schema import no_weights  # noqa: F401 (fixture)
 from test_configs import compose_cfg
 
-from peft_lightning.errors import ConfigError
+from peft_lightning.errors import CheckpointError, ConfigError
 from peft_lightning.methods import METHODS
 from peft_lightning.validation import validate_config
 
@@ -88,3 +88,51 @@ def test_lr_ratio_config_errors_name_the_key(overrides, message, no_weights):  #
 @pytest.mark.parametrize("method", ["lora", "dora", "unipelt"])
 def test_lr_ratio_is_a_knob_of_every_lora_method(method, no_weights):  # noqa: F811
     validate_config(compose_cfg([f"method={method}", "method.optim.lr_ratio=16"]))
+
+
+def checkpoint_of(m):
+    """What Lightning's checkpoint holds of a module: its trainable tensors and the optimizer's state."""
+    return {"state_dict": m.trainable_state_dict(), "optimizer_states": [m.configure_optimizers()["optimizer"].state_dict()]}
+
+
+@pytest.mark.parametrize("saved,resumed,groups", [(1, RATIO, (1, 2)), (RATIO, 1, (2, 1))])
+def test_resume_with_another_lr_ratio_is_a_checkpoint_error_naming_the_key(saved, resumed, groups):
+    """A resume whose lr_ratio adds or drops LoRA+'s group: a one-line user error (exit 2), not torch's
+    'loaded state dict has a different number of parameter groups' traceback."""
+    with pytest.raises(CheckpointError, match=rf"^checkpoint: its optimizer has {groups[0]} parameter group\(s\), this "
+                                              rf"run {groups[1]}: method.optim.lr_ratio differs from the run's"):
+        build("lora", resumed).on_load_checkpoint(checkpoint_of(build("lora", saved)))
+    build("lora", saved).on_load_checkpoint(checkpoint_of(build("lora", saved)))  # the run's own: loads
+
+
+def test_resume_as_another_method_or_shape_is_a_checkpoint_error():
+    """A LoRA checkpoint resumed as DoRA (no magnitudes) or with another rank: CheckpointError (exit 2)
+    naming the tensors, not a KeyError / size-mismatch traceback."""
+    ckpt = checkpoint_of(build("lora", 1))
+    with pytest.raises(CheckpointError, match=r"^checkpoint lacks trainable tensors \['lora.encoder-layer-0-attention-"
+                                              r"self-query.magnitude', .*saved by another method or configuration"):
+        build("dora", 1).on_load_checkpoint(ckpt)
+    torch.manual_seed(0)
+    other = METHODS["lora"](model=tiny_model("bert"), method=dict(name="lora", r=2), num_labels=2)
+    with pytest.raises(CheckpointError, match=r"^checkpoint: tensor lora.encoder-layer-0-attention-self-query.A has "
+                                              r"shape torch.Size\(\[4, 32\]\), this run's settings build "
+                                              r"torch.Size\(\[2, 32\]\)"):
+        other.on_load_checkpoint(ckpt)
+
+
+def test_python_callers_nested_knobs_are_checked_and_saved_only_where_read(tmp_path):
+    """Built in Python (no Hydra schema): a misspelt optim knob is refused, not silently dropped (LoRA+
+    would be off); a shared optim dict's lr_ratio on a method without LoRA is not written into its
+    adapter, whose config is read back strictly (it failed to load: unknown key method.optim.lr_ratio)."""
+    import json
+
+    from peft_lightning.checkpoint import load_pretrained, save_pretrained
+
+    with pytest.raises(ConfigError, match=r"^unknown key method.optim.lr_ratoi \(did you mean method.optim.lr_ratio\?\)$"):
+        METHODS["lora"](model=tiny_model("bert"), method=dict(name="lora", optim={"lr_ratoi": 16}), num_labels=2)
+    with pytest.raises(ConfigError, match=r"^unknown key method.head.pooing \(did you mean method.head.pooling\?\)$"):
+        METHODS["ia3"](model=tiny_model("bert"), method=dict(name="ia3", head={"pooing": "mean"}), num_labels=2)
+    m = METHODS["ia3"](model=tiny_model("bert"), method=dict(name="ia3", optim={"lr": LR, "lr_ratio": 1}), num_labels=2)
+    folder = save_pretrained(m, tmp_path / "adapter")
+    assert json.loads((folder / "adapter_config.json").read_text())["method"]["optim"] == {"lr": LR}
+    load_pretrained(folder)

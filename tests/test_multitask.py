@@ -108,6 +108,27 @@ def test_a_tasks_gradients_never_reach_another_tasks_prefix_or_head():
         torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_resume_with_another_task_list_is_a_checkpoint_error():
+    """A checkpoint of other tasks: refused by name (exit 2), not a KeyError traceback; one that holds a
+    task this run lacks is refused too (its tensors and best state would be dropped without a word)."""
+    from peft_lightning.errors import CheckpointError
+
+    def checkpoint(m):
+        return {"state_dict": {f"members.{n}.{k}": v for n, member in m.members.items()
+                               for k, v in member.trainable_state_dict().items()}}
+
+    saved = checkpoint(module())
+    module().on_load_checkpoint(saved)  # the run's own task list: loads
+    torch.manual_seed(0)
+    renamed = MultiTaskPrompts(tiny_model("bert"), METHOD, {"sentiment": TASKS["sentiment"], "spam": TASKS["topic"]})
+    with pytest.raises(CheckpointError, match=r"^checkpoint lacks trainable tensors \['members.spam.head.linear.bias'"):
+        renamed.on_load_checkpoint(saved)
+    torch.manual_seed(0)
+    fewer = MultiTaskPrompts(tiny_model("bert"), METHOD, {"sentiment": TASKS["sentiment"], "x": TASKS["sentiment"]})
+    with pytest.raises(CheckpointError, match=r"^checkpoint holds tensors this run does not train \['members.topic."):
+        fewer.on_load_checkpoint({"state_dict": {**saved["state_dict"], **checkpoint(fewer)["state_dict"]}})
+
+
 def test_gradient_clipping_is_per_task():
     m = module()
     a, b = m.members["sentiment"], m.members["topic"]
@@ -209,6 +230,30 @@ def test_two_task_run_exports_adapters_that_serving_and_predict_load_as_the_run_
         torch.testing.assert_close(out[row], in_run[name][row], atol=1e-5, rtol=1e-5)
 
 
+def test_overfit_batches_overfit_a_mix_of_tasks(tmp_path):
+    """trainer.overfit_batches (debug=overfit): Lightning swaps a shuffling sampler for a sequential one
+    over the dataset, here the tasks end to end: the fixed batches held the first task's rows alone,
+    and the other tasks were never trained. They are the first batches of epoch 0's mixed order."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import SequentialSampler
+
+    from peft_lightning.backbone import BackboneSpec, load_tokenizer
+    from peft_lightning.multitask import build
+
+    cfg = two_task_config(tmp_path)
+    model = {k: v for k, v in cfg.model.items() if k != "name"}
+    datamodule, _ = build(cfg, load_tokenizer(BackboneSpec(**model)))
+    datamodule.setup("fit")
+    mixed = next(iter(datamodule.train_dataloader()))
+    datamodule.trainer = SimpleNamespace(overfit_batches=2, world_size=1)
+    loader = datamodule.train_dataloader()
+    assert isinstance(loader.sampler, SequentialSampler)  # (Lightning keeps it as it is)
+    first = next(iter(loader))
+    assert set(first["task_ids"].tolist()) == {0, 1}
+    assert all(torch.equal(first[k], mixed[k]) for k in mixed)
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["data.tasks=[rotten_tomatoes]"], r"data.tasks lists one task \(rotten_tomatoes\); a single-task run is "
                                         r"data=rotten_tomatoes"),
@@ -226,6 +271,15 @@ def test_two_task_run_exports_adapters_that_serving_and_predict_load_as_the_run_
     (["data.tasks=[rotten_tomatoes,{name:sms_spam,train_examples:0}]"],
      "data.tasks.sms_spam.train_examples must be a positive count"),
     (["trainer=ddp"], "set trainer.strategy.find_unused_parameters=true"),
+    # keys a task entry may not set: the run reads them once for every task (a silent no-op otherwise)
+    (["data.tasks=[rotten_tomatoes,{name:sms_spam,max_length:16}]"],
+     r"^data.tasks.sms_spam.max_length: the run's data.max_length applies to every task; set data.max_length"),
+    (["data.tasks=[{name:rotten_tomatoes,batch_size:4},sms_spam]"],
+     r"^data.tasks.rotten_tomatoes.batch_size: the run's data.batch_size applies to every task"),
+    (["data.tasks=[rotten_tomatoes,{name:sms_spam,group_by_length:false}]"],
+     r"^data.tasks.sms_spam.group_by_length: not used in a multi-task run \(training batches mix tasks"),
+    (["data.tasks=[rotten_tomatoes,{name:sms_spam,extra_eval:{x:{source:'embedded:sms_spam'}}}]"],
+     r"^data.tasks.sms_spam.extra_eval: not used in a multi-task run"),
 ])
 def test_multitask_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:

@@ -90,6 +90,20 @@ def test_mixing_refuses_methods_without_deep_prefixes(tmp_path):
         MultiTaskModel({"a": dir_a})(make_batch(batch=1), ["zzz"])
 
 
+def test_mixing_refuses_tasks_trained_on_another_random_backbone(tmp_path):
+    """Two adapters on a randomly initialised backbone (model.config) of another draw (another seed):
+    the same model settings, other weights. Served on the first one's backbone, the second task's
+    logits would be wrong without a word; refused, as prompt transfer refuses such a source."""
+    _, dir_a = trained(tmp_path, "ptuning_v2", ["neg", "pos"], seed=1)
+    torch.manual_seed(7)
+    other = METHODS["ptuning_v2"](model=tiny_model("bert"), method=dict(name="ptuning_v2", prefix_length=4),
+                                  num_labels=2)
+    save_pretrained(other, tmp_path / "other")
+    with pytest.raises(ValueError, match=r"^task 'b' was trained on a randomly initialised backbone \(model.config\) "
+                                         r"with other weights than task 'a'"):
+        MultiTaskModel({"a": dir_a, "b": tmp_path / "other"})
+
+
 def test_ensemble_equals_members_run_alone(tmp_path):
     members = [trained(tmp_path, "ptuning_v2", ["neg", "pos"], seed=s) for s in (1, 2, 3)]
     torch.manual_seed(0)

@@ -358,7 +358,10 @@ class PeftClassifier(L.LightningModule):
     # --- checkpoints: trainable tensors only ----------------------------------------------------
     def trainable_state_keys(self) -> set[str]:
         keys = {n for n, p in self.named_parameters() if p.requires_grad}
-        keys |= {n for n, _ in self.named_buffers() if not n.startswith("backbone.")}
+        # the method's own persistent buffers (a non-persistent one, such as the verbalizer's label-word
+        # ids, is rebuilt from the config and is in no state dict, adapter or checkpoint)
+        keys |= {n for n in self.state_dict(keep_vars=True) if not n.startswith("backbone.")} - \
+            {n for n, _ in self.named_parameters()}
         return keys
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -378,12 +381,38 @@ class PeftClassifier(L.LightningModule):
         checkpoint["val_best"] = self.val_best.max_value.detach().cpu() if self.val_best.update_called else None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"]))
-        if missing:
-            raise KeyError(
-                f"Checkpoint lacks trainable tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
-                "it was saved by another method or configuration."
-            )
+        check_checkpoint_fits(self, checkpoint)
         self.val_best.reset()
         if checkpoint.get("val_best") is not None:
             self.val_best.update(checkpoint["val_best"].to(self.val_best.max_value.device))
+
+
+def check_checkpoint_fits(module, checkpoint: dict[str, Any]) -> None:
+    """A checkpoint to resume (or test) from must be this run's kind: every trainable tensor, each of
+    its shape, nothing more, and an optimizer with as many parameter groups. Otherwise it was written
+    with another method, settings or task list: a CheckpointError (one line, exit 2) before Lightning
+    loads it, not a KeyError / size-mismatch / optimizer traceback, nor a silent partial load."""
+    from peft_lightning.errors import CheckpointError
+
+    path = getattr(module._trainer, "ckpt_path", None) if module._trainer is not None else None
+    where = f"checkpoint {path}" if path else "checkpoint"
+    saved, keys = checkpoint["state_dict"], module.trainable_state_keys()
+    for problem, names in (("lacks trainable tensors", sorted(keys - set(saved))),
+                           ("holds tensors this run does not train", sorted(set(saved) - keys))):
+        if names:
+            raise CheckpointError(f"{where} {problem} {names[:5]}{' ...' if len(names) > 5 else ''}: it was saved by "
+                                  "another method or configuration; resume with the run's own settings")
+    own = module.state_dict()  # (a key/value prefix table in the flat layout checkpoints hold)
+    for k in sorted(keys):
+        if saved[k].shape != own[k].shape:
+            raise CheckpointError(f"{where}: tensor {k} has shape {saved[k].shape}, this run's settings build "
+                                  f"{own[k].shape}; resume with the run's own settings")
+    optimizers = checkpoint.get("optimizer_states") or []
+    if optimizers:
+        optim = module.method_cfg.get("optim", {})
+        groups = len(module.param_groups(optim.get("lr", 5e-3), float(optim.get("lr_ratio", 1))))
+        had = len(optimizers[0].get("param_groups", []))
+        if had != groups:
+            raise CheckpointError(f"{where}: its optimizer has {had} parameter group(s), this run {groups}: "
+                                  "method.optim.lr_ratio differs from the run's (LoRA+, a ratio other than 1, gives "
+                                  "LoRA's B matrices a group of their own); resume with the run's own lr_ratio")
