@@ -406,9 +406,18 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
     return median_iqr([x / y for x, y in zip(a, b)])
 
 
+# Run to run: two quiet runs of all.sh here (2026-11-29, docs/benchmarks.md) gave medians of the same paired
+# ratio up to 0.02 apart, and verdicts on smaller differences flipped between them (an IQR ending at 0.997 in
+# one run, starting at 1.003 in the other). A difference of 2% or less is not resolved by this benchmark.
+NOISE = 0.02
+
+
 def verdict(ratio: tuple[float, float, float]) -> str:
+    """parity when the ratio's IQR spans 1.0 or its median is within NOISE of it, else faster/slower."""
     med, q1, q3 = ratio
-    return "parity (inside noise)" if q1 <= 1.0 <= q3 else ("faster" if med < 1 else "slower")
+    if q1 <= 1.0 <= q3 or abs(med - 1.0) <= NOISE:
+        return "parity (inside noise)"
+    return "faster" if med < 1 else "slower"
 
 
 def spread(ratio: tuple[float, float, float], digits: int = 2) -> str:
@@ -575,8 +584,13 @@ def targets(models, modes, facts, times, peak) -> list[str]:
     rows = []
 
     def check(what, ratio, target, work=""):
-        _, q1, q3 = ratio
-        status = "met" if q3 <= target else ("not met" if q1 > target else "undecided (target inside the IQR)")
+        med, q1, q3 = ratio
+        if q3 <= target:
+            status = "met"
+        elif q1 > target and med > target + NOISE:
+            status = "not met"
+        else:  # the bound inside the IQR, or the median within the run-to-run noise of it
+            status = "at the bound, inside the noise" + (" (parity: equal work)" if target == 1.0 else "")
         rows.append(f"| {what} | <= {target:.2f} | {spread(ratio)} | {work} | {status} |")
 
     def gflop(*keys):
@@ -608,7 +622,8 @@ def targets(models, modes, facts, times, peak) -> list[str]:
                     f"{'met' if not below else 'not met'} |")
     if not rows:
         return []
-    return ["**Issue 15's targets** (met: the whole IQR at or below the target; not met: all of it above).", "",
+    return ["**Issue 15's targets** (met: the whole IQR at or below the bound; not met: all of it above and the "
+            f"median more than {NOISE:.2f} above; otherwise at the bound, inside the noise).", "",
             "| target | bound | measured, median [IQR] | GFLOP | status |", "|---|---|---|---|---|", *rows, ""]
 
 
