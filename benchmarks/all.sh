@@ -30,6 +30,7 @@ python benchmarks/speed.py --backbone minilm --pipeline-examples 256 $smoke --ma
 python benchmarks/speed.py --backbone roberta-base-shaped --batch 16 --suite core --modes off,on --no-eval $smoke \
   --markdown "$tmp/roberta.md" >> "$tmp/log"
 python benchmarks/mixed_tasks.py $smoke > "$tmp/mixed.md"  # (~1 min)
+python benchmarks/frozen_cache.py $smoke > "$tmp/frozen.md"  # the frozen-layer cache's epochs (~2 min)
 minutes=$(( ($(date +%s) - start + 30) / 60 ))
 {
   echo "# Benchmark results"
@@ -49,5 +50,8 @@ minutes=$(( ($(date +%s) - start + 30) / 60 ))
   echo; cat "$tmp/roberta.md"; echo
   echo "## Mixed-task serving (one backbone, a prefix per example)"
   echo; cat "$tmp/mixed.md"
+  echo
+  echo "## Frozen-layer cache (prompts in layers 3-5 only)"
+  echo; cat "$tmp/frozen.md"
 } > "$out"
 echo "wrote $out"

@@ -359,9 +359,12 @@ class PeftClassifier(L.LightningModule):
     def trainable_state_keys(self) -> set[str]:
         keys = {n for n, p in self.named_parameters() if p.requires_grad}
         # the method's own persistent buffers (a non-persistent one, such as the verbalizer's label-word
-        # ids, is rebuilt from the config and is in no state dict, adapter or checkpoint)
-        keys |= {n for n in self.state_dict(keep_vars=True) if not n.startswith("backbone.")} - \
-            {n for n, _ in self.named_parameters()}
+        # ids, is rebuilt from the config and is in no state dict, adapter or checkpoint). Parameters are told
+        # apart by identity, not name: a module shared under a second name (the pooler head's backbone pooler,
+        # head.pooler.*) lists its frozen weights again in the state dict, under a name named_parameters skips
+        params = {id(p) for p in self.parameters()}
+        keys |= {n for n, t in self.state_dict(keep_vars=True).items()
+                 if not n.startswith("backbone.") and id(t) not in params}
         return keys
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
