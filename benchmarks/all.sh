@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate docs/benchmarks_results.md, every performance figure the docs quote, in one command
 # (method: docs/benchmarks.md). Run it on a quiet machine, nothing else on the cores: the file
-# records the load average before and after. About 17 minutes on a 2-core CPU.
+# records the load average before and after. About 25 minutes on a 2-core CPU.
 #   bash benchmarks/all.sh                  # -> docs/benchmarks_results.md
 #   bash benchmarks/all.sh --smoke          # every code path on tiny shapes, ~8 min -> /tmp/benchmarks_smoke.md
 #   bash benchmarks/all.sh --out FILE
@@ -29,6 +29,9 @@ python benchmarks/speed.py --backbone minilm --pipeline-examples 256 $smoke --ma
 # roberta-base-shaped (12 x 768): floors, deep prefix (+ checkpointing), LoRA and their twins, both dropout modes (~8 min)
 python benchmarks/speed.py --backbone roberta-base-shaped --batch 16 --suite core --modes off,on --no-eval $smoke \
   --markdown "$tmp/roberta.md" >> "$tmp/log"
+# torch.compile (inductor): the core configs compiled, each beside its eager self in the same rounds (~5 min)
+python benchmarks/speed.py --backbone minilm --suite core --modes off --no-eval --compile --pipeline-examples 0 $smoke \
+  --markdown "$tmp/compile.md" >> "$tmp/log"
 python benchmarks/mixed_tasks.py $smoke > "$tmp/mixed.md"  # (~1 min)
 python benchmarks/frozen_cache.py $smoke > "$tmp/frozen.md"  # the frozen-layer cache's epochs (~2 min)
 minutes=$(( ($(date +%s) - start + 30) / 60 ))
@@ -48,6 +51,8 @@ minutes=$(( ($(date +%s) - start + 30) / 60 ))
   echo "The core configs only, to keep the whole run under 25 minutes"
   echo "(\`python benchmarks/speed.py --backbone roberta-base-shaped --batch 16 --suite all --modes off,on\` runs every config)."
   echo; cat "$tmp/roberta.md"; echo
+  echo "## torch.compile on MiniLM (core configs, dropout off)"
+  echo; cat "$tmp/compile.md"; echo
   echo "## Mixed-task serving (one backbone, a prefix per example)"
   echo; cat "$tmp/mixed.md"
   echo

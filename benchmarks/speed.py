@@ -485,16 +485,33 @@ def step_tables(backbone: str, args) -> list[str]:
             facts[name, mode]["peak_bytes"] = peak_bytes(step, device)
     log(f"{backbone}: FLOPs, saved bytes, kernels and peak memory of {len(entries)} entries in "
         f"{time.perf_counter() - t0:.0f} s")
-    if args.compile:  # (the work above is the eager model's: the same matmuls)
-        for model in models.values():
-            model.forward = torch.compile(model.forward)
-        for prepare, step in entries.values():
+    compile_s = {}
+    if args.compile:  # every train entry again, compiled, timed in the same rounds as its eager self
+        # (a compiled wrapper shares the model's parameters and optimizer, so both arms train one model;
+        # one process compiles every config through the same transformers code objects, so dynamo's
+        # default limit of 8 recompilations per code object would send later configs back to eager)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(entries))
+        for (name, mode), (prepare, _) in list(entries.items()):
+            if mode == "eval":
+                continue
+            compiled = torch.compile(models[name])
+            step = (lambda c=compiled, n=name: train_step(c, optimizers[n], batch))
+            entries[name, mode, "compiled"] = (prepare, step)
             prepare()
+            t = time.perf_counter()
+            step()  # the compilation, and the warm-up
+            compile_s[name, mode] = time.perf_counter() - t
             step()
+        # (a frame shared by several configs, such as a transformers layer after a graph break, can still
+        # meet guards it has not seen when the configs interleave: one untimed shuffled round first)
+        rounds(entries, 1, 1, device, args.seed + 1, backbone + " compile warm-up")
+        log(f"{backbone}: compiled {len(compile_s)} train entries in {sum(compile_s.values()):.0f} s")
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     peaks: list[float] = []  # the matmul peak, timed in every round among the configs
     if device == "cpu":
         entries["matmul peak", "-"] = (lambda: None), lambda: peaks.append(matmul_gflops())
     times = rounds(entries, args.rounds, args.steps, device, args.seed, backbone)
+    compiled_while_timing = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     peak = median_iqr(peaks) if device == "cpu" else (float("nan"),) * 3
 
     def ms(key):
@@ -510,7 +527,7 @@ def step_tables(backbone: str, args) -> list[str]:
 
     out = [f"Backbone **{backbone}**{' (smoke: tiny shapes, not results)' if args.smoke else ''}, batch {args.batch} "
            f"x length {args.length} (real lengths {args.length // 2}..{args.length}, right padding), fp32"
-           f"{' + bf16 autocast' if args.bf16 else ''}{', torch.compile' if args.compile else ''}, {device}; "
+           f"{' + bf16 autocast' if args.bf16 else ''}, {device}; "
            f"{args.rounds} rounds, order shuffled each round (seed {args.seed}), {args.steps} step"
            f"{'s' if args.steps > 1 else ''} per timing. "
            f"Dense fp32 matmul peak (2048^3, best of 3 per round): **{spread(peak, 1)} GFLOP/s**.", "",
@@ -555,6 +572,20 @@ def step_tables(backbone: str, args) -> list[str]:
         out += ["**Evaluation step** (model.eval(), no gradients: no dropout anywhere; a reparameterized prompt "
                 "is computed once and cached)", ""]
         out += table(["config", "ms/step", "GFLOP/step", "x floor", "x peft twin", "verdict vs twin"], rows)
+    if compile_s:
+        rows = []
+        for (name, mode), seconds in compile_s.items():
+            key, twin = (name, mode), (OURS[name][2] if name in OURS else None)
+            r = paired(times[name, mode, "compiled"], times[key])
+            vs_twin = (spread(paired(times[name, mode, "compiled"], times[twin, mode, "compiled"]))
+                       if (twin, mode) in compile_s else "")
+            rows.append([mode, name, ms(key), ms((name, mode, "compiled")), spread(r), verdict(r), f"{seconds:.0f}",
+                         vs_twin])
+        out += ["**torch.compile** (inductor, default mode; each config compiled and eager in the same rounds, "
+                "sharing parameters; the eager FLOPs above are the work of both; graphs compiled during the timed "
+                f"rounds: {compiled_while_timing})", ""]
+        out += table(["dropout", "config", "eager ms/step", "compiled ms/step", "compiled / eager", "verdict",
+                      "compile s", "compiled: ours / peft twin"], rows)
     return out + checkpointing_lines(models, modes, facts, times) + targets(models, modes, facts, times, peak)
 
 
@@ -726,7 +757,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="check every code path fast: 2 rounds, 1 step, batch 4 x 16, a tiny roberta; not results")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU; emulated and slow on this CPU)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every config before timing")
+    parser.add_argument("--compile", action="store_true", help="also time every train config compiled (torch.compile, inductor) beside its eager self")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes or set(args.modes) - set(MODES):

@@ -402,3 +402,29 @@ def test_recomputing_the_attention_refuses_what_it_cannot_do(change, message):
     change = dict(change)
     with pytest.raises(ConfigError, match=message):
         module(change.pop("arch", "bert"), recompute_attention=True, **change)
+
+
+def test_a_compiled_prefix_model_computes_the_eager_logits_and_gradients_without_breaking_in_the_injection():
+    """torch.compile (issue 15, item 5): the mask cache's identity and version checks cannot be
+    traced, so a compiled graph builds the mask per layer instead; the values are the eager ones, and
+    no graph break comes from peft_lightning's own code (before, one in every layer)."""
+    import torch._dynamo
+
+    m = module("bert", "sdpa").train()
+    batch = make_batch("bert", length=8)
+    eager = run(m, batch)
+    m.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(m)(batch)
+    ours = [r for r in explained.break_reasons
+            if any("peft_lightning" in frame.filename for frame in r.user_stack)]
+    assert not ours, [r.reason for r in ours]
+    compiled = torch.compile(m)
+    logits = compiled(batch)
+    torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+    grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(logits.detach(), eager[0], rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        ref = eager[1][name]
+        torch.testing.assert_close(kv_to_flat(g) if g.dim() == 5 else g, ref, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
