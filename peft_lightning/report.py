@@ -27,11 +27,22 @@ import pandas as pd
 
 
 
+def _seconds(results: dict, key: str) -> float | None:
+    """`key`'s seconds summed over every attempt of a job (an interrupted run's earlier attempts too);
+    None when an attempt lacks it (results written before the key existed): no partial sums."""
+    attempts = [a for a in (*results.get("previous_attempts", []), results) if isinstance(a, dict)]
+    times = [a.get(key) for a in attempts]
+    return float(sum(times)) if times and None not in times else None
+
+
 def wall_time(results: dict) -> float | None:
-    """Seconds a job took, every attempt counted (an interrupted run's earlier attempts too)."""
-    attempts = [*results.get("previous_attempts", []), results]
-    times = [a["wall_time_s"] for a in attempts if isinstance(a, dict) and a.get("wall_time_s") is not None]
-    return float(sum(times)) if times else None
+    """Seconds a job took, every attempt counted; a paused or shared machine inflates it."""
+    return _seconds(results, "wall_time_s")
+
+
+def cpu_time(results: dict) -> float | None:
+    """CPU seconds of the job's process, every attempt counted: its cost, whatever else ran beside it."""
+    return _seconds(results, "cpu_time_s")
 
 
 def t_quantile(df: int) -> float:
@@ -58,6 +69,7 @@ def metric_columns(metric: str = "acc") -> dict[str, tuple[tuple, str]]:
         "trainable %": (("parameters", "trainable_pct"), "{:.3f}"),
         "train s/epoch": (("train_seconds_per_epoch",), "{:.1f}"),
         "wall s/job": (wall_time, "{:.0f}"),
+        "CPU s/job": (cpu_time, "{:.0f}"),
     }
 
 
@@ -245,7 +257,9 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
     lines += [f"Ranked by {dev} (the selection metric; ties in job order); {test} is the test score of each "
               "run's best-dev checkpoint, shown alongside, never used to rank."
               + (" Over seeds: mean ± std, and the 95% confidence interval of the mean (t-distribution)."
-                 if many else "") + " wall s/job counts every attempt of a job.", ""]
+                 if many else "") + " wall s/job and CPU s/job count every attempt of a job; CPU s/job (the job "
+              "process's CPU seconds, every thread) is its cost whatever else shared or paused the machine, which "
+              "wall time is not.", ""]
     header = []
     for column in columns:
         header += [column] + ([f"{'dev' if column == dev else 'test'} 95% CI"] if many and column in (dev, test) else [])
@@ -264,9 +278,14 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
         if many:
             cells.append(str(int(row["n"])))
         lines.append("| " + " | ".join(cells) + " |")
-    wall = frame["wall s/job"].dropna()
+    wall, cpu = frame["wall s/job"].dropna(), frame["CPU s/job"].dropna()
     if len(wall):
-        lines += ["", f"Wall time: {_duration(wall.sum())} for {len(wall)} jobs (mean {wall.mean():.0f} s per job)."]
+        line = f"Wall time: {_duration(wall.sum())} for {len(wall)} jobs (mean {wall.mean():.0f} s per job)"
+        if len(cpu):
+            line += (f"; CPU time: {_duration(cpu.sum())}"
+                     + (f" for {len(cpu)} of them" if len(cpu) != len(wall) else "")
+                     + f" (mean {cpu.mean():.0f} s per job)")
+        lines += ["", line + "."]
     reference, diffs = paired(frame, baseline)
     if len(diffs) and (diffs["n"] > 1).any():
         name = ", ".join(f"{k}={_setting(v)}" for k, v in reference.items())

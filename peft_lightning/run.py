@@ -134,7 +134,7 @@ def evaluate_extra_sets(cfg: DictConfig, trainer, module, datamodule, ckpt_path)
 def train(cfg: DictConfig) -> dict:
     """Fit, test the best-dev checkpoint, export the adapter; results.json is written whatever happens
     (status `running` from the start, so even a SIGKILL leaves a trace)."""
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     ckpt_path = cfg.get("ckpt_path")
     out_dir = resume_folder(cfg, ckpt_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -245,6 +245,8 @@ def train(cfg: DictConfig) -> dict:
         if getattr(datamodule, "stats", None):  # split sizes, duplicates removed / across splits
             summary["data_stats"] = datamodule.stats
         summary["wall_time_s"] = time.time() - started
+        # (CPU seconds of this process, every thread: unlike wall time, not inflated by a paused or shared machine)
+        summary["cpu_time_s"] = time.process_time() - cpu_started
         summary["train_seconds_per_epoch"] = timer.seconds
         summary["peak_memory_mb"] = _peak_memory_mb()
         if _rank_zero(trainer):

@@ -18,8 +18,10 @@ def job(root, num, overrides, status="completed", acc=None, error=None, test=Non
     if error:
         results["error"] = error
     if wall is not None:  # this attempt's seconds; `earlier`: those of interrupted attempts before it
-        results["wall_time_s"] = wall
-        results["previous_attempts"] = [{"status": "interrupted", "wall_time_s": w} for w in earlier]
+        # (CPU seconds: half the wall seconds here, as if the machine were shared)
+        results["wall_time_s"], results["cpu_time_s"] = wall, wall / 2
+        results["previous_attempts"] = [{"status": "interrupted", "wall_time_s": w, "cpu_time_s": w / 2}
+                                        for w in earlier]
     (d / "results.json").write_text(json.dumps(results))
 
 
@@ -75,7 +77,7 @@ def test_report_ranks_by_dev_not_by_test(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     # by dev: 128 (0.71) first although its test is the lowest; the 0.68 tie keeps job order (16, then 8)
     assert [row.split(" | ")[0][2:] for row in rows] == ["128", "64", "16", "8", "4"]
-    assert rows[0] == "| 128 | 0.7100 | 0.6800 | 100 | 0.500 | 11.0 |  |"  # (no wall time recorded)
+    assert rows[0] == "| 128 | 0.7100 | 0.6800 | 100 | 0.500 | 11.0 |  |  |"  # (no wall or CPU time recorded)
     assert "Ranked by best dev acc" in text
 
 
@@ -122,9 +124,9 @@ def test_report_gives_confidence_intervals_paired_differences_and_wall_time(tmp_
     # a: dev 0.80 ± 0.02, CI 0.80 ± 4.3027 * 0.02 / sqrt(3)
     assert "| method | best dev acc | dev 95% CI | test acc | test 95% CI | trainable |" in text
     assert "| a | 0.8000 ± 0.0200 | [0.7503, 0.8497] | 0.8000 ± 0.0265 | [0.7343, 0.8657] |" in text
-    # wall time per job, every attempt counted: b = (20 + 21 + 100 + 22) / 3
-    assert "| b | " in text and [r for r in text.splitlines() if r.startswith("| b |")][0].endswith("| 54 | 3 |")
-    assert "Wall time: 3 min 28 s for 8 jobs (mean 26 s per job)." in text
+    # wall and CPU time per job, every attempt counted: b = (20 + 21 + 100 + 22) / 3, CPU half of it
+    assert "| b | " in text and [r for r in text.splitlines() if r.startswith("| b |")][0].endswith("| 54 | 27 | 3 |")
+    assert "Wall time: 3 min 28 s for 8 jobs (mean 26 s per job); CPU time: 1 min 44 s (mean 13 s per job)." in text
 
     # paired by seed against the selected setting (a: best mean dev)
     assert "Paired by seed against method=a (the selected setting)" in text
