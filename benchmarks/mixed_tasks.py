@@ -11,7 +11,7 @@ each round (seeded): the plain model of task 0; the server on a batch of task 0 
 one broadcast prefix); the server on a batch whose examples cycle through the K tasks (a
 per-row gather of prefixes, a prefix mask). Reports examples/s (median [IQR]) and each arm's time
 per batch against the plain model's, paired per round (median [IQR]; parity when the IQR spans
-1.0), and checks the server's single-task logits against the plain model's.
+1.0 or the median is within 2% of it: speed.verdict), and checks the server's single-task logits against the plain model's.
 """
 from __future__ import annotations
 

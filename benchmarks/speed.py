@@ -25,7 +25,8 @@ How it keeps comparisons fair (issue 15):
   their conf/method yaml picks is marked.
 - Statistics. Every (config, mode) is timed once per round, in an order shuffled each round
   (seeded); medians and IQRs over rounds; ratios are paired per round (a config and its reference
-  timed in the same round), and a ratio whose IQR spans 1.0 is reported as parity (inside the noise).
+  timed in the same round), and a ratio whose IQR spans 1.0, or whose median is within NOISE (2%) of
+  it, is reported as parity (inside the noise).
 - Work beside every ratio: FLOPs of one step, by torch.utils.flop_counter's formulas as
   FlopCounterMode counts them (matmuls and attention; elementwise ops are not counted). torch has
   no formula for the CPU flash-attention and oneDNN LSTM kernels (they would count 0), so theirs

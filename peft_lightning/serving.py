@@ -20,6 +20,10 @@ A batch of one task takes a fast path: that task's prefix once, unpadded and bro
 rows (no per-row copy, no prefix mask), and its head on the whole batch; it computes exactly what
 the task's own module computes alone. Mixed batches gather each row's prefix; their rows are
 grouped by task with one sort, so each head runs once on a contiguous block.
+
+Verbalizer heads (label words through the LM head) read a [MASK] token their module inserts into
+the input before the backbone runs; the server inserts it too, so a model serves verbalizer heads
+or other heads, not both (one batch cannot both carry the token and leave it out).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from torch import nn
 from peft_lightning.checkpoint import load_pretrained
 from peft_lightning.injection.prefix import PrefixState
 from peft_lightning.injection.prefix_encoder import prefix_state
+from peft_lightning.tasks.heads import Verbalizer
 
 PREFIX_METHODS = ("ptuning_v2", "prefix_tuning")
 MIXABLE = (*PREFIX_METHODS, "ia3")
@@ -60,6 +65,9 @@ class MultiTaskModel(nn.Module):
             elif module.hparams.model != first.hparams.model:
                 raise ValueError(f"task {task!r} was trained on model {module.hparams.model}, "
                                  f"task {self.tasks[0]!r} on {first.hparams.model}: one backbone serves them all")
+            elif isinstance(module.head, Verbalizer) != isinstance(first.head, Verbalizer):
+                raise ValueError(f"task {task!r} and task {self.tasks[0]!r}: one has a verbalizer head (it reads a [MASK] "
+                                 "token inserted into the input), the other not: serve them in separate models")
             elif module.hparams.model.get("config") is not None and not _same_weights(module.backbone, first.backbone):
                 # (the same settings, another draw: each adapter carries its random backbone's weights)
                 raise ValueError(f"task {task!r} was trained on a randomly initialised backbone (model.config) with "
@@ -142,6 +150,9 @@ class MultiTaskModel(nn.Module):
         if len(tasks) != batch["input_ids"].shape[0]:
             raise ValueError(f"{len(tasks)} task names for a batch of {batch['input_ids'].shape[0]} examples")
         index = self.task_index(tasks)
+        head = self.heads[self.tasks[0]]
+        if isinstance(head, Verbalizer):  # (every head is one then) as the task's module does before its backbone pass
+            batch = head.with_mask_token(batch)
         mask = batch["attention_mask"]
         if len(set(tasks)) == 1:
             task = int(index[0])

@@ -116,3 +116,52 @@ def test_ensemble_equals_members_run_alone(tmp_path):
     torch.testing.assert_close(result["mean"], alone.mean(0), atol=1e-5, rtol=1e-5)
     votes = (alone.argmax(-1) == 1).sum(0)
     assert result["vote"].tolist() == (votes >= 2).long().tolist()
+
+
+def verbalized(tmp_path, name, labels, seed, **method):
+    """A deep-prefix task whose head is a verbalizer (label words through the frozen LM head): its
+    module inserts a [MASK] token into the batch before the backbone and reads the LM head there."""
+    spec = tiny_model("bert")
+    spec["config"]["vocab_size"] = 30522  # the embedded MiniLM tokenizer's: its label words map into the model
+    spec["tokenizer"] = "embedded:minilm"
+    torch.manual_seed(0)  # one random backbone for every task
+    cfg = dict(name=name, prefix_length=4, depth="deep", reparameterization="none", reparam_hidden=16,
+               head={"type": "verbalizer"})
+    cfg.update(method)
+    m = METHODS[name](model=spec, method=cfg, num_labels=len(labels), labels=labels)
+    torch.manual_seed(seed)
+    with torch.no_grad():  # a prefix of its own (training one would need LM-sized batches)
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    save_pretrained(m, tmp_path / f"{name}-{seed}")
+    return m.eval(), tmp_path / f"{name}-{seed}"
+
+
+def test_verbalizer_heads_are_served_with_their_mask_token(tmp_path):
+    """Served, a verbalizer task gives the logits its module gives alone, on a one-task batch (the
+    fast path) and in a mixed batch (before: the server ran the batch without the [MASK] token the
+    module inserts, and the head read a real token's LM scores: other logits, without a word)."""
+    a, dir_a = verbalized(tmp_path, "ptuning_v2", ["negative", "positive"], seed=1)
+    b, dir_b = verbalized(tmp_path, "prefix_tuning", ["bad", "good", "fine"], seed=2, prefix_length=6,
+                          reparameterization="mlp")
+    served = MultiTaskModel({"a": dir_a, "b": dir_b})
+    batch = make_batch(batch=4, seed=5)
+    with torch.no_grad():
+        alone = {"a": a(batch), "b": b(batch)}
+    for tasks in (["a"] * 4, ["b"] * 4, ["a", "b", "b", "a"]):
+        for row, (task, logits) in enumerate(zip(tasks, served(batch, tasks))):
+            torch.testing.assert_close(logits, alone[task][row], atol=1e-5, rtol=1e-5)
+
+
+def test_mixing_refuses_a_verbalizer_task_beside_a_linear_head(tmp_path):
+    """One batch cannot both carry the verbalizer's [MASK] token and leave it out."""
+    v, dir_v = verbalized(tmp_path, "ptuning_v2", ["negative", "positive"], seed=1)
+    spec = tiny_model("bert")
+    spec["config"]["vocab_size"] = 30522
+    spec["tokenizer"] = "embedded:minilm"
+    linear = METHODS["ptuning_v2"](model=spec, method=dict(name="ptuning_v2", prefix_length=4), num_labels=2)
+    linear.backbone.load_state_dict(v.backbone.state_dict(), strict=False)  # the same backbone (+ its pooler)
+    save_pretrained(linear, tmp_path / "linear")
+    with pytest.raises(ValueError, match="verbalizer head"):
+        MultiTaskModel({"v": dir_v, "l": tmp_path / "linear"})
