@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate docs/benchmarks_results.md, every performance figure the docs quote, in one command
 # (method: docs/benchmarks.md). Run it on a quiet machine, nothing else on the cores: the file
-# records the load average before and after. About 25 minutes on a 2-core CPU.
+# records the load average before and after. About 28 minutes on a 2-core CPU.
 #   bash benchmarks/all.sh                  # -> docs/benchmarks_results.md
 #   bash benchmarks/all.sh --smoke          # every code path on tiny shapes, ~8 min -> /tmp/benchmarks_smoke.md
 #   bash benchmarks/all.sh --out FILE
@@ -32,6 +32,7 @@ python benchmarks/speed.py --backbone roberta-base-shaped --batch 16 --suite cor
 # torch.compile (inductor): the core configs compiled, each beside its eager self in the same rounds (~5 min)
 python benchmarks/speed.py --backbone minilm --suite core --modes off --no-eval --compile --pipeline-examples 0 $smoke \
   --markdown "$tmp/compile.md" >> "$tmp/log"
+python benchmarks/profile_step.py $smoke > "$tmp/profile.md"  # where the configs below 80% of peak spend it (~1 min)
 python benchmarks/mixed_tasks.py $smoke > "$tmp/mixed.md"  # (~1 min)
 python benchmarks/frozen_cache.py $smoke > "$tmp/frozen.md"  # the frozen-layer cache's epochs (~2 min)
 minutes=$(( ($(date +%s) - start + 30) / 60 ))
@@ -53,6 +54,11 @@ minutes=$(( ($(date +%s) - start + 30) / 60 ))
   echo; cat "$tmp/roberta.md"; echo
   echo "## torch.compile on MiniLM (core configs, dropout off)"
   echo; cat "$tmp/compile.md"; echo
+  echo "## Where a train step's time goes (MiniLM, dropout off; \`benchmarks/profile_step.py\`)"
+  echo
+  echo "Self CPU time per step of the top aten ops (torch.profiler, 2 warm-up steps, 2 profiled), for the"
+  echo "configs below 80% of the matmul peak in the MiniLM table; the floor for reference."
+  echo; cat "$tmp/profile.md"; echo
   echo "## Mixed-task serving (one backbone, a prefix per example)"
   echo; cat "$tmp/mixed.md"
   echo

@@ -23,12 +23,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["floor", "LoRA r=8", "(IA)^3", "DoRA r=8", "fine-tuning"])
     parser.add_argument("--top", type=int, default=6)
+    parser.add_argument("--smoke", action="store_true", help="batch 4 x 16: the code path only, not results")
     args = parser.parse_args(argv)
+    shape = (4, 16) if args.smoke else (32, 64)
+    print("```")  # (a results file quotes it as it is printed)
     for name in args.configs:
         model = build(name, BACKBONES["minilm"])
         set_mode(model, False)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        batch = make_batch(model.backbone.config.vocab_size, 32, 64)
+        batch = make_batch(model.backbone.config.vocab_size, *shape)
         for _ in range(2):
             train_step(model, optimizer, batch)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -40,6 +43,7 @@ def main(argv=None) -> int:
         print(f"{name}: {total / 2e3:.0f} ms/step (self CPU time), matmuls and attention {dense / total:.0%}")
         for op in sorted(ops, key=lambda op: -op.self_cpu_time_total)[:args.top]:
             print(f"    {op.key:58s} {op.self_cpu_time_total / 2e3:7.1f} ms  {op.count // 2:4d} calls/step")
+    print("```")
     return 0
 
 
