@@ -32,6 +32,7 @@ python benchmarks/speed.py --backbone roberta-base-shaped --batch 16 --suite cor
 # torch.compile (inductor): the core configs compiled, each beside its eager self in the same rounds (~5 min)
 python benchmarks/speed.py --backbone minilm --suite core --modes off --no-eval --compile --pipeline-examples 0 $smoke \
   --markdown "$tmp/compile.md" >> "$tmp/log"
+python benchmarks/speedups.py $smoke > "$tmp/speedups.md"  # the prefix mask once per forward against every layer (~2 min)
 python benchmarks/profile_step.py $smoke > "$tmp/profile.md"  # where the configs below 80% of peak spend it (~1 min)
 python benchmarks/mixed_tasks.py $smoke > "$tmp/mixed.md"  # (~1 min)
 python benchmarks/frozen_cache.py $smoke > "$tmp/frozen.md"  # the frozen-layer cache's epochs (~2 min)
@@ -54,6 +55,8 @@ minutes=$(( ($(date +%s) - start + 30) / 60 ))
   echo; cat "$tmp/roberta.md"; echo
   echo "## torch.compile on MiniLM (core configs, dropout off)"
   echo; cat "$tmp/compile.md"; echo
+  echo "## The prefix mask built once per forward against once per layer"
+  echo; cat "$tmp/speedups.md"; echo
   echo "## Where a train step's time goes (MiniLM, dropout off; \`benchmarks/profile_step.py\`)"
   echo
   echo "Self CPU time per step of the top aten ops (torch.profiler, 2 warm-up steps, 2 profiled), for the"

@@ -157,3 +157,27 @@ def test_verdicts_call_differences_inside_the_run_to_run_noise_parity():
     assert verdict((0.985, 0.975, 0.995)) == "parity (inside noise)"
     assert verdict((0.93, 0.92, 0.94)) == "faster" and verdict((1.07, 1.05, 1.09)) == "slower"
     assert verdict((1.03, 0.99, 1.05)) == "parity (inside noise)"      # IQR spans 1.0
+
+
+SCRIPTS = [
+    ["speed.py", "--smoke", "--suite", "core", "--modes", "off", "--no-eval", "--compile", "--pipeline-examples", "0"],
+    ["speedups.py", "--smoke"], ["frozen_cache.py", "--smoke"], ["profile_step.py", "--smoke", "--configs", "floor"],
+    ["mixed_tasks.py", "--smoke"],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s[0])
+def test_benchmark_scripts_run_in_smoke_mode(script):
+    """Every script all.sh runs still runs (its smoke mode: tiny shapes, the code path only), and
+    prints a table or the profile; a benchmark that rots fails here, not in the next quiet run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / script[0]), *script[1:]], cwd=root,
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "|---|" in out.stdout or "calls/step" in out.stdout, out.stdout[-2000:]
