@@ -28,11 +28,12 @@ import pandas as pd
 
 
 def _seconds(results: dict, key: str) -> float | None:
-    """`key`'s seconds summed over every attempt of a job (an interrupted run's earlier attempts too);
-    None when an attempt lacks it (results written before the key existed): no partial sums."""
+    """`key`'s seconds summed over every attempt of a job that recorded it (an interrupted run's
+    earlier attempts too; one killed before it could write, or written before the key existed, adds
+    nothing); None when no attempt recorded it."""
     attempts = [a for a in (*results.get("previous_attempts", []), results) if isinstance(a, dict)]
-    times = [a.get(key) for a in attempts]
-    return float(sum(times)) if times and None not in times else None
+    times = [a[key] for a in attempts if a.get(key) is not None]
+    return float(sum(times)) if times else None
 
 
 def wall_time(results: dict) -> float | None:
@@ -257,7 +258,7 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
     lines += [f"Ranked by {dev} (the selection metric; ties in job order); {test} is the test score of each "
               "run's best-dev checkpoint, shown alongside, never used to rank."
               + (" Over seeds: mean ± std, and the 95% confidence interval of the mean (t-distribution)."
-                 if many else "") + " wall s/job and CPU s/job count every attempt of a job; CPU s/job (the job "
+                 if many else "") + " wall s/job and CPU s/job count every attempt of a job that recorded them (a process killed outright records nothing); CPU s/job (the job "
               "process's CPU seconds, every thread) is its cost whatever else shared or paused the machine, which "
               "wall time is not.", ""]
     header = []
