@@ -3,9 +3,12 @@
     python -m peft_lightning.report outputs/methods/multiruns/<time> --out docs/methods.md
 
 Every job writes results.json whatever happens (run.py), so the report needs nothing else: no
-W&B. The sweep's axes are the overrides that differ between jobs; `seed` is averaged over
-(mean +- std, a 95% confidence interval from the t-distribution, n). Jobs that failed or were
-interrupted are listed with their error; each setting's wall time per job counts every attempt.
+W&B. The sweep's axes are the overrides that differ between jobs, and any config key that differs
+between them without an override (sweeps run at different commits); `seed` is averaged over
+(mean +- std, a 95% confidence interval from the t-distribution, n). Values compare as Hydra
+parses them (`1e-3` is 0.001). Jobs that failed, were interrupted, have no dev value, or repeat a
+setting and seed another folder's job ran are listed, not averaged; each setting's wall time per
+job counts every attempt, and the jobs whose time is a lower bound are named.
 
 Settings are ranked, and the best one marked, by the best dev value of the selection metric
 (`val/<metric>_best`), never by test: the test value is shown beside it, for the record.
@@ -16,6 +19,7 @@ settings' own intervals when the seeds' draws (data order, initialisation) move 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -24,6 +28,8 @@ from datetime import date
 from pathlib import Path
 
 import pandas as pd
+
+from peft_lightning.errors import UserError
 
 
 
@@ -34,6 +40,13 @@ def _seconds(results: dict, key: str) -> float | None:
     attempts = [a for a in (*results.get("previous_attempts", []), results) if isinstance(a, dict)]
     times = [a[key] for a in attempts if a.get(key) is not None]
     return float(sum(times)) if times else None
+
+
+def _unrecorded(results: dict, key: str) -> bool:
+    """Whether the job's `key` seconds are a lower bound: some attempt recorded it and another did
+    not (killed outright, still running, or, for CPU seconds, run before the key existed)."""
+    attempts = [a for a in (*results.get("previous_attempts", []), results) if isinstance(a, dict)]
+    return _seconds(results, key) is not None and any(a.get(key) is None for a in attempts)
 
 
 def wall_time(results: dict) -> float | None:
@@ -91,24 +104,41 @@ def _get(data: dict, path):
     return data
 
 
-BOOKKEEPING = ("sweeps", "task_name", "hydra.", "ckpt_path")  # overrides that are not knobs
+# overrides and config keys that are not knobs: they change where a job writes or logs, not what it computes
+BOOKKEEPING = ("sweeps", "task_name", "hydra", "ckpt_path", "paths", "logger")
 
 
-def _canonical(value) -> str:
-    """One spelling per value, so an override (`[3,4,5]`, `true`) and the same value read from a job's
-    config (`[3, 4, 5]`, True) compare equal."""
-    import yaml
+@functools.cache
+def _hydra_parser():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if isinstance(value, str):
+    return OverridesParser.create()
+
+
+def _canonical(value, parse: bool = True) -> str:
+    """One spelling per value, so an override and the same value read from a job's config compare
+    equal: `1e-3` and 0.001, `True` and true, `[3,4,5]` and [3, 4, 5], 3.0 and 3. A string (an
+    override, a --where or --baseline value) is read as Hydra reads the override, the job's own
+    reading of it; `parse=False`: a config's value, already typed (a string there stays one)."""
+    from hydra.errors import HydraException
+
+    if isinstance(value, str) and parse:
         try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
+            parsed = _hydra_parser().parse_override(f"k={value}").value()
+        except HydraException:  # not an override value Hydra would take: as written
             return value
+        if not isinstance(parsed, (str, int, float, bool, list, dict, type(None))):
+            return value  # (a sweep, `a,b`: never a job's value)
+        value = parsed
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_canonical(v) for v in value) + "]"
-    return "null" if value is None else str(value)
+        return "[" + ",".join(_canonical(v, parse=False) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_canonical(v, parse=False)}" for k, v in value.items()) + "}"
+    return "null" if value is None else str(value)  # (a float: its shortest repr, 0.001)
 
 
 def _overrides(job: Path, results: dict | None) -> dict[str, str]:
@@ -121,51 +151,115 @@ def _overrides(job: Path, results: dict | None) -> dict[str, str]:
     return {k: _canonical(v) for k, v in pairs if not k.startswith(BOOKKEEPING)}
 
 
-def _configured(job: Path, key: str) -> str | None:
-    """What a job ran with for `key` when it did not override it: a config group's choice
-    (`method`, `data`) from .hydra/hydra.yaml, else the value at `key` in .hydra/config.yaml."""
+UNSET = "(unset)"  # a key a job's config does not have (a sweep run before the key existed)
+
+
+@functools.cache
+def _job_config(job: Path) -> tuple[dict, dict] | None:
+    """A job's Hydra record: (its config groups' choices from .hydra/hydra.yaml, its composed
+    config from .hydra/config.yaml, interpolations unresolved); None where it has none."""
     from omegaconf import OmegaConf
 
     try:
-        choices = OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.runtime.choices
-        if key in choices:
-            return _canonical(choices[key])
-        value = OmegaConf.select(OmegaConf.load(job / ".hydra" / "config.yaml"), key, default="<missing>")
-    except (OSError, ValueError, AttributeError):
+        config = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "config.yaml"), resolve=False)
+        try:
+            choices = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.runtime.choices)
+        except (OSError, ValueError, AttributeError):
+            choices = {}
+    except (OSError, ValueError):
         return None
-    return None if value == "<missing>" else _canonical(OmegaConf.to_container(value)
-                                                         if OmegaConf.is_config(value) else value)
+    return choices, config
+
+
+def _leaves(node, prefix: str = ""):
+    """(dotted key, value) of every leaf of a config tree; a list is one value."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], node
+
+
+def _configured(job: Path, key: str) -> str | None:
+    """What a job ran with for `key` when it did not override it: a config group's choice
+    (`method`, `data`) from .hydra/hydra.yaml, else the value at `key` in .hydra/config.yaml
+    (UNSET where that config has no such key); None: the job has no config."""
+    record = _job_config(job)
+    if record is None:
+        return None
+    choices, node = record
+    if key in choices:
+        return _canonical(choices[key], parse=False)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return UNSET
+        node = node[part]
+    return _canonical(node, parse=False)
+
+
+def _hidden_axes(frame: pd.DataFrame, knobs: list[str]) -> list[str]:
+    """Config keys no job overrode whose value differs between the jobs (sweeps run at different
+    commits, a default changed): the jobs did not differ in their override axes alone. A key a
+    config group's choice sets (method.optim.lr under `method`) is no such difference where it is
+    one value within each choice."""
+    leaves, ignore = {}, (*BOOKKEEPING, "seed")
+    for i, job in frame["_path"].items():
+        record = _job_config(job)
+        if record is not None:
+            leaves[i] = {k: _canonical(v, parse=False) for k, v in _leaves(record[1]) if not k.startswith(ignore)}
+    if len(leaves) < 2:
+        return []
+    table = pd.DataFrame.from_dict(leaves, orient="index").fillna(UNSET)
+    found = []
+    for key in table.columns:
+        if key in frame.columns or table[key].nunique() < 2:
+            continue
+        groups = [k for k in knobs if key.startswith(k + ".")]
+        if any((table[key].groupby(frame.loc[table.index, k].astype(str)).nunique() <= 1).all() for k in groups):
+            continue
+        found.append(key)
+    for key in found:
+        frame[key] = table[key].reindex(frame.index)
+    return found
 
 
 def collect(multirun: Path | list[Path], where: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per job directory (any folder with results.json or .hydra/ under `multirun`, or under
-    each of several sweep folders: arms of one question run as separate sweeps). An axis a job did not
-    override holds the value it ran with (its .hydra config), so a default-setting job from one sweep
-    pairs with the varied settings of another. `where`: keep the jobs with these values only."""
+    each of several sweep folders: arms of one question run as separate sweeps; a folder named
+    twice, or inside another named one, counts once). An axis a job did not override holds the
+    value it ran with (its .hydra config), so a default-setting job from one sweep pairs with the
+    varied settings of another; so does `seed`. A config key no job overrode that still differs
+    between jobs becomes an axis too (`attrs["hidden"]`). `where`: keep the jobs with these values
+    only. `_skip` says why a job is not counted: it did not complete, it has no best dev value, or
+    an earlier folder's job already ran its setting and seed."""
     folders = [multirun] if isinstance(multirun, Path) else list(multirun)
-    rows, found = [], []
-    jobs = [job for folder in folders for job in sorted(
-        {p.parent for p in folder.rglob("results.json")} | {p.parent for p in folder.rglob(".hydra")},
-        key=lambda p: (len(p.parts), p.name.zfill(6)))]
-    for job in jobs:
-        file = job / "results.json"
-        results = json.loads(file.read_text()) if file.is_file() else None
-        found.append((job, results))
-    metric = next((m for _, r in found if (m := _selection_metric(r))), "acc")
+    _job_config.cache_clear()  # (a sweep in progress rewrites its folders: read them afresh)
+    rows, found, seen = [], [], set()
+    for folder in folders:
+        for job in sorted({p.parent for p in folder.rglob("results.json")} | {p.parent for p in folder.rglob(".hydra")},
+                          key=lambda p: (len(p.parts), p.parent.as_posix(), p.name.zfill(6))):
+            if job.resolve() in seen:
+                continue
+            seen.add(job.resolve())
+            file = job / "results.json"
+            results = json.loads(file.read_text()) if file.is_file() else None
+            relative = job.relative_to(folder).as_posix()
+            found.append((relative if len(folders) == 1 else f"{folder.name}/{relative}", job, results))
+    metric = next((m for _, _, r in found if (m := _selection_metric(r))), "acc")
     columns = metric_columns(metric)
-    for job, results in found:
-        name = job.name if len(folders) == 1 else f"{job.parent.name}/{job.name}"
+    for name, job, results in found:
         row = {"job": name, "_path": job, **_overrides(job, results)}
         row["status"] = results.get("status", "unknown") if results else "no results.json"
         row["error"] = (results or {}).get("error", "")
         for column, (path, _) in columns.items():
             row[column] = _get(results or {}, path)
+        row["_unrecorded"] = [key for key in ("wall_time_s", "cpu_time_s") if _unrecorded(results or {}, key)]
         rows.append(row)
     if not rows:
         raise FileNotFoundError(f"no job directories (results.json or .hydra/) under {', '.join(map(str, folders))}")
     frame = pd.DataFrame(rows)
-    knobs = [c for c in frame.columns if c not in ("job", "_path", "status", "error", "seed", *columns)]
-    for key in [*knobs, *(k for k in (where or {}) if k not in knobs)]:
+    knobs = [c for c in frame.columns if c not in (*META, "seed", *columns)]
+    for key in [*knobs, "seed", *(k for k in (where or {}) if k not in knobs)]:
         if key not in frame.columns:
             frame[key] = None
         missing = frame[key].isna()
@@ -173,8 +267,28 @@ def collect(multirun: Path | list[Path], where: dict[str, str] | None = None) ->
     for key, value in (where or {}).items():
         frame = frame[frame[key] == _canonical(value)]
     if frame.empty:
-        raise FileNotFoundError(f"no job has {where}")
+        raise UserError(f"--where: no job has {where}")
+    frame = frame.copy()
+    frame.attrs["hidden"] = _hidden_axes(frame, knobs)
     frame.attrs["metric"] = metric
+    dev = list(columns)[0]
+
+    def skip(row) -> str:
+        if row["status"] != "completed":
+            return f"{row['status']}: {row['error']}" if row["error"] else row["status"]
+        return f"completed, no {dev}: not counted" if pd.isna(row[dev]) else ""
+
+    frame["_skip"] = [skip(row) for _, row in frame.iterrows()]
+    first: dict[tuple, str] = {}  # (every knob's value, seed) -> the job counted for it
+    setting = [c for c in frame.columns if c not in (*META, *columns)]
+    for i, row in frame.iterrows():
+        if row["_skip"] or pd.isna(row["seed"]) or row["seed"] == UNSET:
+            continue
+        key = tuple(str(row[c]) for c in setting)
+        if key in first:
+            frame.loc[i, "_skip"] = f"completed, the same setting and seed as job {first[key]}: not counted"
+        else:
+            first[key] = row["job"]
     return frame
 
 
@@ -182,17 +296,41 @@ def _columns(frame: pd.DataFrame) -> dict[str, tuple[tuple, str]]:
     return metric_columns(frame.attrs.get("metric", "acc"))
 
 
+META = ("job", "_path", "_unrecorded", "_skip", "status", "error")  # a job's record, not its settings
+
+
 def axes(frame: pd.DataFrame) -> list[str]:
-    """The overrides that vary between jobs (the sweep's axes), seed excluded."""
-    skip = {"job", "_path", "status", "error", "seed", *_columns(frame)}
+    """The overrides that vary between jobs (the sweep's axes), seed excluded, and the config keys
+    that differ without an override (collect's `hidden`)."""
+    skip = {*META, "seed", *_columns(frame)}
     return [c for c in frame.columns if c not in skip and frame[c].astype(str).nunique() > 1]
 
 
+def _counted(frame: pd.DataFrame) -> pd.DataFrame:
+    """The jobs the table averages: completed, with a best dev value, each setting and seed once."""
+    return frame[frame["_skip"] == ""] if "_skip" in frame else frame[frame["status"] == "completed"]
+
+
+def _cell(value) -> str:
+    """An axis value as the settings are told apart (a missing one is 'nan', wherever it was read)."""
+    return "nan" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
+
+
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """Completed jobs grouped by the sweep's axes: mean, std over seeds and the half-width of the
-    95% confidence interval of the mean (`<column> ci`; t-distribution, n - 1 df) of every metric."""
-    done = frame[frame["status"] == "completed"]
-    keys = axes(frame) or ["job"]
+    """Counted jobs grouped by the sweep's axes: mean, std over seeds and the half-width of the
+    95% confidence interval of the mean (`<column> ci`; t-distribution, n - 1 df) of every metric.
+    Without axes, one setting: its seeds are averaged (`setting` names its fixed overrides), and
+    where no seeds tell its jobs apart, a row per job."""
+    done = _counted(frame)
+    keys = axes(frame)
+    if not keys:
+        seeds = done["seed"].dropna() if "seed" in done else []
+        if len(set(seeds)) > 1:
+            fixed = [c for c in frame.columns if c not in (*META, "seed", *_columns(frame)) and c in done]
+            label = ", ".join(f"{c}={_setting(done[c].iloc[0])}" for c in fixed if not pd.isna(done[c].iloc[0]))
+            done, keys = done.assign(setting=label or "all jobs"), ["setting"]
+        else:
+            keys = ["job"]
     columns = list(_columns(frame))
     grouped = done.groupby(keys, sort=False, dropna=False)
     out = grouped[columns].mean()
@@ -209,27 +347,38 @@ def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple
     """Every setting against one reference, seed by seed, over the seeds both ran: (the reference
     setting, one row per other setting with n and, for the dev and the test metric, the mean
     difference setting - reference and the half-width of its 95% confidence interval). The
-    reference is `baseline` (axis -> value), else the setting selection picks (best mean dev)."""
+    reference is `baseline` (axis -> value: values of some axes that match one setting), else the
+    setting selection picks (best mean dev)."""
     keys = axes(frame)
     dev, test = list(_columns(frame))[:2]
-    done = frame[frame["status"] == "completed"]
+    done = _counted(frame)
     if not keys or "seed" not in done.columns:
         return {}, pd.DataFrame()
-    if baseline is None:
-        top = rank(summarize(frame), dev).iloc[0]
-        baseline = {k: str(top[k]) for k in keys}
-    if sorted(baseline) != sorted(keys):
-        raise ValueError(f"--baseline must name a value for each axis of this sweep, {keys}; got {sorted(baseline)}")
+    done = done[done["seed"].notna() & (done["seed"] != UNSET)]  # (a job without a known seed pairs with none)
 
     def setting(row) -> tuple:
-        return tuple(str(row[k]) for k in keys)
+        return tuple(_cell(row[k]) for k in keys)
 
-    reference = tuple(str(baseline.get(k, "")) for k in keys)
     by_setting: dict[tuple, dict[str, pd.Series]] = {}
     for _, row in done.iterrows():
         by_setting.setdefault(setting(row), {})[str(row["seed"])] = row
-    if reference not in by_setting:
-        raise ValueError(f"no completed job has the baseline setting {baseline}")
+    if baseline is None:
+        ranked = [setting(row) for _, row in rank(summarize(frame), dev).iterrows()]
+        reference = next((s for s in ranked if s in by_setting), None)
+        if reference is None:
+            return {}, pd.DataFrame()
+    else:
+        unknown = sorted(set(baseline) - set(keys))
+        if unknown:
+            raise UserError(f"--baseline: {', '.join(unknown)} is not an axis of this table "
+                            f"(its axes: {', '.join(keys)})")
+        matches = [s for s in by_setting if all(s[keys.index(k)] == _cell(v) for k, v in baseline.items())]
+        if not matches:
+            raise UserError(f"--baseline: no completed job with a seed has {baseline}")
+        if len(matches) > 1:
+            raise UserError(f"--baseline: {baseline} matches {len(matches)} settings; give a value for each of "
+                            f"{', '.join(keys)}")
+        reference = matches[0]
     rows = []
     for other, runs in by_setting.items():
         if other == reference:
@@ -255,6 +404,9 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
     if command:
         lines += [f"Produced by `{command}`", ""]
     lines += [_machine(), "", *preface]
+    if frame.attrs.get("hidden"):
+        lines += ["Axes that no job overrode but that differ between the jobs' .hydra/config.yaml (sweeps run at "
+                  f"different commits, a changed default): {', '.join(frame.attrs['hidden'])}.", ""]
     lines += [f"Ranked by {dev} (the selection metric; ties in job order); {test} is the test score of each "
               "run's best-dev checkpoint, shown alongside, never used to rank."
               + (" Over seeds: mean ± std, and the 95% confidence interval of the mean (t-distribution)."
@@ -287,6 +439,13 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
                      + (f" for {len(cpu)} of them" if len(cpu) != len(wall) else "")
                      + f" (mean {cpu.mean():.0f} s per job)")
         lines += ["", line + "."]
+        for key, what in (("wall_time_s", "wall"), ("cpu_time_s", "CPU")):
+            partial = [row["job"] for _, row in frame.iterrows() if key in row["_unrecorded"]]
+            if partial:
+                lines += ["", f"{what.capitalize() if what == 'wall' else what} seconds are lower bounds (an attempt "
+                          f"recorded no {what} time: killed outright, still running"
+                          + (", or run before cpu_time_s existed" if what == "CPU" else "")
+                          + f"): job {', '.join(partial)}."]
     reference, diffs = paired(frame, baseline)
     if len(diffs) and (diffs["n"] > 1).any():
         name = ", ".join(f"{k}={_setting(v)}" for k, v in reference.items())
@@ -304,12 +463,12 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
                 cells.append("" if pd.isna(half) else f"[{value - half:+.4f}, {value + half:+.4f}]")
             cells.append(str(int(row["n"])))
             lines.append("| " + " | ".join(cells) + " |")
-    failed = frame[frame["status"] != "completed"]
-    if len(failed):
-        lines += ["", "Jobs that did not complete:", ""]
-        for _, row in failed.iterrows():
+    skipped = frame[frame["_skip"] != ""]
+    if len(skipped):
+        lines += ["", "Jobs not counted:", ""]
+        for _, row in skipped.iterrows():
             what = ", ".join(f"{k}={row[k]}" for k in axes(frame)) or row["job"]
-            lines.append(f"- job {row['job']} ({what}): {row['status']}{': ' + row['error'] if row['error'] else ''}")
+            lines.append(f"- job {row['job']} ({what}): {row['_skip']}")
     return "\n".join(lines) + "\n"
 
 
@@ -367,7 +526,8 @@ def plots(frame: pd.DataFrame, directory: Path, metric: str | None = None) -> li
 
 def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metrics: list[str]) -> list[Path]:
     """The plots of `plots` from a summary (summarize's frame: the metric columns, their " ci"
-    columns and the axis columns `keys`); the first of `metrics` is the criterion, starred."""
+    columns and the axis columns `keys`); the first of `metrics`, where it is the best dev value
+    (the criterion), is starred."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,8 +558,9 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metric
                     ax.bar(where, part[metric], width, yerr=part[metric + " ci"].fillna(0), capsize=3,
                            hatch="" if i == 0 else "//", **style)
                     ax.set_xticks(range(len(part)), part[x].astype(str))
-            if part[metrics[0]].notna().any():  # the setting selection picks: best dev, not best test
-                best = part.loc[part[metrics[0]].idxmax()]
+            # the setting selection picks: best dev, never best test (a plot of test alone has no star)
+            if metrics[0].startswith("best dev") and part[metrics[0]].notna().any():
+                best = rank(part.sort_index(), metrics[0]).iloc[0]  # (a tie: the first in job order, as the table)
                 shift = (len(metrics) - 1) / 2 * width  # the criterion's bar is the first of each group
                 at = float(best[x]) if x in numeric else list(part.index).index(best.name) - shift
                 ax.plot([at], [best[metrics[0]]], marker="*", markersize=16, color=color, markeredgecolor="black",
@@ -447,19 +608,24 @@ def main(argv: list[str] | None = None) -> int:
     for folder in args.multirun:
         if not folder.is_dir():
             parser.error(f"{folder} is not a directory")
-    where = dict(item.split("=", 1) for item in args.where.split(",")) if args.where else None
-    try:
+
+    def pairs(text: str | None, flag: str) -> dict[str, str] | None:
+        items = [item.split("=", 1) for item in text.split(",")] if text else []
+        if any(len(item) != 2 for item in items):
+            parser.error(f"{flag} takes KEY=VALUE[,KEY=VALUE], got {text!r}")
+        return {k: _canonical(v) for k, v in items} or None
+
+    where, baseline = pairs(args.where, "--where"), pairs(args.baseline, "--baseline")
+    command = "python -m peft_lightning.report " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:  # no jobs, none with --where's values, a --baseline no job has: user errors, one line, exit 2
         frame = collect(args.multirun, where)
-    except FileNotFoundError as error:  # no jobs, or none with --where's values: a user error
+        text = markdown(frame, args.title or f"Results of {', '.join(map(str, args.multirun))}", command,
+                        preface=[line for f in args.multirun for line in _optuna_best(f, frame.attrs["metric"])],
+                        baseline=baseline)
+    except (FileNotFoundError, UserError) as error:
         parser.error(str(error))
     out = args.out or args.multirun[0] / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python -m peft_lightning.report " + " ".join(sys.argv[1:] if argv is None else argv)
-    baseline = {k: _canonical(v) for k, v in (item.split("=", 1) for item in args.baseline.split(","))} \
-        if args.baseline else None
-    text = markdown(frame, args.title or f"Results of {', '.join(map(str, args.multirun))}", command,
-                    preface=[line for f in args.multirun for line in _optuna_best(f, frame.attrs["metric"])],
-                    baseline=baseline)
     if not args.no_plots:
         for path in plots(frame, out.parent):
             text += f"\n![{path.stem}]({path.name})\n"

@@ -187,3 +187,207 @@ def test_report_joins_sweeps_filling_axes_a_job_left_at_its_default(tmp_path):
     # the canonical spelling: an override "[3,4,5]" and a config's [3, 4, 5] are one value
     from peft_lightning.report import _canonical
     assert _canonical("[3,4,5]") == _canonical([3, 4, 5]) == "[3,4,5]" and _canonical(True) == _canonical("true")
+
+
+# --- a hostile review's cases: silent wrong numbers ------------------------------------------------
+def config(root, num, tree, method="ptuning_v2"):
+    """A job's .hydra record: hydra.yaml's group choice and config.yaml's composed tree (a dict)."""
+    import yaml
+
+    d = root / str(num) / ".hydra"
+    (d / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    choices:\n      method: {method}\n")
+    (d / "config.yaml").write_text(yaml.safe_dump(tree))
+
+
+def tree(seed=1, lr=0.01, dropout=False, depth="deep", name="ptuning_v2", epochs=3):
+    return {"task_name": "x", "seed": seed, "paths": {"output_dir": "${hydra:runtime.output_dir}"},
+            "logger": {"wandb": {"group": None}}, "trainer": {"max_epochs": epochs},
+            "method": {"name": name, "depth": depth, "backbone_dropout": dropout, "optim": {"lr": lr}}}
+
+
+def test_report_counts_each_job_folder_once_when_folders_overlap(tmp_path):
+    """A sweep folder named twice, or a folder and its parent, is one set of jobs: n = 2, not 4."""
+    sweep = tmp_path / "methods"
+    for i, (seed, acc) in enumerate([(1, 0.80), (2, 0.90)]):
+        job(sweep, i, ["method=lora", f"seed={seed}"], acc=acc)
+    for folders in ([sweep, sweep], [tmp_path, sweep]):
+        summary = summarize(collect(folders))
+        assert list(summary["n"]) == [2] and summary["best dev acc std"][0] == pytest.approx(0.0707107, rel=1e-5)
+
+
+def test_report_counts_a_setting_and_seed_once_across_joined_sweeps(tmp_path):
+    """The depth sweep names the default (`method.depth=deep`) that the methods sweep ran too: joined,
+    the same setting and seed is one run in the mean (the first folder's), and the other is listed."""
+    methods, depth = tmp_path / "methods", tmp_path / "depth"
+    for i, (seed, acc) in enumerate([(1, 0.80), (2, 0.82), (3, 0.84)]):
+        job(methods, i, ["method=ptuning_v2", f"seed={seed}"], acc=acc)
+        config(methods, i, tree(seed=seed))
+    num = 0
+    for value, accs in (("deep", [0.81, 0.83, 0.85]), ("embedding", [0.70, 0.71, 0.75])):
+        for seed, acc in zip((1, 2, 3), accs):
+            job(depth, num, ["method=ptuning_v2", f"method.depth={value}", f"seed={seed}"], acc=acc)
+            config(depth, num, tree(seed=seed, depth=value))
+            num += 1
+    out = tmp_path / "r.md"
+    assert main([str(methods), str(depth), "--out", str(out), "--no-plots"]) == 0
+    summary = summarize(collect([methods, depth])).set_index("method.depth")
+    assert summary.loc["deep", "n"] == 3 and summary.loc["deep", "best dev acc"] == pytest.approx(0.82)
+    text = out.read_text()
+    assert "| deep | 0.8200 ± 0.0200 |" in text
+    assert "- job depth/0 (method.depth=deep): completed, the same setting and seed as job methods/0: not counted" \
+        in text
+    # paired against deep: embedding - deep on the first folder's runs, (-0.10, -0.11, -0.09)
+    assert "| embedding | -0.1000 | [-0.1248, -0.0752] |" in text
+
+
+def test_report_reads_a_seed_the_job_did_not_override_from_its_config(tmp_path):
+    """A run left at the config's seed pairs with another sweep's `seed=` override of the same value."""
+    base, arm = tmp_path / "base", tmp_path / "arm"
+    job(base, 0, ["method=ptuning_v2"], acc=0.80)  # ran with the config's seed, 7
+    config(base, 0, tree(seed=7))
+    job(arm, 0, ["method=ptuning_v2", "method.backbone_dropout=true", "seed=7"], acc=0.84)
+    config(arm, 0, tree(seed=7, dropout=True))
+    from peft_lightning.report import paired
+
+    frame = collect([base, arm])
+    assert list(frame["seed"]) == ["7", "7"]
+    reference, diffs = paired(frame, {"method.backbone_dropout": "false"})
+    assert list(diffs["n"]) == [1] and diffs["best dev acc"][0] == pytest.approx(0.04)
+
+
+def test_report_makes_a_config_difference_between_joined_sweeps_an_axis(tmp_path):
+    """Sweeps run at different commits: the dropout arm's config has another default learning rate.
+    Nobody overrode it, so it is no override axis, yet the two arms did not differ in dropout alone:
+    the report shows it as an axis (and says so) instead of pooling or pairing as if only dropout
+    changed. Keys a method choice sets (lora's lr) are not such a difference."""
+    methods, arm = tmp_path / "methods", tmp_path / "dropout"
+    num = 0
+    for method, lr in (("ptuning_v2", 0.01), ("lora", 0.0005)):
+        for seed, acc in ((1, 0.80), (2, 0.82)):
+            job(methods, num, [f"method={method}", f"seed={seed}"], acc=acc)
+            config(methods, num, tree(seed=seed, lr=lr, name=method), method=method)
+            num += 1
+    assert collect(methods).attrs["hidden"] == [] and summarize(collect(methods))["method"].tolist() == \
+        ["ptuning_v2", "lora"]
+    for i, (seed, acc) in enumerate([(1, 0.83), (2, 0.86)]):
+        job(arm, i, ["method=ptuning_v2", "method.backbone_dropout=true", f"seed={seed}", "logger=csv"], acc=acc)
+        config(arm, i, {**tree(seed=seed, lr=0.005, dropout=True), "logger": {"csv": {"name": "csv"}}})
+    from peft_lightning.report import axes
+
+    frame = collect([methods, arm], where={"method": "ptuning_v2"})
+    assert axes(frame) == ["method.backbone_dropout", "method.optim.lr"]  # (where it logs is no setting)
+    assert frame.attrs["hidden"] == ["method.optim.lr"]
+    out = tmp_path / "r.md"
+    assert main([str(methods), str(arm), "--where", "method=ptuning_v2", "--baseline", "method.backbone_dropout=false",
+                 "--out", str(out), "--no-plots"]) == 0
+    text = out.read_text()
+    assert "| method.backbone_dropout | method.optim.lr | best dev acc |" in text
+    assert "no job overrode but that differ between the jobs' .hydra/config.yaml (sweeps run at different commits, " \
+        "a changed default): method.optim.lr." in text
+    assert "| true | 0.005 | +0.0350 |" in text  # paired with the methods sweep's dropout off at lr 0.01, as shown
+
+
+def test_report_compares_values_as_hydra_parses_them(tmp_path):
+    """`method.optim.lr=1e-3` is Hydra's float 0.001 (config.yaml holds 0.001); `True` is true;
+    `[3,4,5]` is the list. One setting each, and --where / --baseline in either spelling find it."""
+    methods, arm = tmp_path / "methods", tmp_path / "arm"
+    for i, (seed, acc) in enumerate([(1, 0.80), (2, 0.82)]):  # the default: lr 0.001, depth [3, 4, 5]
+        job(methods, i, ["method=ptuning_v2", f"seed={seed}"], acc=acc)
+        config(methods, i, tree(seed=seed, lr=0.001, depth=[3, 4, 5]))
+    num = 0
+    for lr in ("1e-3", "1e-2"):
+        for seed, acc in ((1, 0.85), (2, 0.86)):
+            job(arm, num, ["method=ptuning_v2", f"method.optim.lr={lr}", "method.depth=[3,4,5]",
+                           "method.backbone_dropout=True", f"seed={seed}"], acc=acc if lr == "1e-3" else acc - 0.1)
+            config(arm, num, tree(seed=seed, lr=float(lr), depth=[3, 4, 5], dropout=True))
+            num += 1
+    frame = collect([methods, arm])
+    assert sorted(frame["method.optim.lr"].unique()) == ["0.001", "0.01"]
+    assert sorted(frame["method.backbone_dropout"].unique()) == ["false", "true"]
+    from peft_lightning.report import axes
+
+    assert axes(frame) == ["method.optim.lr", "method.backbone_dropout"]  # depth: one value, [3,4,5]
+    assert len(collect([methods, arm], where={"method.optim.lr": "1e-3"})) == 4
+    assert len(collect([methods, arm], where={"method.optim.lr": "0.001", "method.backbone_dropout": "True"})) == 2
+    out = tmp_path / "r.md"
+    assert main([str(methods), str(arm), "--where", "method.optim.lr=0.001", "--baseline",
+                 "method.backbone_dropout=False", "--out", str(out), "--no-plots"]) == 0
+    assert "| true | +0.0450 |" in out.read_text()  # ((0.85 - 0.80) + (0.86 - 0.82)) / 2
+
+
+def test_report_filters_that_match_nothing_are_user_errors(tmp_path, capsys):
+    """--where or --baseline that no job has, a --baseline key that is no axis, a filter without `=`:
+    one line and exit 2, not an empty table or a traceback."""
+    for i, (method, seed, acc) in enumerate([("a", 1, 0.8), ("a", 2, 0.9), ("b", 1, 0.7), ("b", 2, 0.75)]):
+        job(tmp_path, i, [f"method={method}", f"seed={seed}"], acc=acc)
+    out = str(tmp_path / "r.md")
+    for args, says in ((["--where", "method=c"], "no job has"), (["--baseline", "method=c"], "--baseline"),
+                       (["--baseline", "lr=0.1"], "--baseline"), (["--where", "method"], "--where"),
+                       (["--baseline", "method"], "--baseline")):
+        with pytest.raises(SystemExit) as stop:
+            main([str(tmp_path), "--out", out, "--no-plots", *args])
+        assert stop.value.code == 2, args
+        assert says in capsys.readouterr().err.splitlines()[-1], args
+
+
+def test_report_leaves_out_a_completed_job_without_a_dev_value(tmp_path):
+    """A run with no validation (its test is the last model's: selection `last`) has no best dev
+    value: it is not averaged into the dev-selected runs' test mean, n counts what is averaged, and
+    it is listed."""
+    for i, (seed, acc) in enumerate([(1, 0.80), (2, 0.90), (3, None)]):
+        job(tmp_path, i, ["method=lora", f"seed={seed}"], acc=acc, test=0.50 if acc is None else None)
+    job(tmp_path, 3, ["method=adapter", "seed=1"], acc=0.70)
+    summary = summarize(collect(tmp_path)).set_index("method")
+    assert summary.loc["lora", "n"] == 2 and summary.loc["lora", "test acc"] == pytest.approx(0.85)
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
+    assert "- job 2 (method=lora): completed, no best dev acc: not counted" in (tmp_path / "r.md").read_text()
+
+
+def test_report_averages_the_seeds_of_a_sweep_of_one_setting(tmp_path):
+    """An arm run as its own sweep (`method.backbone_dropout=true seed=1,2,3`) has no axis: its
+    seeds are still one setting, mean ± std and the 95% interval, not a row per seed."""
+    for i, (seed, acc) in enumerate([(1, 0.83), (2, 0.86), (3, 0.84)]):
+        job(tmp_path, i, ["method=ptuning_v2", "method.backbone_dropout=true", f"seed={seed}"], acc=acc)
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
+    mean, std, half = hand_ci([0.83, 0.86, 0.84])
+    row = f"| method=ptuning_v2, method.backbone_dropout=true | {mean:.4f} ± {std:.4f} | " \
+          f"[{mean - half:.4f}, {mean + half:.4f}] |"
+    assert row in (tmp_path / "r.md").read_text() and len(summarize(collect(tmp_path))) == 1
+
+
+def test_report_plot_stars_the_setting_the_table_selects_on_a_tie(tmp_path, monkeypatch):
+    """Tied best dev values: the table selects the first in job order (64 here); the plot's star
+    must mark the same setting, not the smallest prefix length."""
+    for i, (length, acc, test) in enumerate([(64, 0.80, 0.70), (16, 0.80, 0.75), (4, 0.70, 0.90)]):
+        job(tmp_path, i, [f"method.prefix_length={length}"], acc=acc, test=test)
+    stars = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **kw: (
+        stars.append(a[0][0]) if kw.get("marker") == "*" else None) or original(self, *a, **kw))
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+    rows = [line for line in (tmp_path / "r.md").read_text().splitlines() if line.startswith("| 64") or
+            line.startswith("| 16")]
+    assert rows[0].startswith("| 64 |") and stars == [64.0]
+    from peft_lightning.report import plots
+
+    (tmp_path / "test").mkdir()
+    assert plots(collect(tmp_path), tmp_path / "test", metric="test acc") and stars == [64.0]  # test selects nothing
+
+
+def test_report_says_whose_time_is_a_lower_bound(tmp_path):
+    """An attempt killed outright (status running, no seconds) or written before cpu_time_s existed
+    adds nothing to the job's sum: the report names those jobs instead of passing the sum as whole."""
+    job(tmp_path, 0, ["method=a", "seed=1"], acc=0.8, wall=100)
+    job(tmp_path, 1, ["method=a", "seed=2"], acc=0.8, wall=100)
+    results = json.loads((tmp_path / "1" / "results.json").read_text())
+    results["previous_attempts"] = [{"status": "running"}, {"status": "interrupted", "wall_time_s": 50}]
+    (tmp_path / "1" / "results.json").write_text(json.dumps(results))
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "Wall time: 4 min 10 s for 2 jobs" in text  # 100 + 100 + 50: what was recorded
+    assert "Wall seconds are lower bounds (an attempt recorded no wall time: killed outright, still running): " \
+        "job 1." in text
+    assert "CPU seconds are lower bounds (an attempt recorded no CPU time: killed outright, still running, or run " \
+        "before cpu_time_s existed): job 1." in text
