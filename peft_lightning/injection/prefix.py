@@ -69,11 +69,13 @@ class PrefixState:
         """`extend_attention_mask` of `attention_mask` (made boolean first if `as_bool`), once per
         distinct input: later calls with the same (identical, unmodified) real mask and arguments
         return the tensor built the first time."""
-        real = attention_mask.bool() if as_bool and attention_mask is not None else attention_mask
+        def real():  # (on a cache hit, not computed at all)
+            return attention_mask.bool() if as_bool and attention_mask is not None else attention_mask
+
         if torch.compiler.is_compiling():
             # (dynamo cannot trace the cache's identity and version checks, and would break the graph
             # in every layer; a compiled graph rebuilds the small mask per layer instead)
-            return extend_attention_mask(real, _prefix_columns(self, batch, device), query_len, key_len, causal,
+            return extend_attention_mask(real(), _prefix_columns(self, batch, device), query_len, key_len, causal,
                                          dtype, additive)
         p = next(iter(self.keys.values())).shape[-2]
         key = (attention_mask, _version(attention_mask), self.mask, _version(self.mask), p, batch, query_len,
@@ -81,7 +83,7 @@ class PrefixState:
         for entry, extended in self._masks:
             if all(a is b if isinstance(a, torch.Tensor) or a is None else a == b for a, b in zip(entry, key)):
                 return extended
-        extended = extend_attention_mask(real, _prefix_columns(self, batch, device), query_len, key_len, causal,
+        extended = extend_attention_mask(real(), _prefix_columns(self, batch, device), query_len, key_len, causal,
                                          dtype, additive)
         # a state reused across forwards (generate's steps) sees a new mask each step: keep a few
         del self._masks[:-(_MASKS_KEPT - 1)]
