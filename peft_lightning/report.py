@@ -109,6 +109,7 @@ BOOKKEEPING = ("sweeps", "task_name", "hydra", "ckpt_path", "paths", "logger")
 
 
 @functools.cache
+@functools.lru_cache(maxsize=1)  # (built once per report, not once per cell)
 def _hydra_parser():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
