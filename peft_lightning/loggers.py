@@ -121,14 +121,15 @@ def flat_config(cfg: DictConfig, parameters: dict | None = None) -> dict:
     """The run's settings for W&B: every leaf of the config under its dotted key (`method.optim.lr`,
     as on the command line; lists as strings, `[3, 4, 5]`, so they filter and plot), and short keys
     for what sweeps compare: method, backbone, data, seed, lr, weight_decay, warmup_ratio, head,
-    batch_size, max_epochs, every scalar knob of the method (prefix_length, reparameterization,
-    depth, r, bottleneck, ...), trainable and trainable_pct."""
+    batch_size, max_epochs, max_steps (-1: no step budget), every scalar knob of the method
+    (prefix_length, reparameterization, depth, r, bottleneck, ...), trainable and trainable_pct."""
     config = OmegaConf.to_container(cfg, resolve=True)
     flat = dict(_leaves({k: v for k, v in config.items() if k != "hydra"}))
-    method, data = config.get("method") or {}, config.get("data") or {}
+    method, data, trainer = config.get("method") or {}, config.get("data") or {}, config.get("trainer") or {}
     short = {"method": method.get("name"), "backbone": (config.get("model") or {}).get("name"),
              "data": data.get("name"), "seed": config.get("seed"), "head": (method.get("head") or {}).get("type"),
-             "batch_size": data.get("batch_size"), "max_epochs": (config.get("trainer") or {}).get("max_epochs")}
+             "batch_size": data.get("batch_size"), "max_epochs": trainer.get("max_epochs"),
+             "max_steps": trainer.get("max_steps", -1)}
     short.update(method.get("optim") or {})  # lr, weight_decay, warmup_ratio
     short.update({k: str(v) if isinstance(v, list) else v for k, v in method.items()
                   if k != "name" and not isinstance(v, dict)})

@@ -172,3 +172,34 @@ def test_two_step_commands_on_the_embedded_tasks(tmp_path):
     assert "method.init=adapter: the prefix of" in (tmp_path / "target" / "train.log").read_text()
     results = json.loads((tmp_path / "target" / "results.json").read_text())
     assert results["status"] == "completed" and "test/acc" in results["metrics"]["test"]
+
+
+def test_low_data_sweeps_give_every_size_the_same_updates_and_dev_points(tmp_path):
+    """sweeps/transfer.yaml and train_size.yaml budget updates, not epochs: 50 and 100 examples (2 and 4
+    batches an epoch) both take the sweep's max_steps and are validated every val_check_interval steps
+    across epoch ends. With a budget of epochs the 50-example job would take half the updates."""
+    import csv
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("transfer", "train_size"):
+        trainer = yaml.safe_load((root / "sweeps" / f"{name}.yaml").read_text())["trainer"]
+        assert trainer["max_steps"] > 0 and trainer["max_epochs"] == -1 and trainer["check_val_every_n_epoch"] is None
+    proc = subprocess.run([sys.executable, "train.py", "-m", "+sweeps=transfer", "model=tiny-bert", "logger=csv",
+                           "method.init=random", "seed=1", "data.train_examples=50,100", "trainer.max_steps=12",
+                           "trainer.val_check_interval=4", "+trainer.limit_val_batches=1",
+                           "+trainer.limit_test_batches=1", f"hydra.sweep.dir={tmp_path}"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        results = json.loads((tmp_path / job / "results.json").read_text())
+        assert results["status"] == "completed" and results["global_step"] == 12
+        rows = list(csv.DictReader(open(next((tmp_path / job / "csv").glob("*/metrics.csv")))))
+        assert [int(r["step"]) for r in rows if r.get("val/acc")] == [3, 7, 11]  # after updates 4, 8 and 12
+    sizes = sorted(json.loads((tmp_path / j / "results.json").read_text())["epochs_completed"] for j in ("0", "1"))
+    assert sizes == [3, 6]  # 12 updates: 3 epochs of 4 batches, 6 of 2

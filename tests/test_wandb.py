@@ -95,7 +95,7 @@ def test_offline_runs_of_a_sweep_share_its_group_with_flat_config_and_best_dev_i
     config = train["config"]
     expected = {"method": "ptuning_v2", "backbone": "tiny-bert", "data": "rotten_tomatoes", "seed": 2, "lr": 0.3,
                 "prefix_length": 8, "reparameterization": "none", "depth": "deep", "head": "linear",
-                "backbone_dropout": False, "max_epochs": 3, "batch_size": 8,
+                "backbone_dropout": False, "max_epochs": 3, "max_steps": -1, "batch_size": 8,
                 "trainable": results["parameters"]["trainable"],
                 "trainable_pct": results["parameters"]["trainable_pct"],
                 # every knob under its command-line name
