@@ -391,3 +391,43 @@ def test_report_says_whose_time_is_a_lower_bound(tmp_path):
         "job 1." in text
     assert "CPU seconds are lower bounds (an attempt recorded no CPU time: killed outright, still running, or run " \
         "before cpu_time_s existed): job 1." in text
+
+
+def test_train_seconds_per_epoch_count_every_batch_of_an_epoch_validated_mid_way(tmp_path):
+    """The low-data sweeps validate every val_check_interval steps, across epoch ends (a budget of steps):
+    most epochs are validated mid-way. Each epoch's seconds (the report's `train s/epoch`) are those of
+    all its training batches, the clock paused, not stopped, while a validation runs. Reference: a
+    training step that sleeps 50 ms, 4 a epoch; a validation that sleeps 400 ms, after steps 3 and 6."""
+    import time
+
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from peft_lightning.run import EpochTimer
+
+    class Sleepy(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            time.sleep(0.05)
+            return (self.w * batch).sum()
+
+        def validation_step(self, batch, batch_idx):
+            time.sleep(0.4)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    timer = EpochTimer()
+    trainer = L.Trainer(max_epochs=-1, max_steps=8, check_val_every_n_epoch=None, val_check_interval=3,
+                        limit_val_batches=1, callbacks=[timer], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=tmp_path)
+    data = DataLoader(torch.ones(4, 1), batch_size=1)
+    trainer.fit(Sleepy(), train_dataloaders=data, val_dataloaders=data)
+    assert len(timer.seconds) == 2  # 8 steps: 2 epochs of 4 batches, validated after their 3rd and 2nd
+    for seconds in timer.seconds:  # 4 x 50 ms of training, no 400 ms validation
+        assert 0.2 <= seconds < 0.2 + 0.35, timer.seconds
