@@ -147,6 +147,11 @@ def _validate_trainer(trainer: DictConfig) -> None:
             "replicated on every device and only the adapter's gradients synchronised (trainer=ddp, any "
             "trainer.num_nodes); sharding the frozen weights (FSDP, DeepSpeed) is untested with the prefix "
             "kernels and vocabulary-initialised prompts. Use trainer=ddp (trainer.num_nodes=N for several machines)")
+    # Lightning would train forever, and the LR schedule (over trainer.estimated_stepping_batches, then
+    # infinite) fails with an OverflowError; e.g. sweeps/transfer.yaml (max_epochs -1) with trainer.max_steps=-1
+    if trainer.get("max_epochs") == -1 and trainer.get("max_steps", -1) == -1:
+        raise ConfigError("trainer.max_epochs=-1 and trainer.max_steps=-1: no end to training (and no end for the "
+                          "LR schedule to decay to); set trainer.max_steps (a budget of updates) or trainer.max_epochs")
     nodes = trainer.get("num_nodes", 1)
     if not (isinstance(nodes, int) and not isinstance(nodes, bool) and nodes >= 1):
         raise ConfigError(f"trainer.num_nodes={nodes!r} must be a whole number >= 1")

@@ -48,6 +48,9 @@ def fault(**kw):
     (["++method.head.type=mlp"], r"method.head.type must be one of \('linear', 'pooler', 'verbalizer'\), got 'mlp'"),
     (["method=prompt_tuning", "method.init=text"], "method.init=text needs method.init_text"),
     (["++data.train_examples=1.5"], r"data.train_examples must be a positive count or a fraction in \(0, 1\], got 1.5"),
+    # a low-data sweep (max_epochs -1, a budget of steps) taken back to epochs by dropping the step budget only
+    (["+sweeps=transfer", "trainer.max_steps=-1"], r"trainer.max_epochs=-1 and trainer.max_steps=-1: no end to "
+     r"training .* set trainer.max_steps .* or trainer.max_epochs"),
 ])
 def test_config_errors_name_the_key(overrides, message, monkeypatch):
     import peft_lightning.backbone as backbone
