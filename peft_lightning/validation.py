@@ -152,6 +152,7 @@ def _validate_trainer(trainer: DictConfig) -> None:
     if trainer.get("max_epochs") == -1 and trainer.get("max_steps", -1) == -1:
         raise ConfigError("trainer.max_epochs=-1 and trainer.max_steps=-1: no end to training (and no end for the "
                           "LR schedule to decay to); set trainer.max_steps (a budget of updates) or trainer.max_epochs")
+    _warn_unvalidated_steps(trainer)
     nodes = trainer.get("num_nodes", 1)
     if not (isinstance(nodes, int) and not isinstance(nodes, bool) and nodes >= 1):
         raise ConfigError(f"trainer.num_nodes={nodes!r} must be a whole number >= 1")
@@ -165,6 +166,27 @@ def _validate_trainer(trainer: DictConfig) -> None:
             devices = int(devices)
         if isinstance(devices, int) and not isinstance(devices, bool) and devices > count:
             raise ConfigError(f"trainer.devices={devices} but {count} CUDA GPU(s) are visible here")
+
+
+def _warn_unvalidated_steps(trainer: DictConfig) -> None:
+    """Dev every val_check_interval batches across epochs (check_val_every_n_epoch: null, the low-data
+    sweeps) never runs at the end of training on its own: a step budget that the interval does not
+    divide trains updates that no validation sees and no selected checkpoint holds."""
+    interval, steps = trainer.get("val_check_interval"), trainer.get("max_steps", -1)
+    accumulate = trainer.get("accumulate_grad_batches", 1) or 1  # (the interval counts batches, max_steps updates)
+    if (trainer.get("check_val_every_n_epoch", 1) is not None or isinstance(interval, bool)
+            or not isinstance(interval, int) or interval <= 0 or not isinstance(steps, int) or steps <= 0):
+        return
+    batches = steps * accumulate
+    last = batches - batches % interval
+    if last == batches:
+        return
+    what = (f"the last {batches - last} batches after batch {last} are never validated, and the checkpoint tested "
+            f"and exported is from batch {last} at the latest" if last else
+            "no validation runs at all: nothing is selected on dev, the test metrics are the last model's")
+    log.warning("trainer.max_steps=%d (x accumulate_grad_batches %d) is not a multiple of trainer.val_check_interval=%d "
+                "(check_val_every_n_epoch: null): %s; make max_steps a multiple of val_check_interval", steps,
+                accumulate, interval, what)
 
 
 def _validate_against_backbone(cfg: DictConfig) -> None:

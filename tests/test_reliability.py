@@ -432,3 +432,19 @@ def test_dropout_seeds_are_a_function_of_the_step_and_differ_per_rank():
     assert step_seed(42, 1, 3) == step_seed(42, 1, 3, rank=0)  # a resume draws the same seeds
     seeds = {step_seed(42, e, b, r) for e in range(2) for b in range(3) for r in range(2)}
     assert len(seeds) == 12  # each (epoch, batch, rank) its own stream
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ([], None),  # 300 steps, dev every 30: the last update validated
+    (["trainer.max_steps=100"], "the last 10 batches after batch 90 are never validated, and the checkpoint "
+                                "tested and exported is from batch 90 at the latest"),
+    (["trainer.val_check_interval=400"], "no validation runs at all"),
+    (["trainer.max_steps=100", "+trainer.accumulate_grad_batches=3"], None),  # 300 batches: dev after the last
+])
+def test_a_step_budget_the_dev_interval_does_not_divide_is_named(overrides, message, caplog):
+    """The low-data sweeps validate every val_check_interval batches across epochs, never at the end on
+    their own: a shortened budget (a smoke run) would silently train updates that dev never sees."""
+    with caplog.at_level("WARNING", logger="peft_lightning.validation"):
+        validate_config(compose_cfg(["+sweeps=transfer", "model=tiny-bert", "method.init=random", *overrides]))
+    found = [r.getMessage() for r in caplog.records if "val_check_interval" in r.getMessage()]
+    assert (found == []) if message is None else (len(found) == 1 and message in found[0]), found
