@@ -44,15 +44,19 @@ class EpochTimer(Callback):
     """Seconds of training per epoch: all of its training batches, validation excluded. A validation
     in mid-epoch (val_check_interval; the low-data sweeps' budget of steps validates across epoch ends)
     pauses the clock, and the epoch's next batch restarts it: stopping there would drop the epoch's
-    remaining batches (a third of each epoch at 1,000 examples, dev every 30 of 32 batches)."""
+    remaining batches (a third of each epoch at 1,000 examples, dev every 30 of 32 batches). An epoch
+    run in part (cut short by max_steps, or begun mid-way by a resume) counts as its seconds per batch
+    times the epoch's batches: a budget of steps ends most runs mid-epoch, and with 300 steps on
+    8,452 examples (265 batches) half the record would be a 35-batch stub."""
 
     def __init__(self):
         self.seconds: list[float] = []
         self._start: float | None = None
         self._elapsed: float | None = None  # this epoch's seconds so far; None between epochs
+        self._batches = 0  # training batches this epoch has run in this process
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._elapsed, self._start = 0.0, time.perf_counter()
+        self._elapsed, self._batches, self._start = 0.0, 0, time.perf_counter()
 
     def _pause(self):
         if self._start is not None:
@@ -68,10 +72,17 @@ class EpochTimer(Callback):
         if self._elapsed is not None and self._start is None:
             self._start = time.perf_counter()
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._batches += 1
+
     def on_train_epoch_end(self, trainer, pl_module):
         if self._elapsed is not None:
             self._pause()
-            self.seconds.append(self._elapsed)
+            total = trainer.num_training_batches
+            if 0 < self._batches < total != float("inf"):
+                self._elapsed *= total / self._batches
+            if self._batches:
+                self.seconds.append(self._elapsed)
             self._elapsed = None
 
 

@@ -397,7 +397,8 @@ def test_train_seconds_per_epoch_count_every_batch_of_an_epoch_validated_mid_way
     """The low-data sweeps validate every val_check_interval steps, across epoch ends (a budget of steps):
     most epochs are validated mid-way. Each epoch's seconds (the report's `train s/epoch`) are those of
     all its training batches, the clock paused, not stopped, while a validation runs. Reference: a
-    training step that sleeps 50 ms, 4 a epoch; a validation that sleeps 400 ms, after steps 3 and 6."""
+    training step that sleeps 50 ms, 4 a epoch; a validation that sleeps 400 ms, after steps 3, 6 and 9.
+    The budget, 10 steps, ends mid-epoch: the last epoch's 2 batches count as 2 of its 4 (100 ms x 2)."""
     import time
 
     import lightning as L
@@ -422,12 +423,12 @@ def test_train_seconds_per_epoch_count_every_batch_of_an_epoch_validated_mid_way
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     timer = EpochTimer()
-    trainer = L.Trainer(max_epochs=-1, max_steps=8, check_val_every_n_epoch=None, val_check_interval=3,
+    trainer = L.Trainer(max_epochs=-1, max_steps=10, check_val_every_n_epoch=None, val_check_interval=3,
                         limit_val_batches=1, callbacks=[timer], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         default_root_dir=tmp_path)
     data = DataLoader(torch.ones(4, 1), batch_size=1)
     trainer.fit(Sleepy(), train_dataloaders=data, val_dataloaders=data)
-    assert len(timer.seconds) == 2  # 8 steps: 2 epochs of 4 batches, validated after their 3rd and 2nd
+    assert len(timer.seconds) == 3  # 10 steps: 2 epochs of 4 batches, validated after their 3rd and 2nd, and 2 batches
     for seconds in timer.seconds:  # 4 x 50 ms of training, no 400 ms validation
         assert 0.2 <= seconds < 0.2 + 0.35, timer.seconds
