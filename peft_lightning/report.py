@@ -517,7 +517,7 @@ def plots(frame: pd.DataFrame, directory: Path, metric: str | None = None) -> li
     """PNG plots of the selection metric (mean, error bars = 95% CI over seeds): the best dev value
     (solid; a star marks each line's best-dev setting, the one selection picks) with the test
     value of the same runs beside it (dashed), against each numeric axis (a line per combination
-    of the other axes), or as grouped bars when every axis is categorical. `metric`: one report
+    of the other axes), or as points side by side when every axis is categorical. `metric`: one report
     column alone instead."""
     summary = summarize(frame)
     keys = [c for c in axes(frame) if c in summary.columns]
@@ -554,11 +554,14 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metric
                     ax.errorbar(part[x].astype(float), part[metric], yerr=part[metric + " ci"].fillna(0), capsize=3,
                                 marker="o" if i == 0 else "s", linestyle="-" if i == 0 else "--",
                                 mfc=color if i == 0 else "none", **style)
-                else:
+                else:  # points, not bars: a bar starts at 0, and 0.01 apart at 0.85 would look equal
                     where = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(part))]
-                    ax.bar(where, part[metric], width, yerr=part[metric + " ci"].fillna(0), capsize=3,
-                           hatch="" if i == 0 else "//", **style)
-                    ax.set_xticks(range(len(part)), part[x].astype(str))
+                    ax.errorbar(where, part[metric], yerr=part[metric + " ci"].fillna(0), capsize=3,
+                                marker="o" if i == 0 else "s", linestyle="none", mfc=color if i == 0 else "none",
+                                **style)
+                    names = part[x].astype(str)
+                    tilt = sum(map(len, names)) > 40  # (method names side by side would overlap)
+                    ax.set_xticks(range(len(part)), names, rotation=30 if tilt else 0, ha="right" if tilt else "center")
             # the setting selection picks: best dev, never best test (a plot of test alone has no star)
             if metrics[0].startswith("best dev") and part[metrics[0]].notna().any():
                 best = rank(part.sort_index(), metrics[0]).iloc[0]  # (a tie: the first in job order, as the table)

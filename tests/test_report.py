@@ -108,8 +108,8 @@ def test_report_gives_confidence_intervals_paired_differences_and_wall_time(tmp_
     bars = []
     import matplotlib.axes
 
-    original = matplotlib.axes.Axes.bar
-    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, *a, **kw: bars.append(list(kw["yerr"])) or
+    original = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda self, *a, **kw: bars.append(list(kw["yerr"])) or
                         original(self, *a, **kw))
     assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
     text = (tmp_path / "r.md").read_text()
@@ -139,7 +139,7 @@ def test_report_gives_confidence_intervals_paired_differences_and_wall_time(tmp_
         assert f"| {method} | " + " | ".join(cells) + f" | {len(shared)} |" in text
     assert "| b | -0.0367 | [-0.0746, +0.0013] | -0.0467 | [-0.0610, -0.0323] | 3 |" in text
 
-    # the plot's error bars are the same 95% half-widths (bars: dev, then test, per method)
+    # the plot's error bars are the same 95% half-widths (points: dev, then test, per method)
     expected_dev = [hand_ci([v[0] for v in runs[m].values()])[2] for m in runs]
     assert bars[0] == pytest.approx(expected_dev, rel=1e-4)  # (the table's t to 5 digits)
 
