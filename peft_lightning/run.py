@@ -348,12 +348,15 @@ def best_checkpoint_callback(trainer) -> ModelCheckpoint | None:
 
 
 def best_record(best_cb: ModelCheckpoint | None) -> dict:
-    """Path, score and epoch of the best checkpoint (the epoch read from the file: memory-mapped, weights_only)."""
+    """Path, score, epoch and update step of the best checkpoint (read from the file: memory-mapped,
+    weights_only). The step is what compares across training-set sizes under a budget of updates (the
+    low-data sweeps), where an epoch is 2 batches at one size and 32 at another."""
     if best_cb is None or not best_cb.best_model_path:
         return {"best_checkpoint": ""}
     score = best_cb.best_model_score
-    epoch = torch.load(best_cb.best_model_path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
-    return {"best_checkpoint": best_cb.best_model_path, "best_score": _to_python(score), "best_epoch": epoch}
+    saved = torch.load(best_cb.best_model_path, map_location="cpu", weights_only=True, mmap=True)
+    return {"best_checkpoint": best_cb.best_model_path, "best_score": _to_python(score),
+            "best_epoch": saved.get("epoch"), "best_step": saved.get("global_step")}
 
 
 def last_checkpoint(trainer) -> str | None:

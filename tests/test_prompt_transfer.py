@@ -200,6 +200,9 @@ def test_low_data_sweeps_give_every_size_the_same_updates_and_dev_points(tmp_pat
         results = json.loads((tmp_path / job / "results.json").read_text())
         assert results["status"] == "completed" and results["global_step"] == 12
         rows = list(csv.DictReader(open(next((tmp_path / job / "csv").glob("*/metrics.csv")))))
-        assert [int(r["step"]) for r in rows if r.get("val/acc")] == [3, 7, 11]  # after updates 4, 8 and 12
+        dev = {int(r["step"]) + 1: float(r["val/acc"]) for r in rows if r.get("val/acc")}
+        assert list(dev) == [4, 8, 12]  # after updates 4, 8 and 12 (the csv logs the step before the increment)
+        best = max(dev, key=lambda step: (dev[step], -step))  # (a tie: the first, as ModelCheckpoint keeps it)
+        assert results["best_step"] == best and results["best_score"] == pytest.approx(dev[best])
     sizes = sorted(json.loads((tmp_path / j / "results.json").read_text())["epochs_completed"] for j in ("0", "1"))
     assert sizes == [3, 6]  # 12 updates: 3 epochs of 4 batches, 6 of 2

@@ -150,7 +150,8 @@ def assert_same_run(resumed, straight):
     assert resumed["status"] == "completed" and resumed["global_step"] == straight["global_step"] == 24
     for part in ("final", "best", "test"):
         assert resumed["metrics"][part] == straight["metrics"][part], part
-    assert (resumed["best_epoch"], resumed["best_score"]) == (straight["best_epoch"], straight["best_score"])
+    best = ("best_epoch", "best_step", "best_score")
+    assert [resumed[k] for k in best] == [straight[k] for k in best] and straight["best_step"] > 0
     assert Path(resumed["best_checkpoint"]).name == Path(straight["best_checkpoint"]).name
     assert Path(resumed["best_checkpoint"]).is_file()
 
