@@ -541,8 +541,14 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metric
     for x in numeric or keys[:1]:
         others = [k for k in keys if k != x]
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        groups = summary.groupby(others, sort=False) if others else [((), summary)]
-        width = 0.8 / len(metrics)
+        groups = list(summary.groupby(others, sort=False)) if others else [((), summary)]
+        # categorical x: one category order for every group (a group may lack a category or list them in
+        # another order), and a slot per (group, metric) inside each category, so no two points share a place
+        cats = list(dict.fromkeys(summary[x].astype(str))) if x not in numeric else []
+        slots = len(groups) * len(metrics)
+        width = 0.8 / slots
+        place = lambda number, i: (number * len(metrics) + i - (slots - 1) / 2) * width  # noqa: E731
+        starred = False
         for number, (label, part) in enumerate(groups):
             label = ", ".join(f"{k}={v}" for k, v in zip(others, label if isinstance(label, tuple) else (label,)))
             part = part.sort_values(x, key=lambda c: c.astype(float)) if x in numeric else part
@@ -555,20 +561,20 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metric
                                 marker="o" if i == 0 else "s", linestyle="-" if i == 0 else "--",
                                 mfc=color if i == 0 else "none", **style)
                 else:  # points, not bars: a bar starts at 0, and 0.01 apart at 0.85 would look equal
-                    where = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(part))]
+                    where = [cats.index(v) + place(number, i) for v in part[x].astype(str)]
                     ax.errorbar(where, part[metric], yerr=part[metric + " ci"].fillna(0), capsize=3,
                                 marker="o" if i == 0 else "s", linestyle="none", mfc=color if i == 0 else "none",
                                 **style)
-                    names = part[x].astype(str)
-                    tilt = sum(map(len, names)) > 40  # (method names side by side would overlap)
-                    ax.set_xticks(range(len(part)), names, rotation=30 if tilt else 0, ha="right" if tilt else "center")
             # the setting selection picks: best dev, never best test (a plot of test alone has no star)
             if metrics[0].startswith("best dev") and part[metrics[0]].notna().any():
                 best = rank(part.sort_index(), metrics[0]).iloc[0]  # (a tie: the first in job order, as the table)
-                shift = (len(metrics) - 1) / 2 * width  # the criterion's bar is the first of each group
-                at = float(best[x]) if x in numeric else list(part.index).index(best.name) - shift
+                at = float(best[x]) if x in numeric else cats.index(str(best[x])) + place(number, 0)
                 ax.plot([at], [best[metrics[0]]], marker="*", markersize=16, color=color, markeredgecolor="black",
-                        linestyle="none", label=f"selected: highest {metrics[0]}" if number == 0 else None)
+                        linestyle="none", label=None if starred else f"selected: highest {metrics[0]}")
+                starred = True
+        if cats:
+            tilt = sum(map(len, cats)) > 40  # (method names side by side would overlap)
+            ax.set_xticks(range(len(cats)), cats, rotation=30 if tilt else 0, ha="right" if tilt else "center")
         spread = summary[x].astype(float).max() / max(summary[x].astype(float).min(), 1e-12) if x in numeric else 1
         if spread > 10:  # prefix lengths, example counts: powers of 2; learning rates: decades
             ax.set_xscale("log", base=10 if spread > 1000 else 2)

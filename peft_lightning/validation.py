@@ -177,16 +177,23 @@ def _warn_unvalidated_steps(trainer: DictConfig) -> None:
     if (trainer.get("check_val_every_n_epoch", 1) is not None or isinstance(interval, bool)
             or not isinstance(interval, int) or interval <= 0 or not isinstance(steps, int) or steps <= 0):
         return
-    batches = steps * accumulate
-    last = batches - batches % interval
-    if last == batches:
+    if accumulate != 1 or trainer.get("max_epochs") not in (-1, None):
+        # batches per update vary at epoch ends (Lightning steps on an epoch's last batch) and a finite
+        # max_epochs may end training first: the last validated batch is not known here, only the risk
+        log.warning("trainer.val_check_interval=%d batches across epochs (check_val_every_n_epoch: null) with "
+                    "trainer.max_steps=%d, accumulate_grad_batches %d and max_epochs %s: updates after the last "
+                    "multiple of the interval are never validated; with accumulate_grad_batches=1 and "
+                    "max_epochs=-1, make max_steps a multiple of val_check_interval", interval, steps, accumulate,
+                    trainer.get("max_epochs"))
         return
-    what = (f"the last {batches - last} batches after batch {last} are never validated, and the checkpoint tested "
-            f"and exported is from batch {last} at the latest" if last else
+    last = steps - steps % interval
+    if last == steps:
+        return
+    what = (f"the last {steps - last} updates after update {last} are never validated, and the checkpoint tested "
+            f"and exported is from update {last} at the latest" if last else
             "no validation runs at all: nothing is selected on dev, the test metrics are the last model's")
-    log.warning("trainer.max_steps=%d (x accumulate_grad_batches %d) is not a multiple of trainer.val_check_interval=%d "
-                "(check_val_every_n_epoch: null): %s; make max_steps a multiple of val_check_interval", steps,
-                accumulate, interval, what)
+    log.warning("trainer.max_steps=%d is not a multiple of trainer.val_check_interval=%d (check_val_every_n_epoch: "
+                "null): %s; make max_steps a multiple of val_check_interval", steps, interval, what)
 
 
 def _validate_against_backbone(cfg: DictConfig) -> None:

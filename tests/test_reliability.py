@@ -437,10 +437,14 @@ def test_dropout_seeds_are_a_function_of_the_step_and_differ_per_rank():
 
 @pytest.mark.parametrize("overrides,message", [
     ([], None),  # 300 steps, dev every 30: the last update validated
-    (["trainer.max_steps=100"], "the last 10 batches after batch 90 are never validated, and the checkpoint "
-                                "tested and exported is from batch 90 at the latest"),
+    (["trainer.max_steps=100"], "the last 10 updates after update 90 are never validated, and the checkpoint "
+                                "tested and exported is from update 90 at the latest"),
     (["trainer.val_check_interval=400"], "no validation runs at all"),
-    (["trainer.max_steps=100", "+trainer.accumulate_grad_batches=3"], None),  # 300 batches: dev after the last
+    # accumulation: an epoch's last batch steps too, so the batches per update vary (at 50 examples, 2 batches
+    # an epoch, every update is 2 batches, not 3): the risk is named without counts that would be wrong
+    (["trainer.max_steps=100", "+trainer.accumulate_grad_batches=3"], "updates after the last multiple of the "
+                                                                       "interval are never validated"),
+    (["trainer.max_epochs=5"], "updates after the last multiple of the interval are never validated"),
 ])
 def test_a_step_budget_the_dev_interval_does_not_divide_is_named(overrides, message, caplog):
     """The low-data sweeps validate every val_check_interval batches across epochs, never at the end on

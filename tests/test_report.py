@@ -432,3 +432,43 @@ def test_train_seconds_per_epoch_count_every_batch_of_an_epoch_validated_mid_way
     assert len(timer.seconds) == 3  # 10 steps: 2 epochs of 4 batches, validated after their 3rd and 2nd, and 2 batches
     for seconds in timer.seconds:  # 4 x 50 ms of training, no 400 ms validation
         assert 0.2 <= seconds < 0.2 + 0.35, timer.seconds
+
+
+def test_categorical_plot_puts_every_groups_points_and_star_over_their_own_category(tmp_path, monkeypatch):
+    """Two categorical axes: one group lacks a method and lists the others in another order. Each point
+    must sit over its own method's tick (within its slot), no two points share a place, and the star
+    sits on the dev point of the setting the table selects."""
+    runs = [("b", "pooler", 0.70), ("c", "pooler", 0.74),  # pooler: no method a, and b before c
+            ("c", "linear", 0.80), ("a", "linear", 0.78), ("b", "linear", 0.90)]
+    for num, (method, head, acc) in enumerate(runs):
+        job(tmp_path, num, [f"method={method}", f"method.head.type={head}"], acc=acc)
+    import matplotlib.axes
+
+    points, stars, ticks = [], [], []
+    errorbar, plot, set_xticks = (matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.plot,
+                                  matplotlib.axes.Axes.set_xticks)
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda self, x, y, **kw: points.append(
+        (kw["label"], list(x), list(y))) or errorbar(self, x, y, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **kw: (
+        stars.append((a[0][0], a[1][0])) if kw.get("marker") == "*" else None) or plot(self, *a, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks", lambda self, where, labels=None, **kw: ticks.append(
+        (list(where), [] if labels is None else list(labels))) or set_xticks(self, where, labels, **kw))
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+    where, labels = ticks[-1]
+    tick = dict(zip(labels, where))
+    assert set(tick) == {"a", "b", "c"}
+    acc = {(m, h): a for m, h, a in runs}
+    seen = []
+    for label, xs, ys in points:
+        if "best dev" not in label:
+            continue
+        head = "pooler" if "pooler" in label else "linear"
+        for x, y in zip(xs, ys):
+            method = min(tick, key=lambda m: abs(tick[m] - x))
+            assert abs(tick[method] - x) < 0.4 and acc[(method, head)] == pytest.approx(y), (label, x, y)
+            seen.append(round(x, 6))
+    assert len(seen) == len(runs) == len(set(seen))  # every setting once, no two at one place
+    # the table selects b with the linear head (0.90); a star per group, the linear group's on b's dev point
+    linear_b = next(x for label, xs, ys in points if "linear" in label and "best dev" in label
+                    for x, y in zip(xs, ys) if y == pytest.approx(0.90))
+    assert (linear_b, pytest.approx(0.90)) in [(x, y) for x, y in stars]
