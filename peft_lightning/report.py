@@ -154,7 +154,7 @@ def _overrides(job: Path, results: dict | None) -> dict[str, str]:
 UNSET = "(unset)"  # a key a job's config does not have (a sweep run before the key existed)
 
 
-@functools.cache  # (built once per report, not once per cell)
+@functools.cache
 def _job_config(job: Path) -> tuple[dict, dict] | None:
     """A job's Hydra record: (its config groups' choices from .hydra/hydra.yaml, its composed
     config from .hydra/config.yaml, interpolations unresolved); None where it has none."""
