@@ -398,7 +398,8 @@ class MultiTaskPrompts(L.LightningModule):
                 key = f"val/{name}/{member.task.metric}"
                 if key in values and (name not in self.task_best or values[key] > self.task_best[name]["score"]):
                     state = {k: v.detach().cpu().clone() for k, v in member.trainable_state_dict().items()}
-                    self.task_best[name] = {"score": float(values[key]), "epoch": self.current_epoch, "state": state}
+                    self.task_best[name] = {"score": float(values[key]), "epoch": self.current_epoch,
+                                            "step": self.global_step, "state": state}
         self.log("val/mean_best", self.val_best.compute() if self.val_best.update_called else 0.0, prog_bar=True,
                  sync_dist=True)
 
@@ -419,7 +420,9 @@ class MultiTaskPrompts(L.LightningModule):
             self.members[name].load_state_dict(best["state"], strict=False)
 
     def task_best_record(self) -> dict:
-        return {name: {"epoch": b["epoch"], f"val/{self.members[name].task.metric}": b["score"]}
+        """Per task: the epoch and update of its best dev state, the one tested and exported (the run's
+        best_checkpoint is the best mean over tasks, which no task is tested from)."""
+        return {name: {"epoch": b["epoch"], "step": b.get("step"), f"val/{self.members[name].task.metric}": b["score"]}
                 for name, b in self.task_best.items()}
 
     def save_adapters(self, folder: str | Path) -> dict[str, str]:

@@ -251,6 +251,8 @@ def collect(multirun: Path | list[Path], where: dict[str, str] | None = None) ->
         row = {"job": name, "_path": job, **_overrides(job, results)}
         row["status"] = results.get("status", "unknown") if results else "no results.json"
         row["error"] = (results or {}).get("error", "")
+        row["_selection"] = str((results or {}).get("selection", ""))
+        row["_unvalidated"] = (results or {}).get("unvalidated_updates") or 0
         for column, (path, _) in columns.items():
             row[column] = _get(results or {}, path)
         row["_unrecorded"] = [key for key in ("wall_time_s", "cpu_time_s") if _unrecorded(results or {}, key)]
@@ -276,7 +278,12 @@ def collect(multirun: Path | list[Path], where: dict[str, str] | None = None) ->
     def skip(row) -> str:
         if row["status"] != "completed":
             return f"{row['status']}: {row['error']}" if row["error"] else row["status"]
-        return f"completed, no {dev}: not counted" if pd.isna(row[dev]) else ""
+        if pd.isna(row[dev]):
+            return f"completed, no {dev}: not counted"
+        if row["_selection"].startswith("last"):  # its test is not the best-dev checkpoint's
+            return f"completed, tested the last model, not the best-dev checkpoint (selection: {row['_selection']}): " \
+                   "not counted"
+        return ""
 
     frame["_skip"] = [skip(row) for _, row in frame.iterrows()]
     first: dict[tuple, str] = {}  # (every knob's value, seed) -> the job counted for it
@@ -296,7 +303,8 @@ def _columns(frame: pd.DataFrame) -> dict[str, tuple[tuple, str]]:
     return metric_columns(frame.attrs.get("metric", "acc"))
 
 
-META = ("job", "_path", "_unrecorded", "_skip", "status", "error")  # a job's record, not its settings
+# a job's record, not its settings
+META = ("job", "_path", "_unrecorded", "_skip", "_selection", "_unvalidated", "status", "error")
 
 
 def axes(frame: pd.DataFrame) -> list[str]:
@@ -469,6 +477,13 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
         for _, row in skipped.iterrows():
             what = ", ".join(f"{k}={row[k]}" for k in axes(frame)) or row["job"]
             lines.append(f"- job {row['job']} ({what}): {row['_skip']}")
+    cut = _counted(frame)
+    cut = cut[cut["_unvalidated"] > 0]
+    if len(cut):  # counted (dev still selected what it saw), but the budget is not what the command says
+        lines += ["", "Jobs whose last updates no validation saw (their selection never saw them):", ""]
+        for _, row in cut.iterrows():
+            what = ", ".join(f"{k}={row[k]}" for k in axes(frame)) or row["job"]
+            lines.append(f"- job {row['job']} ({what}): the last {int(row['_unvalidated'])} updates")
     return "\n".join(lines) + "\n"
 
 

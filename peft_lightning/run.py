@@ -86,6 +86,26 @@ class EpochTimer(Callback):
             self._elapsed = None
 
 
+class LastValidation(Callback):
+    """The update the fit's last dev evaluation saw. Lightning validates at epoch ends or every
+    val_check_interval batches, never at max_steps on its own: a step budget that ends mid-epoch
+    trains updates that no dev score, and so no selected checkpoint, has seen. Kept in checkpoints
+    (a resume knows it too)."""
+
+    def __init__(self):
+        self.step: int | None = None
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking and trainer.state.fn == "fit":  # (not eval_before_training's validate)
+            self.step = trainer.global_step
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state_dict):
+        self.step = state_dict.get("step")
+
+
 def build(cfg: DictConfig):
     """(datamodule, LightningModule) for a config; no training."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -167,7 +187,7 @@ def train(cfg: DictConfig) -> dict:
     trainer = datamodule = module = None
     fit_end = None  # the last checkpoint of a finished fit: a resume from it only tests and exports
     loggers: list = []
-    timer = EpochTimer()
+    timer, validated = EpochTimer(), LastValidation()
     restore_sigterm = interrupt_on_sigterm()  # until fit installs Lightning's handler, and after
     try:
         if _rank_zero(trainer):
@@ -182,7 +202,7 @@ def train(cfg: DictConfig) -> dict:
         callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c and "_target_" in c]
         if not loggers:  # the LR monitor refuses to run without a logger
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-        callbacks += [timer, ExactResume(cfg.seed)]
+        callbacks += [timer, validated, ExactResume(cfg.seed)]
         trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
         )
@@ -216,17 +236,28 @@ def train(cfg: DictConfig) -> dict:
                               "final": fit_metrics, "test": {}}
         summary.update(best_record(best_cb))
         trained = trainer.global_step > 0
-        if trained and not best:  # no validation ran (limit_val_batches=0, no dev set): nothing selected on dev
-            log.warning("no validation ran, so no checkpoint was selected on dev: the test metrics are the last "
-                        "model's (selection: last)")
-            summary["selection"] = "last (no validation)"
+        multitask = hasattr(module, "use_task_best")  # each task tested and exported from its own best-dev state
+        if trained and not best and not multitask:
+            # nothing selected on dev: no validation ran (limit_val_batches=0, no dev set), or no checkpoint
+            # callback monitors the dev metric (callbacks=none: Lightning's own checkpoint keeps the last epoch)
+            why = "no validation ran" if validated.step is None else "no checkpoint callback monitors the dev metric"
+            log.warning("%s, so no checkpoint was selected on dev: the test metrics and the adapter are the last "
+                        "model's (selection: last)", why)
+            summary["selection"] = f"last ({why})"
+        if trained and validated.step is not None and validated.step < trainer.global_step:
+            gap = trainer.global_step - validated.step
+            log.warning("the last %d updates (after update %d of %d) were never validated: no dev score saw them, so "
+                        "the tested and exported checkpoint is from update %d at the latest; end training at a "
+                        "validation (trainer.max_steps at an epoch end or a multiple of trainer.val_check_interval)",
+                        gap, validated.step, trainer.global_step, validated.step)
+            summary["unvalidated_updates"] = gap
         if not trained:  # trainer.max_epochs=0, max_steps=0, limit_train_batches=0: nothing was learned
             log.warning("no training step ran (trainer.max_epochs / max_steps / limit_train_batches): status "
                         "not_trained; the test metrics are the untrained model's and no adapter is written")
-        multitask = hasattr(module, "use_task_best")  # each task tested and exported from its own best-dev state
         if multitask:
             module.use_task_best()
             summary["task_best"] = module.task_best_record()
+            summary["selection"] = "each task's best dev state (task_best); best_checkpoint is the best val/mean"
         if cfg.get("test", True) and not trainer.fast_dev_run:
             results = trainer.test(module, datamodule=datamodule, ckpt_path=None if multitask else best or None,
                                    weights_only=True)
@@ -342,9 +373,9 @@ def previous_attempts(out_dir: Path) -> dict:
 
 
 def best_checkpoint_callback(trainer) -> ModelCheckpoint | None:
-    """The ModelCheckpoint that selects by the validation metric (not the one that writes last.ckpt)."""
-    found = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
-    return next((cb for cb in found if cb.monitor), found[0] if found else None)
+    """The ModelCheckpoint that selects by the validation metric (not the one that writes last.ckpt, nor
+    Lightning's own without callbacks, which keeps the last epoch: neither selects anything)."""
+    return next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor), None)
 
 
 def best_record(best_cb: ModelCheckpoint | None) -> dict:

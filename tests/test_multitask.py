@@ -204,6 +204,12 @@ def test_two_task_run_exports_adapters_that_serving_and_predict_load_as_the_run_
     assert {"test/sentiment/acc", "test/topic/f1", "test/mean"} <= set(test)
     assert test["test/mean"] == pytest.approx((test["test/sentiment/acc"] + test["test/topic/f1"]) / 2)
     assert set(summary["task_best"]) == {"sentiment", "topic"} and "val/f1" in summary["task_best"]["topic"]
+    # each task's own best: its epoch and update (dev at each epoch end), not the best mean's checkpoint
+    assert summary["selection"].startswith("each task's best dev state")
+    per_epoch = summary["global_step"] // summary["epochs_completed"]
+    assert per_epoch * summary["epochs_completed"] == summary["global_step"]
+    for name, best in summary["task_best"].items():
+        assert best["step"] == (best["epoch"] + 1) * per_epoch, (name, best)
     adapters = summary["adapters"]
     assert sorted(adapters) == ["sentiment", "topic"]
     for name, folder in adapters.items():  # each adapter holds its task's best-dev state

@@ -159,6 +159,8 @@ def assert_same_run(resumed, straight):
 def test_same_seed_same_metrics(straight, tmp_path):
     proc, again = run(tmp_path / "again")
     assert proc.returncode == 0
+    # dev after each epoch's last update: every update validated, the test is the best-dev checkpoint's
+    assert "unvalidated_updates" not in straight and "selection" not in straight
     assert again["metrics"]["final"] == straight["metrics"]["final"]
     assert again["metrics"]["test"] == straight["metrics"]["test"]
 
@@ -249,6 +251,28 @@ def test_max_epochs_zero_is_not_reported_as_trained(tmp_path):
     assert results["status"] == "not_trained" and results["global_step"] == 0
     assert results["metrics"]["final"] == {} and results["metrics"]["test"]  # the untrained model's test
     assert "adapter" not in results and not (tmp_path / "r" / "adapter").exists()
+
+
+def test_a_step_budget_that_ends_mid_epoch_names_the_updates_no_validation_saw(tmp_path):
+    """Dev at each epoch end (12 updates) and max_steps=18: Lightning stops at update 18 without a
+    validation, so updates 13-18 are trained, never scored, and can never be selected."""
+    proc, results = run(tmp_path / "r", "+trainer.max_steps=18")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert results["global_step"] == 18 and results["unvalidated_updates"] == 6
+    assert results["best_step"] == 12  # the only validated update
+    assert "the last 6 updates (after update 12 of 18) were never validated" in proc.stdout + proc.stderr
+
+
+def test_without_a_monitored_checkpoint_the_test_is_named_the_last_models(tmp_path):
+    """callbacks=none: Lightning's own checkpoint keeps the last epoch. Dev ran, but nothing was
+    selected on it: no best_step/best_epoch that would read as a selected checkpoint, and the
+    selection is named (the report leaves such a job out of dev-selected means)."""
+    proc, results = run(tmp_path / "r", "callbacks=none")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert results["status"] == "completed" and results["metrics"]["best"]  # dev ran
+    assert results["selection"] == "last (no checkpoint callback monitors the dev metric)"
+    assert results["best_checkpoint"] == "" and "best_step" not in results and "best_epoch" not in results
+    assert "no checkpoint callback monitors the dev metric" in proc.stdout + proc.stderr
 
 
 def test_moved_run_folder_keeps_the_best_model_record(tmp_path):

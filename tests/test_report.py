@@ -343,6 +343,29 @@ def test_report_leaves_out_a_completed_job_without_a_dev_value(tmp_path):
     assert "- job 2 (method=lora): completed, no best dev acc: not counted" in (tmp_path / "r.md").read_text()
 
 
+def test_report_leaves_out_a_job_that_tested_its_last_model_and_names_unvalidated_updates(tmp_path):
+    """A job with dev values whose test is the last model's (selection `last`, callbacks=none) would mix
+    a last-model test into the dev-selected mean: not counted, listed with why. A job whose last
+    updates no validation saw is counted (dev selected among what it saw) and listed."""
+    for i, (seed, acc, test) in enumerate([(1, 0.80, 0.81), (2, 0.90, 0.89), (3, 0.85, 0.10)]):
+        job(tmp_path, i, ["method=lora", f"seed={seed}"], acc=acc, test=test)
+    job(tmp_path, 3, ["method=adapter", "seed=1"], acc=0.70)
+    results = json.loads((tmp_path / "2" / "results.json").read_text())
+    results["selection"] = "last (no checkpoint callback monitors the dev metric)"
+    (tmp_path / "2" / "results.json").write_text(json.dumps(results))
+    results = json.loads((tmp_path / "3" / "results.json").read_text())
+    results["unvalidated_updates"] = 6
+    (tmp_path / "3" / "results.json").write_text(json.dumps(results))
+    summary = summarize(collect(tmp_path)).set_index("method")
+    assert summary.loc["lora", "n"] == 2 and summary.loc["lora", "test acc"] == pytest.approx(0.85)
+    assert summary.loc["adapter", "n"] == 1
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "- job 2 (method=lora): completed, tested the last model, not the best-dev checkpoint (selection: last " \
+           "(no checkpoint callback monitors the dev metric)): not counted" in text
+    assert "- job 3 (method=adapter): the last 6 updates" in text
+
+
 def test_report_averages_the_seeds_of_a_sweep_of_one_setting(tmp_path):
     """An arm run as its own sweep (`method.backbone_dropout=true seed=1,2,3`) has no axis: its
     seeds are still one setting, mean ± std and the 95% interval, not a row per seed."""
