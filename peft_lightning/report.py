@@ -571,7 +571,8 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metric
                 name = f"{label}, {metric}" if label else metric
                 style = dict(label=name, color=color, alpha=1.0 if i == 0 else 0.6)
                 if x in numeric:
-                    ax.errorbar(part[x].astype(float), part[metric], yerr=part[metric + " ci"].fillna(0), capsize=3,
+                    where = list(part[x].astype(float))
+                    ax.errorbar(where, part[metric], yerr=part[metric + " ci"].fillna(0), capsize=3,
                                 marker="o" if i == 0 else "s", linestyle="-" if i == 0 else "--",
                                 mfc=color if i == 0 else "none", **style)
                 else:  # points, not bars: a bar starts at 0, and 0.01 apart at 0.85 would look equal
@@ -579,6 +580,11 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metric
                     ax.errorbar(where, part[metric], yerr=part[metric + " ci"].fillna(0), capsize=3,
                                 marker="o" if i == 0 else "s", linestyle="none", mfc=color if i == 0 else "none",
                                 **style)
+                # a single seed has no interval: without a word its bare point would look exact
+                for at, value, n in zip(where, part[metric], part["n"] if "n" in part else [1] * len(part)):
+                    if n < 2 and pd.notna(value):
+                        ax.annotate(f"n={int(n)}", (at, value), textcoords="offset points", xytext=(4, -9),
+                                    fontsize=6, color=color)
             # the setting selection picks: best dev, never best test (a plot of test alone has no star)
             if metrics[0].startswith("best dev") and part[metrics[0]].notna().any():
                 best = rank(part.sort_index(), metrics[0]).iloc[0]  # (a tie: the first in job order, as the table)
