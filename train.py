@@ -88,4 +88,16 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    # Hydra's own errors raised here, not printed over several lines with exit 1: a command line it cannot
+    # compose is a config error like any other (one line, exit 2); anything else keeps its traceback
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except Exception as err:  # noqa: BLE001
+        from peft_lightning.schema import hydra_error_message
+
+        message = hydra_error_message(err)
+        if message is None:
+            raise
+        print(f"config error: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,3 +253,45 @@ def _hint(key: Any, known, path: str | None = None) -> str:
         return f" (did you mean {path + '.' if path else ''}{close[0]}?)"
     return f"; {path or 'the top level'} takes {', '.join(known)}"
 
+
+
+def hydra_error_message(err: BaseException) -> str | None:
+    """One line for a command line Hydra cannot compose (an unknown key without `+`, a config group or
+    option that does not exist, an override it cannot parse), or None for any other error. Hydra would
+    print several lines and exit 1, where every other config mistake here exits 2 with one line."""
+    from hydra._internal.utils import _locate
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf import DictConfig
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    if isinstance(err, MissingConfigException) and err.options is not None:  # method=lorra
+        group, _, option = (err.missing_cfg_file or "").rpartition("/")
+        known = sorted(err.options)
+        close = difflib.get_close_matches(option, known, n=1)
+        hint = f" (did you mean {group}={close[0]}?)" if close else ""
+        return f"{group}={option}: no such {group} config{hint}; {group} takes {', '.join(known)}"
+    cause = err.__cause__
+    if isinstance(err, ConfigCompositionException) and isinstance(cause, (ConfigAttributeError, ConfigKeyError)) \
+            and getattr(cause, "full_key", None) and getattr(cause, "parent_node", None) is not None:
+        path, _, key = cause.full_key.rpartition(".")  # trainer.max_stepz, or methd at the top level
+        listed = {str(k) for k in cause.parent_node.keys()}
+        arguments = set()  # a node Hydra instantiates (trainer) takes its class's arguments, listed or not
+        target = cause.parent_node.get("_target_") if isinstance(cause.parent_node, DictConfig) else None
+        if isinstance(target, str):
+            try:
+                arguments = set(inspect.signature(_locate(target)).parameters) - {"self", "args", "kwargs"}
+            except Exception:  # noqa: BLE001  (not importable or no signature: the listed keys only)
+                pass
+        append = re.search(r"use (\+\S+)", str(err))  # Hydra's `+key=value` for this override
+        if key in arguments:  # a real argument the config does not list: only `+` adds it
+            return f"{cause.full_key} is not in the config: add it with {append.group(1) if append else '+' + key}"
+        close = difflib.get_close_matches(key, sorted(listed | arguments), n=1)
+        where = f"{path}." if path else ""
+        if close:
+            plus = "+" if close[0] not in listed else ""
+            return f"unknown key {cause.full_key} (did you mean {plus}{where}{close[0]}?)"
+        return (f"unknown key {cause.full_key}; {path or 'the top level'} has {', '.join(sorted(listed))}"
+                + (f" and takes the other arguments of {target} with +{where}<argument>=..." if arguments else ""))
+    if isinstance(err, (ConfigCompositionException, OverrideParseException)):
+        return " ".join(f"{err} {cause or ''}".split())
+    return None
