@@ -355,8 +355,10 @@ def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple
     """Every setting against one reference, seed by seed, over the seeds both ran: (the reference
     setting, one row per other setting with n and, for the dev and the test metric, the mean
     difference setting - reference and the half-width of its 95% confidence interval). The
-    reference is `baseline` (axis -> value: values of some axes that match one setting), else the
-    setting selection picks (best mean dev)."""
+    reference is `baseline` (axis -> value: values of some axes), else the setting selection picks
+    (best mean dev). A baseline that matches several settings (it leaves an axis free, like the train
+    size of a transfer sweep) is a reference per value of the free axes: each setting is paired with the
+    baseline setting at its own values of them, and the returned reference is `baseline` itself."""
     keys = axes(frame)
     dev, test = list(_columns(frame))[:2]
     done = _counted(frame)
@@ -370,11 +372,13 @@ def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple
     by_setting: dict[tuple, dict[str, pd.Series]] = {}
     for _, row in done.iterrows():
         by_setting.setdefault(setting(row), {})[str(row["seed"])] = row
+    free: list[int] = []  # axes the reference leaves free: each setting is paired at its own values of them
     if baseline is None:
         ranked = [setting(row) for _, row in rank(summarize(frame), dev).iterrows()]
         reference = next((s for s in ranked if s in by_setting), None)
         if reference is None:
             return {}, pd.DataFrame()
+        references = {(): reference}
     else:
         unknown = sorted(set(baseline) - set(keys))
         if unknown:
@@ -383,13 +387,13 @@ def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple
         matches = [s for s in by_setting if all(s[keys.index(k)] == _cell(v) for k, v in baseline.items())]
         if not matches:
             raise UserError(f"--baseline: no completed job with a seed has {baseline}")
-        if len(matches) > 1:
-            raise UserError(f"--baseline: {baseline} matches {len(matches)} settings; give a value for each of "
-                            f"{', '.join(keys)}")
-        reference = matches[0]
+        if len(matches) > 1:  # `method.init=random` over train sizes: a reference per train size
+            free = [i for i, k in enumerate(keys) if k not in baseline]
+        references = {tuple(s[i] for i in free): s for s in matches}
     rows = []
     for other, runs in by_setting.items():
-        if other == reference:
+        reference = references.get(tuple(other[i] for i in free))
+        if reference is None or other == reference:  # (no baseline run at its values of the free axes)
             continue
         seeds = [s for s in runs if s in by_setting[reference]]
         row = dict(zip(keys, other), n=len(seeds))
@@ -398,7 +402,8 @@ def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple
             row[column] = diffs.mean() if len(diffs) else float("nan")
             row[column + " ci"] = ci_half_width(diffs.std(), len(diffs)) if len(diffs) > 1 else float("nan")
         rows.append(row)
-    return dict(zip(keys, reference)), pd.DataFrame(rows)
+    label = dict(baseline) if free else dict(zip(keys, next(iter(references.values()))))
+    return label, pd.DataFrame(rows)
 
 
 def markdown(frame: pd.DataFrame, title: str, command: str | None = None, preface: list[str] = (),
@@ -457,14 +462,17 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
     reference, diffs = paired(frame, baseline)
     if len(diffs) and (diffs["n"] > 1).any():
         name = ", ".join(f"{k}={_setting(v)}" for k, v in reference.items())
-        lines += ["", f"Paired by seed against {name} ({'the baseline' if baseline else 'the selected setting'}): "
+        shown = [k for k in axes(frame) if k in diffs.columns]  # every axis: a grouped baseline leaves some free
+        within = [k for k in shown if k not in reference]
+        at = f" at the same {', '.join(within)}" if within else ""
+        lines += ["", f"Paired by seed against {name}{at} ({'the baseline' if baseline else 'the selected setting'}): "
                   f"the mean of (setting - {name}) over the seeds both ran, and its 95% confidence interval. "
                   "An interval that excludes 0 is a difference the seeds support.", ""]
-        header = list(reference) + [f"Δ {dev}", "95% CI", f"Δ {test}", "95% CI", "seeds"]
+        header = shown + [f"Δ {dev}", "95% CI", f"Δ {test}", "95% CI", "seeds"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         fmt = columns[dev][1]
         for _, row in diffs.sort_values(dev, ascending=False, kind="stable").iterrows():
-            cells = [_setting(row[k]) for k in reference]
+            cells = [_setting(row[k]) for k in shown]
             for column in (dev, test):
                 value, half = row[column], row[column + " ci"]
                 cells.append("" if pd.isna(value) else f"{value:+.4f}")

@@ -509,3 +509,23 @@ def test_a_plotted_point_of_one_seed_says_so(tmp_path, monkeypatch):
         (text, xy[1])) or annotate(self, text, xy, **kw))
     assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
     assert sorted(notes) == [("n=1", pytest.approx(0.90))] * 2  # b's dev and test points; none for a
+
+
+def test_a_baseline_that_leaves_an_axis_free_pairs_within_each_of_its_values(tmp_path):
+    """The transfer arm: `--baseline method.init=random` over train sizes pairs each size's transfer
+    runs with that size's random runs, seed by seed (not all sizes against one)."""
+    acc = {("random", 50, 1): 0.50, ("random", 50, 2): 0.55, ("random", 50, 3): 0.52,
+           ("adapter", 50, 1): 0.60, ("adapter", 50, 2): 0.62, ("adapter", 50, 3): 0.58,
+           ("random", 100, 1): 0.70, ("random", 100, 2): 0.72, ("random", 100, 3): 0.69,
+           ("adapter", 100, 1): 0.69, ("adapter", 100, 2): 0.74, ("adapter", 100, 3): 0.70}
+    for num, ((init, size, seed), value) in enumerate(acc.items()):
+        job(tmp_path, num, [f"method.init={init}", f"data.train_examples={size}", f"seed={seed}"], acc=value)
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots", "--baseline", "method.init=random"]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "Paired by seed against method.init=random at the same data.train_examples (the baseline)" in text
+    for size in (50, 100):
+        diffs = [acc[("adapter", size, s)] - acc[("random", size, s)] for s in (1, 2, 3)]
+        mean, std, half = hand_ci(diffs)
+        row = f"| adapter | {size} | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |"
+        assert row in text, (row, text)
+    assert text.count("| adapter |") == 2 + 2  # two summary rows, two paired rows: no random row paired
