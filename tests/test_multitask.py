@@ -236,6 +236,18 @@ def test_two_task_run_exports_adapters_that_serving_and_predict_load_as_the_run_
         torch.testing.assert_close(out[row], in_run[name][row], atol=1e-5, rtol=1e-5)
 
 
+def test_a_multitask_run_without_validation_says_it_tested_the_last_model(tmp_path):
+    """No dev (limit_val_batches=0): no task has a best state, so each is tested and exported as last
+    trained; the selection must say so (not claim each task's best dev state) and the warning be given."""
+    from peft_lightning.run import train
+
+    summary = train(two_task_config(tmp_path, "trainer.max_epochs=1", "+trainer.limit_val_batches=0"))
+    assert summary["status"] == "completed" and summary["global_step"] > 0
+    assert summary["task_best"] == {}
+    assert summary["selection"] == "last (no validation ran)"
+    assert "unvalidated_updates" not in summary  # (no validation at all: not a count of updates after one)
+
+
 def test_overfit_batches_overfit_a_mix_of_tasks(tmp_path):
     """trainer.overfit_batches (debug=overfit): Lightning swaps a shuffling sampler for a sequential one
     over the dataset, here the tasks end to end: the fixed batches held the first task's rows alone,

@@ -266,13 +266,19 @@ def test_a_step_budget_that_ends_mid_epoch_names_the_updates_no_validation_saw(t
 def test_without_a_monitored_checkpoint_the_test_is_named_the_last_models(tmp_path):
     """callbacks=none: Lightning's own checkpoint keeps the last epoch. Dev ran, but nothing was
     selected on it: no best_step/best_epoch that would read as a selected checkpoint, and the
-    selection is named (the report leaves such a job out of dev-selected means)."""
-    proc, results = run(tmp_path / "r", "callbacks=none")
+    selection is named (the report leaves such a job out of dev-selected means). With a step budget
+    that ends mid-epoch (18 of 2 x 12) the tested model is update 18's, which no dev score saw: the
+    unvalidated-updates warning must say that, not that the test is from update 12 at the latest."""
+    proc, results = run(tmp_path / "r", "callbacks=none", "+trainer.max_steps=18")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert results["status"] == "completed" and results["metrics"]["best"]  # dev ran
     assert results["selection"] == "last (no checkpoint callback monitors the dev metric)"
     assert results["best_checkpoint"] == "" and "best_step" not in results and "best_epoch" not in results
-    assert "no checkpoint callback monitors the dev metric" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "no checkpoint callback monitors the dev metric" in out
+    assert results["global_step"] == 18 and results["unvalidated_updates"] == 6
+    assert "the tested and exported model is the last one (update 18)" in out
+    assert "from update 12 at the latest" not in out
 
 
 def test_moved_run_folder_keeps_the_best_model_record(tmp_path):
