@@ -96,7 +96,7 @@ if __name__ == "__main__":
     except Exception as err:  # noqa: BLE001
         from peft_lightning.schema import hydra_error_message
 
-        message = hydra_error_message(err)
+        message = hydra_error_message(err, sys.argv[1:])
         if message is None:
             raise
         print(f"config error: {message}", file=sys.stderr)

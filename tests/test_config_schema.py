@@ -133,6 +133,35 @@ def test_a_command_line_hydra_cannot_compose_is_one_config_error_exit_2(override
     assert "Traceback" not in out.stderr
 
 
+def _preset(tmp_path, text):  # an experiment preset outside conf/, found through hydra.searchpath
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\n" + text)
+    return [f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine"]
+
+
+@pytest.mark.parametrize("args,message", [
+    # a sweep: Hydra names the job's override (=3); the hint must keep the user's sweep (=3,5)
+    (["-m", "trainer.max_steps=3,5"], "trainer.max_steps is not in the config: add it with +trainer.max_steps=3,5"),
+    # a quoted value with a space: the whole value, not up to the space
+    (["trainer.max_steps='a b'"], "trainer.max_steps is not in the config: add it with +trainer.max_steps='a b'"),
+    # a key under an empty node (callbacks=none): what the node holds, not "callbacks has " and nothing
+    (["callbacks=none", "callbacks.model_checkpoint.monitor=x"],
+     "unknown key callbacks.model_checkpoint; callbacks has no keys"),
+    # a missing option that a preset sets, not the command line: say so (the user never typed model=tiny-brt)
+    ("preset", "model=tiny-brt: no such model config (did you mean model=tiny-bert?); model takes "),
+])
+def test_a_config_error_names_what_the_command_line_says(args, message, tmp_path):
+    if args == "preset":
+        args = _preset(tmp_path, "defaults:\n  - override /model: tiny-brt\n")
+    out = _train(*args, f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: ") and message in lines[0], out.stderr
+    if "experiment=mine" in args:
+        assert lines[0].endswith("(not on the command line: a preset or config file sets it)"), lines[0]
+    assert not (tmp_path / "run").exists() and not list((tmp_path / "sweep").glob("*/results.json"))
+
+
 @pytest.mark.parametrize("override,key,value", [
     ("experiment=smollm2_city_facts", "task_name", "smollm2_city_facts"),
     ("debug=limit", "trainer.limit_train_batches", 5),
