@@ -418,6 +418,21 @@ def test_crash_in_one_multirun_job_keeps_the_others(tmp_path):
     assert "job 0 (callbacks.fault.nan_at_step=3): failed: FloatingPointError: Loss became nan" in report
 
 
+def test_a_config_error_in_one_multirun_job_keeps_the_others(tmp_path):
+    """A value valid for one job and not another (data.batch_size=0,-1): each job fails on its own
+    (results.json `failed`, why), the next still runs, and the sweep ends with the first one's config
+    error: one line, exit 2 (not the whole sweep stopped at the first job)."""
+    proc = subprocess.run([sys.executable, "train.py", "-m", *SMALL, f"hydra.sweep.dir={tmp_path}",
+                           "data.batch_size=0,-1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    for job, value in (("0", 0), ("1", -1)):
+        results = json.loads((tmp_path / job / "results.json").read_text())
+        assert results["status"] == "failed"
+        assert results["error"] == f"ConfigError: data.batch_size must be a positive integer, got {value}"
+    assert proc.stderr.strip().splitlines()[-1] == "config error: data.batch_size must be a positive integer, got 0"
+    assert "Traceback" not in proc.stderr
+
+
 def test_resume_with_other_settings_says_which(tmp_path, caplog):
     from omegaconf import OmegaConf
 
