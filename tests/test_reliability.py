@@ -263,6 +263,19 @@ def test_a_step_budget_that_ends_mid_epoch_names_the_updates_no_validation_saw(t
     assert "the last 6 updates (after update 12 of 18) were never validated" in proc.stdout + proc.stderr
 
 
+def test_dev_every_few_batches_in_each_epoch_counts_the_updates_after_the_last_one(tmp_path):
+    """val_check_interval=5 batches, counted from each epoch's start (12 batches): dev after updates 5,
+    10, 17, 22. max_steps=15 is a multiple of 5 and still ends 5 updates after the last dev (10): the
+    count is exact, and the advice does not say a multiple of val_check_interval would do."""
+    proc, results = run(tmp_path / "r", "+trainer.max_steps=15", "+trainer.val_check_interval=5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert results["global_step"] == 15 and results["unvalidated_updates"] == 5 and results["best_step"] <= 10
+    out = proc.stdout + proc.stderr
+    assert "the last 5 updates (after update 10 of 15) were never validated" in out
+    assert "a multiple of trainer.val_check_interval" not in out
+    assert "from each epoch's start unless trainer.check_val_every_n_epoch=null" in out
+
+
 def test_without_a_monitored_checkpoint_the_test_is_named_the_last_models(tmp_path):
     """callbacks=none: Lightning's own checkpoint keeps the last epoch. Dev ran, but nothing was
     selected on it: no best_step/best_epoch that would read as a selected checkpoint, and the
