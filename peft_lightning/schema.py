@@ -258,13 +258,14 @@ def _hint(key: Any, known, path: str | None = None) -> str:
 def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> str | None:
     """One line for a command line Hydra cannot compose (an unknown key without `+`, a config group or
     option that does not exist, an override it cannot parse), or None for any other error. Hydra would
-    print several lines and exit 1, where every other config mistake here exits 2 with one line.
-    `argv`: the command line, whose overrides a hint repeats as typed (Hydra names one job's value of
+    print several lines and exit 1, where every other config mistake here exits 2 with one line. Also
+    an interpolation that resolves to no key, resolver or value (raised when the run reads it). `argv`: the command line, whose overrides a hint repeats as typed (Hydra names one job's value of
     a sweep `a=1,2`)."""
     from hydra._internal.utils import _locate
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf import DictConfig
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+    from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, GrammarParseError, InterpolationKeyError,
+                                  InterpolationToMissingValueError, UnsupportedInterpolationType)
 
     typed = {}  # key -> the override as typed (the last one wins, as in Hydra); `+`, `~` and `@package` left out
     for arg in argv or []:
@@ -306,4 +307,10 @@ def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> st
                 + (f" and takes the other arguments of {target} with +{where}<argument>=..." if arguments else ""))
     if isinstance(err, (ConfigCompositionException, OverrideParseException)):
         return " ".join(f"{err} {cause or ''}".split())
+    # an interpolation in the config that names no key or resolver (`${nope}`) or a missing value: raised
+    # where the value is first read, in the run. (Not an error a resolver's own code raised: a bug there
+    # keeps its traceback.)
+    if isinstance(err, (InterpolationKeyError, InterpolationToMissingValueError, UnsupportedInterpolationType,
+                        GrammarParseError)) and getattr(err, "full_key", None):
+        return f"{err.full_key}: {str(err).splitlines()[0]}"
     return None

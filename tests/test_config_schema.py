@@ -1,5 +1,6 @@
 """Config schema (issue 14, items 6 and 15): an unknown key, a misspelt preset or a bad value is an
 error naming it, before any model loads; the schema's declarations match the config files."""
+import json
 import logging
 import os
 import subprocess
@@ -160,6 +161,21 @@ def test_a_config_error_names_what_the_command_line_says(args, message, tmp_path
     if "experiment=mine" in args:
         assert lines[0].endswith("(not on the command line: a preset or config file sets it)"), lines[0]
     assert not (tmp_path / "run").exists() and not list((tmp_path / "sweep").glob("*/results.json"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.batch_size=${nope}", "data.batch_size: Interpolation key 'nope' not found"),
+    ("data.batch_size=${nope:1}", "data.batch_size: Unsupported interpolation type nope"),
+])
+def test_an_interpolation_that_resolves_to_nothing_is_a_config_error(override, message, tmp_path):
+    """Composed fine, it fails where the run first reads the key: one config error naming the key,
+    exit 2, the failure in results.json (not a traceback of OmegaConf's resolver)."""
+    out = _train("model=tiny-bert", override, f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == f"config error: {message}", out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "failed" and override in results["overrides"]
 
 
 @pytest.mark.parametrize("override,key,value", [
