@@ -313,4 +313,31 @@ def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> st
     if isinstance(err, (InterpolationKeyError, InterpolationToMissingValueError, UnsupportedInterpolationType,
                         GrammarParseError)) and getattr(err, "full_key", None):
         return f"{err.full_key}: {str(err).splitlines()[0]}"
-    return None
+    return _unapplied_override(err)
+
+
+def _unapplied_override(err: BaseException) -> str | None:
+    """An override Hydra failed to apply without wrapping what OmegaConf raised (`data.labels.x=1`:
+    a list indexed by a name is a bare ValueError): the override and why, found in the traceback's
+    frame of Hydra's override loop; None for an error raised anywhere else."""
+    from omegaconf import ListConfig, OmegaConf
+
+    tb = err.__traceback__
+    while tb is not None and not (tb.tb_frame.f_code.co_name == "_apply_overrides_to_config"
+                                  and "hydra" in tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    override = tb.tb_frame.f_locals.get("override") if tb is not None else None
+    if override is None or not hasattr(override, "input_line"):
+        return None
+    hint, cfg, parts = "", tb.tb_frame.f_locals.get("cfg"), str(override.key_or_group).split(".")
+    for i in range(1, len(parts)):  # the first list on the key's path (its items are named by number)
+        prefix = ".".join(parts[:i])
+        try:
+            node = OmegaConf.select(cfg, prefix, throw_on_missing=False)
+        except Exception:  # noqa: BLE001  (the path goes through a value: no hint)
+            break
+        if isinstance(node, ListConfig):
+            hint = f" ({prefix} is a list: its items are {prefix}.0 to {prefix}.{len(node) - 1})" if len(node) \
+                else f" ({prefix} is an empty list)"
+            break
+    return f"cannot apply {override.input_line}: {type(err).__name__}: {err}{hint}"

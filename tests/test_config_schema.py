@@ -148,6 +148,11 @@ def _preset(tmp_path, text):  # an experiment preset outside conf/, found throug
     # a key under an empty node (callbacks=none): what the node holds, not "callbacks has " and nothing
     (["callbacks=none", "callbacks.model_checkpoint.monitor=x"],
      "unknown key callbacks.model_checkpoint; callbacks has no keys"),
+    # a list indexed by a name: OmegaConf's bare ValueError / TypeError, which Hydra does not wrap
+    (["data.labels.first=x"], "cannot apply data.labels.first=x: ValueError: invalid literal for int() with base 10: "
+                              "'first' (data.labels is a list: its items are data.labels.0 to data.labels.1)"),
+    (["data.labels=[]", "data.labels.x.y=1"], "cannot apply data.labels.x.y=1: TypeError: Index 'x' (str) is not an "
+                                               "int (data.labels is an empty list)"),
     # a missing option that a preset sets, not the command line: say so (the user never typed model=tiny-brt)
     ("preset", "model=tiny-brt: no such model config (did you mean model=tiny-bert?); model takes "),
 ])
