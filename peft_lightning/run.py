@@ -240,12 +240,20 @@ def train(cfg: DictConfig) -> dict:
         # a multi-task run selects each task's state itself (task_best), with or without a checkpoint callback
         selected = module.task_best if multitask else best
         if trained and not selected:
-            # nothing selected on dev: no validation ran (limit_val_batches=0, no dev set), or no checkpoint
-            # callback monitors the dev metric (callbacks=none: Lightning's own checkpoint keeps the last epoch)
-            why = "no validation ran" if validated.step is None or multitask else \
-                "no checkpoint callback monitors the dev metric"
-            log.warning("%s, so no checkpoint was selected on dev: the test metrics and the adapter are the last "
-                        "model's (selection: last)", why)
+            # nothing selected on dev: no validation ran (limit_val_batches=0, no dev set), no checkpoint
+            # callback monitors the dev metric (callbacks=none: Lightning's own checkpoint keeps the last
+            # epoch), or the one that does saved nothing (fast_dev_run, every_n_epochs past the last epoch)
+            if validated.step is None or multitask:
+                why = "no validation ran"
+            elif trainer.fast_dev_run:
+                why = "fast_dev_run writes no checkpoint"
+            elif best_cb is None:
+                why = "no checkpoint callback monitors the dev metric"
+            else:
+                why = f"the checkpoint callback that monitors {best_cb.monitor} saved no checkpoint"
+            log.warning("%s, so no checkpoint was selected on dev: %s (selection: last)", why,
+                        "nothing is tested or exported" if trainer.fast_dev_run else
+                        "the test metrics and the adapter are the last model's")
             summary["selection"] = f"last ({why})"
         if trained and validated.step is not None and validated.step < trainer.global_step:
             gap = trainer.global_step - validated.step

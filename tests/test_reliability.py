@@ -294,6 +294,24 @@ def test_without_a_monitored_checkpoint_the_test_is_named_the_last_models(tmp_pa
     assert "from update 12 at the latest" not in out
 
 
+@pytest.mark.parametrize("overrides,why,warning", [
+    # the monitoring checkpoint exists but saves only every 5 epochs, and the run has 1
+    (["trainer.max_epochs=1", "+callbacks.model_checkpoint.every_n_epochs=5"],
+     "the checkpoint callback that monitors val/acc saved no checkpoint", "the test metrics and the adapter are the "
+                                                                          "last model's"),
+    (["debug=fast_dev_run"], "fast_dev_run writes no checkpoint", "nothing is tested or exported"),
+])
+def test_a_monitored_checkpoint_that_saved_nothing_is_not_called_missing(overrides, why, warning, tmp_path):
+    """Nothing selected on dev although a checkpoint callback monitors it: the selection says why,
+    not that no callback monitors the dev metric (one does)."""
+    proc, results = run(tmp_path / "r", *overrides)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert results["selection"] == f"last ({why})" and results["best_checkpoint"] == ""
+    out = proc.stdout + proc.stderr
+    assert f"{why}, so no checkpoint was selected on dev: {warning} (selection: last)" in out
+    assert "no checkpoint callback monitors" not in out
+
+
 def test_moved_run_folder_keeps_the_best_model_record(tmp_path):
     """A checkpoint written in another folder (the run folder was moved): ModelCheckpoint would drop
     its best-model record ("dirpath has changed"); ExactResume rebases it when the files are there."""
