@@ -271,8 +271,9 @@ def train(cfg: DictConfig) -> dict:
         if multitask:
             module.use_task_best()
             summary["task_best"] = module.task_best_record()
-            if selected:
-                summary["selection"] = "each task's best dev state (task_best); best_checkpoint is the best val/mean"
+            if selected:  # (without a checkpoint callback that monitors val/mean there is no best_checkpoint)
+                summary["selection"] = "each task's best dev state (task_best)" + \
+                    ("; best_checkpoint is the best val/mean" if best else "")
         if cfg.get("test", True) and not trainer.fast_dev_run:
             results = trainer.test(module, datamodule=datamodule, ckpt_path=None if multitask else best or None,
                                    weights_only=True)
