@@ -259,8 +259,10 @@ def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> st
     """One line for a command line Hydra cannot compose (an unknown key without `+`, a config group or
     option that does not exist, an override it cannot parse), or None for any other error. Hydra would
     print several lines and exit 1, where every other config mistake here exits 2 with one line. Also
-    an interpolation that resolves to no key, resolver or value (raised when the run reads it). `argv`: the command line, whose overrides a hint repeats as typed (Hydra names one job's value of
-    a sweep `a=1,2`)."""
+    an interpolation that resolves to no key, resolver or value (raised when the run reads it), and an
+    override Hydra fails to apply without wrapping the error (a list indexed by a name). `argv`: the
+    command line, whose overrides a hint repeats as typed (Hydra names one job's value of a sweep
+    `a=1,2`)."""
     from hydra._internal.utils import _locate
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf import DictConfig
