@@ -530,4 +530,3 @@ def test_a_plotted_point_of_one_seed_says_so(tmp_path, monkeypatch):
         (text, xy[1])) or annotate(self, text, xy, **kw))
     assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
     assert sorted(notes) == [("n=1", pytest.approx(0.90))] * 2  # b's dev and test points; none for a
-
