@@ -54,18 +54,26 @@ OmegaConf.register_new_resolver("launch_id", lambda: _LAUNCH, use_cache=True, re
 OmegaConf.register_new_resolver("sweep_subdir", _sweep_subdir, replace=True)
 
 
+def user_error_exit(err) -> None:
+    """Bad input (config, data, checkpoint, adapter): say what to fix in one line, no traceback."""
+    from peft_lightning.errors import ConfigError
+
+    print(f"{'config error' if isinstance(err, ConfigError) else 'error'}: {err}", file=sys.stderr)
+    sys.exit(err.exit_code)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from peft_lightning.errors import ConfigError, UserError
-    from peft_lightning.multirun import earlier_launch, needs_own_process, objective, run_job_in_own_process
+    from peft_lightning.errors import UserError
+    from peft_lightning.multirun import (earlier_launch, in_multirun, needs_own_process, objective,
+                                         run_job_in_own_process)
 
     try:
         from peft_lightning.run import train  # (checks the transformers and Lightning versions: compat.py)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        user_error_exit(err)
 
     finished = earlier_launch(cfg)  # a relaunched sweep: a finished job is not run again, an unfinished one resumes
     if finished is not None:
@@ -76,8 +84,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
     except UserError as err:  # bad input (config, data, checkpoint, adapter): say what to fix, no traceback
-        print(f"{'config error' if isinstance(err, ConfigError) else 'error'}: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        if in_multirun():  # one job's input: Hydra records it as failed, runs the other jobs, raises it at the end
+            raise
+        user_error_exit(err)
     except (SIGTERMException, KeyboardInterrupt) as err:  # results.json written (and a checkpoint, in training)
         from peft_lightning.faults import InterruptCheckpoint
 
@@ -94,9 +103,12 @@ if __name__ == "__main__":
     try:
         main()
     except Exception as err:  # noqa: BLE001
+        from peft_lightning.errors import UserError
         from peft_lightning.schema import hydra_error_message
 
-        message = hydra_error_message(err)
+        if isinstance(err, UserError):  # a multirun job's (the first that failed), raised at the sweep's end
+            user_error_exit(err)
+        message = hydra_error_message(err, sys.argv[1:])
         if message is None:
             raise
         print(f"config error: {message}", file=sys.stderr)

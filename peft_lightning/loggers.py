@@ -156,7 +156,13 @@ def job_overrides(everything: bool = False) -> list[str]:
 
     if not HydraConfig.initialized():
         return []
-    overrides = list(HydraConfig.get().overrides.task)
+    from omegaconf.errors import InterpolationResolutionError
+
+    task = HydraConfig.get().overrides.task
+    try:
+        overrides = list(task)  # resolved: `a=${b}` is recorded with b's value, as the job ran
+    except InterpolationResolutionError:  # `a=${nope}` as typed: the run fails where it reads a, naming a
+        overrides = OmegaConf.to_container(task, resolve=False)
     return overrides if everything else [o for o in overrides if not o.lstrip("+").startswith("sweeps=")]
 
 

@@ -134,14 +134,21 @@ def finished_job(job_dir) -> dict | None:
     return results if results.get("status") in FINISHED else None
 
 
+def in_multirun() -> bool:
+    """A job of a multirun (not a DDP job's own process, which reports through its exit code)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return not os.environ.get(CHILD_ENV) and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def earlier_launch(cfg: DictConfig) -> dict | None:
     """In a multirun job: this job's results.json from an earlier launch of the sweep, when that
     job finished (the caller skips the job). An unfinished one sets `cfg.ckpt_path` to where it
     goes on from (unless a ckpt_path was given) and returns None: the job runs."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if os.environ.get(CHILD_ENV) or not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    if not in_multirun():
         return None
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

@@ -588,10 +588,11 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metric
                     ax.errorbar(where, part[metric], yerr=part[metric + " ci"].fillna(0), capsize=3,
                                 marker="o" if i == 0 else "s", linestyle="none", mfc=color if i == 0 else "none",
                                 **style)
-                # a single seed has no interval: without a word its bare point would look exact
-                for at, value, n in zip(where, part[metric], part["n"] if "n" in part else [1] * len(part)):
-                    if n < 2 and pd.notna(value):
-                        ax.annotate(f"n={int(n)}", (at, value), textcoords="offset points", xytext=(4, -9),
+                # a single value has no interval: without a word its bare point would look exact. Its own
+                # count, not the setting's jobs (n): seeds without this metric (test=false) leave one value
+                for at, value, ci in zip(where, part[metric], part[metric + " ci"]):
+                    if pd.notna(value) and pd.isna(ci):  # (ci_half_width: NaN for fewer than 2 values)
+                        ax.annotate("n=1", (at, value), textcoords="offset points", xytext=(4, -9),
                                     fontsize=6, color=color)
             # the setting selection picks: best dev, never best test (a plot of test alone has no star)
             if metrics[0].startswith("best dev") and part[metrics[0]].notna().any():

@@ -237,19 +237,33 @@ def train(cfg: DictConfig) -> dict:
         summary.update(best_record(best_cb))
         trained = trainer.global_step > 0
         multitask = hasattr(module, "use_task_best")  # each task tested and exported from its own best-dev state
-        if trained and not best and not multitask:
-            # nothing selected on dev: no validation ran (limit_val_batches=0, no dev set), or no checkpoint
-            # callback monitors the dev metric (callbacks=none: Lightning's own checkpoint keeps the last epoch)
-            why = "no validation ran" if validated.step is None else "no checkpoint callback monitors the dev metric"
-            log.warning("%s, so no checkpoint was selected on dev: the test metrics and the adapter are the last "
-                        "model's (selection: last)", why)
+        # a multi-task run selects each task's state itself (task_best), with or without a checkpoint callback
+        selected = module.task_best if multitask else best
+        if trained and not selected:
+            # nothing selected on dev: no validation ran (limit_val_batches=0, no dev set), no checkpoint
+            # callback monitors the dev metric (callbacks=none: Lightning's own checkpoint keeps the last
+            # epoch), or the one that does saved nothing (fast_dev_run, every_n_epochs past the last epoch)
+            if validated.step is None or multitask:
+                why = "no validation ran"
+            elif trainer.fast_dev_run:
+                why = "fast_dev_run writes no checkpoint"
+            elif best_cb is None:
+                why = "no checkpoint callback monitors the dev metric"
+            else:
+                why = f"the checkpoint callback that monitors {best_cb.monitor} saved no checkpoint"
+            log.warning("%s, so no checkpoint was selected on dev: %s (selection: last)", why,
+                        "nothing is tested or exported" if trainer.fast_dev_run else
+                        "the test metrics and the adapter are the last model's")
             summary["selection"] = f"last ({why})"
         if trained and validated.step is not None and validated.step < trainer.global_step:
             gap = trainer.global_step - validated.step
+            # (the last model is tested when nothing was selected: then it is the tested one no dev score saw)
+            tested = f"the tested and exported checkpoint is from update {validated.step} at the latest" if selected \
+                else f"the tested and exported model is the last one (update {trainer.global_step})"
             log.warning("the last %d updates (after update %d of %d) were never validated: no dev score saw them, so "
-                        "the tested and exported checkpoint is from update %d at the latest; end training at a "
-                        "validation (trainer.max_steps at an epoch end or a multiple of trainer.val_check_interval)",
-                        gap, validated.step, trainer.global_step, validated.step)
+                        "%s; end training at a validation (trainer.max_steps at an epoch end or where "
+                        "trainer.val_check_interval validates: it counts batches, from each epoch's start unless "
+                        "trainer.check_val_every_n_epoch=null)", gap, validated.step, trainer.global_step, tested)
             summary["unvalidated_updates"] = gap
         if not trained:  # trainer.max_epochs=0, max_steps=0, limit_train_batches=0: nothing was learned
             log.warning("no training step ran (trainer.max_epochs / max_steps / limit_train_batches): status "
@@ -257,7 +271,9 @@ def train(cfg: DictConfig) -> dict:
         if multitask:
             module.use_task_best()
             summary["task_best"] = module.task_best_record()
-            summary["selection"] = "each task's best dev state (task_best); best_checkpoint is the best val/mean"
+            if selected:  # (without a checkpoint callback that monitors val/mean there is no best_checkpoint)
+                summary["selection"] = "each task's best dev state (task_best)" + \
+                    ("; best_checkpoint is the best val/mean" if best else "")
         if cfg.get("test", True) and not trainer.fast_dev_run:
             results = trainer.test(module, datamodule=datamodule, ckpt_path=None if multitask else best or None,
                                    weights_only=True)

@@ -255,21 +255,32 @@ def _hint(key: Any, known, path: str | None = None) -> str:
 
 
 
-def hydra_error_message(err: BaseException) -> str | None:
+def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> str | None:
     """One line for a command line Hydra cannot compose (an unknown key without `+`, a config group or
     option that does not exist, an override it cannot parse), or None for any other error. Hydra would
-    print several lines and exit 1, where every other config mistake here exits 2 with one line."""
+    print several lines and exit 1, where every other config mistake here exits 2 with one line. Also
+    an interpolation that resolves to no key, resolver or value (raised when the run reads it), and an
+    override Hydra fails to apply without wrapping the error (a list indexed by a name). `argv`: the
+    command line, whose overrides a hint repeats as typed (Hydra names one job's value of a sweep
+    `a=1,2`)."""
     from hydra._internal.utils import _locate
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf import DictConfig
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+    from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, GrammarParseError, InterpolationKeyError,
+                                  InterpolationToMissingValueError, UnsupportedInterpolationType)
 
+    typed = {}  # key -> the override as typed (the last one wins, as in Hydra); `+`, `~` and `@package` left out
+    for arg in argv or []:
+        key, eq, _ = arg.partition("=")
+        if eq and not arg.startswith("-"):
+            typed[key.lstrip("+~").split("@")[0]] = arg.lstrip("+~")
     if isinstance(err, MissingConfigException) and err.options is not None:  # method=lorra
         group, _, option = (err.missing_cfg_file or "").rpartition("/")
         known = sorted(err.options)
         close = difflib.get_close_matches(option, known, n=1)
         hint = f" (did you mean {group}={close[0]}?)" if close else ""
-        return f"{group}={option}: no such {group} config{hint}; {group} takes {', '.join(known)}"
+        where = "" if group in typed or argv is None else " (not on the command line: a preset or config file sets it)"
+        return f"{group}={option}: no such {group} config{hint}; {group} takes {', '.join(known)}{where}"
     cause = err.__cause__
     if isinstance(err, ConfigCompositionException) and isinstance(cause, (ConfigAttributeError, ConfigKeyError)) \
             and getattr(cause, "full_key", None) and getattr(cause, "parent_node", None) is not None:
@@ -282,16 +293,53 @@ def hydra_error_message(err: BaseException) -> str | None:
                 arguments = set(inspect.signature(_locate(target)).parameters) - {"self", "args", "kwargs"}
             except Exception:  # noqa: BLE001  (not importable or no signature: the listed keys only)
                 pass
-        append = re.search(r"use (\+\S+)", str(err))  # Hydra's `+key=value` for this override
+        # the override as typed, else Hydra's `+key=value` (the rest of its message: a value may hold spaces)
+        hydras = re.search(r"use (\+.+)$", str(err))
+        append = f"+{typed[cause.full_key]}" if cause.full_key in typed else \
+            hydras.group(1) if hydras else f"+{cause.full_key}=..."
         if key in arguments:  # a real argument the config does not list: only `+` adds it
-            return f"{cause.full_key} is not in the config: add it with {append.group(1) if append else '+' + key}"
+            return f"{cause.full_key} is not in the config: add it with {append}"
         close = difflib.get_close_matches(key, sorted(listed | arguments), n=1)
         where = f"{path}." if path else ""
         if close:
             plus = "+" if close[0] not in listed else ""
             return f"unknown key {cause.full_key} (did you mean {plus}{where}{close[0]}?)"
-        return (f"unknown key {cause.full_key}; {path or 'the top level'} has {', '.join(sorted(listed))}"
+        return (f"unknown key {cause.full_key}; {path or 'the top level'} has "
+                + (", ".join(sorted(listed)) or "no keys")
                 + (f" and takes the other arguments of {target} with +{where}<argument>=..." if arguments else ""))
     if isinstance(err, (ConfigCompositionException, OverrideParseException)):
         return " ".join(f"{err} {cause or ''}".split())
-    return None
+    # an interpolation in the config that names no key or resolver (`${nope}`) or a missing value: raised
+    # where the value is first read, in the run. (Not an error a resolver's own code raised: a bug there
+    # keeps its traceback.)
+    if isinstance(err, (InterpolationKeyError, InterpolationToMissingValueError, UnsupportedInterpolationType,
+                        GrammarParseError)) and getattr(err, "full_key", None):
+        return f"{err.full_key}: {str(err).splitlines()[0]}"
+    return _unapplied_override(err)
+
+
+def _unapplied_override(err: BaseException) -> str | None:
+    """An override Hydra failed to apply without wrapping what OmegaConf raised (`data.labels.x=1`:
+    a list indexed by a name is a bare ValueError): the override and why, found in the traceback's
+    frame of Hydra's override loop; None for an error raised anywhere else."""
+    from omegaconf import ListConfig, OmegaConf
+
+    tb = err.__traceback__
+    while tb is not None and not (tb.tb_frame.f_code.co_name == "_apply_overrides_to_config"
+                                  and "hydra" in tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    override = tb.tb_frame.f_locals.get("override") if tb is not None else None
+    if override is None or not hasattr(override, "input_line"):
+        return None
+    hint, cfg, parts = "", tb.tb_frame.f_locals.get("cfg"), str(override.key_or_group).split(".")
+    for i in range(1, len(parts)):  # the first list on the key's path (its items are named by number)
+        prefix = ".".join(parts[:i])
+        try:
+            node = OmegaConf.select(cfg, prefix, throw_on_missing=False)
+        except Exception:  # noqa: BLE001  (the path goes through a value: no hint)
+            break
+        if isinstance(node, ListConfig):
+            hint = f" ({prefix} is a list: its items are {prefix}.0 to {prefix}.{len(node) - 1})" if len(node) \
+                else f" ({prefix} is an empty list)"
+            break
+    return f"cannot apply {override.input_line}: {type(err).__name__}: {err}{hint}"

@@ -1,5 +1,6 @@
 """Config schema (issue 14, items 6 and 15): an unknown key, a misspelt preset or a bad value is an
 error naming it, before any model loads; the schema's declarations match the config files."""
+import json
 import logging
 import os
 import subprocess
@@ -131,6 +132,55 @@ def test_a_command_line_hydra_cannot_compose_is_one_config_error_exit_2(override
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error: ") and message in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _preset(tmp_path, text):  # an experiment preset outside conf/, found through hydra.searchpath
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\n" + text)
+    return [f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine"]
+
+
+@pytest.mark.parametrize("args,message", [
+    # a sweep: Hydra names the job's override (=3); the hint must keep the user's sweep (=3,5)
+    (["-m", "trainer.max_steps=3,5"], "trainer.max_steps is not in the config: add it with +trainer.max_steps=3,5"),
+    # a quoted value with a space: the whole value, not up to the space
+    (["trainer.max_steps='a b'"], "trainer.max_steps is not in the config: add it with +trainer.max_steps='a b'"),
+    # a key under an empty node (callbacks=none): what the node holds, not "callbacks has " and nothing
+    (["callbacks=none", "callbacks.model_checkpoint.monitor=x"],
+     "unknown key callbacks.model_checkpoint; callbacks has no keys"),
+    # a list indexed by a name: OmegaConf's bare ValueError / TypeError, which Hydra does not wrap
+    (["data.labels.first=x"], "cannot apply data.labels.first=x: ValueError: invalid literal for int() with base 10: "
+                              "'first' (data.labels is a list: its items are data.labels.0 to data.labels.1)"),
+    (["data.labels=[]", "data.labels.x.y=1"], "cannot apply data.labels.x.y=1: TypeError: Index 'x' (str) is not an "
+                                               "int (data.labels is an empty list)"),
+    # a missing option that a preset sets, not the command line: say so (the user never typed model=tiny-brt)
+    ("preset", "model=tiny-brt: no such model config (did you mean model=tiny-bert?); model takes "),
+])
+def test_a_config_error_names_what_the_command_line_says(args, message, tmp_path):
+    if args == "preset":
+        args = _preset(tmp_path, "defaults:\n  - override /model: tiny-brt\n")
+    out = _train(*args, f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: ") and message in lines[0], out.stderr
+    if "experiment=mine" in args:
+        assert lines[0].endswith("(not on the command line: a preset or config file sets it)"), lines[0]
+    assert not (tmp_path / "run").exists() and not list((tmp_path / "sweep").glob("*/results.json"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.batch_size=${nope}", "data.batch_size: Interpolation key 'nope' not found"),
+    ("data.batch_size=${nope:1}", "data.batch_size: Unsupported interpolation type nope"),
+])
+def test_an_interpolation_that_resolves_to_nothing_is_a_config_error(override, message, tmp_path):
+    """Composed fine, it fails where the run first reads the key: one config error naming the key,
+    exit 2, the failure in results.json (not a traceback of OmegaConf's resolver)."""
+    out = _train("model=tiny-bert", override, f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == f"config error: {message}", out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "failed" and override in results["overrides"]
 
 
 @pytest.mark.parametrize("override,key,value", [

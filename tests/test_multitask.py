@@ -236,6 +236,23 @@ def test_two_task_run_exports_adapters_that_serving_and_predict_load_as_the_run_
         torch.testing.assert_close(out[row], in_run[name][row], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("override,selection", [
+    # no dev: no task has a best state, each is tested and exported as last trained
+    ("+trainer.limit_val_batches=0", "last (no validation ran)"),
+    # no checkpoint callback: each task's best state is still kept (by the module), but there is no
+    # best_checkpoint of the best val/mean to speak of
+    ("callbacks=none", "each task's best dev state (task_best)"),
+])
+def test_a_multitask_runs_selection_says_what_was_tested(override, selection, tmp_path):
+    from peft_lightning.run import train
+
+    summary = train(two_task_config(tmp_path, "trainer.max_epochs=1", override))
+    assert summary["status"] == "completed" and summary["global_step"] > 0
+    assert summary["selection"] == selection and summary["best_checkpoint"] == ""
+    assert set(summary["task_best"]) == (set() if "limit_val" in override else {"sentiment", "topic"})
+    assert "unvalidated_updates" not in summary  # (no validation at all: not a count of updates after one)
+
+
 def test_overfit_batches_overfit_a_mix_of_tasks(tmp_path):
     """trainer.overfit_batches (debug=overfit): Lightning swaps a shuffling sampler for a sequential one
     over the dataset, here the tasks end to end: the fixed batches held the first task's rows alone,

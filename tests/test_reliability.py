@@ -263,16 +263,53 @@ def test_a_step_budget_that_ends_mid_epoch_names_the_updates_no_validation_saw(t
     assert "the last 6 updates (after update 12 of 18) were never validated" in proc.stdout + proc.stderr
 
 
+def test_dev_every_few_batches_in_each_epoch_counts_the_updates_after_the_last_one(tmp_path):
+    """val_check_interval=5 batches, counted from each epoch's start (12 batches): dev after updates 5,
+    10, 17, 22. max_steps=15 is a multiple of 5 and still ends 5 updates after the last dev (10): the
+    count is exact, and the advice does not say a multiple of val_check_interval would do."""
+    proc, results = run(tmp_path / "r", "+trainer.max_steps=15", "+trainer.val_check_interval=5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert results["global_step"] == 15 and results["unvalidated_updates"] == 5 and results["best_step"] <= 10
+    out = proc.stdout + proc.stderr
+    assert "the last 5 updates (after update 10 of 15) were never validated" in out
+    assert "a multiple of trainer.val_check_interval" not in out
+    assert "from each epoch's start unless trainer.check_val_every_n_epoch=null" in out
+
+
 def test_without_a_monitored_checkpoint_the_test_is_named_the_last_models(tmp_path):
     """callbacks=none: Lightning's own checkpoint keeps the last epoch. Dev ran, but nothing was
     selected on it: no best_step/best_epoch that would read as a selected checkpoint, and the
-    selection is named (the report leaves such a job out of dev-selected means)."""
-    proc, results = run(tmp_path / "r", "callbacks=none")
+    selection is named (the report leaves such a job out of dev-selected means). With a step budget
+    that ends mid-epoch (18 of 2 x 12) the tested model is update 18's, which no dev score saw: the
+    unvalidated-updates warning must say that, not that the test is from update 12 at the latest."""
+    proc, results = run(tmp_path / "r", "callbacks=none", "+trainer.max_steps=18")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert results["status"] == "completed" and results["metrics"]["best"]  # dev ran
     assert results["selection"] == "last (no checkpoint callback monitors the dev metric)"
     assert results["best_checkpoint"] == "" and "best_step" not in results and "best_epoch" not in results
-    assert "no checkpoint callback monitors the dev metric" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "no checkpoint callback monitors the dev metric" in out
+    assert results["global_step"] == 18 and results["unvalidated_updates"] == 6
+    assert "the tested and exported model is the last one (update 18)" in out
+    assert "from update 12 at the latest" not in out
+
+
+@pytest.mark.parametrize("overrides,why,warning", [
+    # the monitoring checkpoint exists but saves only every 5 epochs, and the run has 1
+    (["trainer.max_epochs=1", "+callbacks.model_checkpoint.every_n_epochs=5"],
+     "the checkpoint callback that monitors val/acc saved no checkpoint", "the test metrics and the adapter are the "
+                                                                          "last model's"),
+    (["debug=fast_dev_run"], "fast_dev_run writes no checkpoint", "nothing is tested or exported"),
+])
+def test_a_monitored_checkpoint_that_saved_nothing_is_not_called_missing(overrides, why, warning, tmp_path):
+    """Nothing selected on dev although a checkpoint callback monitors it: the selection says why,
+    not that no callback monitors the dev metric (one does)."""
+    proc, results = run(tmp_path / "r", *overrides)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert results["selection"] == f"last ({why})" and results["best_checkpoint"] == ""
+    out = proc.stdout + proc.stderr
+    assert f"{why}, so no checkpoint was selected on dev: {warning} (selection: last)" in out
+    assert "no checkpoint callback monitors" not in out
 
 
 def test_moved_run_folder_keeps_the_best_model_record(tmp_path):
@@ -303,7 +340,8 @@ def test_moved_run_folder_keeps_the_best_model_record(tmp_path):
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     proc, results = run(tmp_path / "r", *fault(nan_at_step=15))  # in epoch 1, after epoch 0's checkpoints
-    assert proc.returncode != 0
+    # a crash, not a config error: its traceback and exit 1 (train.py's one-line errors are for bad input)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "config error" not in proc.stderr
     assert "Loss became nan at step 15" in proc.stderr
     assert results["status"] == "failed" and "Loss became nan" in results["error"]
     last = tmp_path / "r" / "checkpoints" / "last.ckpt"
@@ -410,6 +448,21 @@ def test_crash_in_one_multirun_job_keeps_the_others(tmp_path):
 
     report = markdown(collect(tmp_path), "t")
     assert "job 0 (callbacks.fault.nan_at_step=3): failed: FloatingPointError: Loss became nan" in report
+
+
+def test_a_config_error_in_one_multirun_job_keeps_the_others(tmp_path):
+    """A value valid for one job and not another (data.batch_size=0,-1): each job fails on its own
+    (results.json `failed`, why), the next still runs, and the sweep ends with the first one's config
+    error: one line, exit 2 (not the whole sweep stopped at the first job)."""
+    proc = subprocess.run([sys.executable, "train.py", "-m", *SMALL, f"hydra.sweep.dir={tmp_path}",
+                           "data.batch_size=0,-1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    for job, value in (("0", 0), ("1", -1)):
+        results = json.loads((tmp_path / job / "results.json").read_text())
+        assert results["status"] == "failed"
+        assert results["error"] == f"ConfigError: data.batch_size must be a positive integer, got {value}"
+    assert proc.stderr.strip().splitlines()[-1] == "config error: data.batch_size must be a positive integer, got 0"
+    assert "Traceback" not in proc.stderr
 
 
 def test_resume_with_other_settings_says_which(tmp_path, caplog):

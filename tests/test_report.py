@@ -497,6 +497,27 @@ def test_categorical_plot_puts_every_groups_points_and_star_over_their_own_categ
     assert (linear_b, pytest.approx(0.90)) in [(x, y) for x, y in stars]
 
 
+def test_a_plotted_point_of_one_value_says_n_1_when_other_seeds_lack_that_metric(tmp_path, monkeypatch):
+    """Three seeds of a, but only one has a test value (the others ran test=false): a's test point is
+    one value with no interval, so it is labelled n=1 though the setting has 3 jobs; its dev point
+    (3 values) and b's points (2 each) are not."""
+    for num, (method, seed, acc) in enumerate([("a", 1, 0.80), ("a", 2, 0.82), ("a", 3, 0.81), ("b", 1, 0.90),
+                                               ("b", 2, 0.92)]):
+        job(tmp_path, num, [f"method={method}", f"seed={seed}"], acc=acc, test=acc - 0.05)
+    for num in (1, 2):
+        results = json.loads((tmp_path / str(num) / "results.json").read_text())
+        results["metrics"]["test"] = {}
+        (tmp_path / str(num) / "results.json").write_text(json.dumps(results))
+    import matplotlib.axes
+
+    notes = []
+    annotate = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", lambda self, text, xy, **kw: notes.append(
+        (text, xy[1])) or annotate(self, text, xy, **kw))
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+    assert notes == [("n=1", pytest.approx(0.75))]  # a's test point only
+
+
 def test_a_plotted_point_of_one_seed_says_so(tmp_path, monkeypatch):
     """A point of one seed has no error bar: it is labelled n=1 (each metric's point), a point of 3 seeds is not."""
     for num, (method, seed, acc) in enumerate([("a", 1, 0.80), ("a", 2, 0.82), ("a", 3, 0.81), ("b", 1, 0.90)]):
