@@ -256,6 +256,8 @@ def collect(multirun: Path | list[Path], where: dict[str, str] | None = None) ->
         for column, (path, _) in columns.items():
             row[column] = _get(results or {}, path)
         row["_unrecorded"] = [key for key in ("wall_time_s", "cpu_time_s") if _unrecorded(results or {}, key)]
+        if row["_selection"].startswith("last"):  # its test is the last model's, not a best-dev checkpoint's:
+            row[list(columns)[1]] = float("nan")  # its dev value counts (the best dev seen), its test does not
         rows.append(row)
     if not rows:
         raise FileNotFoundError(f"no job directories (results.json or .hydra/) under {', '.join(map(str, folders))}")
@@ -280,9 +282,6 @@ def collect(multirun: Path | list[Path], where: dict[str, str] | None = None) ->
             return f"{row['status']}: {row['error']}" if row["error"] else row["status"]
         if pd.isna(row[dev]):
             return f"completed, no {dev}: not counted"
-        if row["_selection"].startswith("last"):  # its test is not the best-dev checkpoint's
-            return f"completed, tested the last model, not the best-dev checkpoint (selection: {row['_selection']}): " \
-                   "not counted"
         return ""
 
     frame["_skip"] = [skip(row) for _, row in frame.iterrows()]
@@ -398,7 +397,9 @@ def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple
         seeds = [s for s in runs if s in by_setting[reference]]
         row = dict(zip(keys, other), n=len(seeds))
         for column in (dev, test):
-            diffs = pd.Series([runs[s][column] - by_setting[reference][s][column] for s in seeds], dtype=float).dropna()
+            diffs = (pd.to_numeric(pd.Series([runs[s][column] for s in seeds], dtype=object), errors="coerce")
+                     - pd.to_numeric(pd.Series([by_setting[reference][s][column] for s in seeds], dtype=object),
+                                     errors="coerce")).dropna()  # (a missing value: None or NaN, not paired)
             row[column] = diffs.mean() if len(diffs) else float("nan")
             row[column + " ci"] = ci_half_width(diffs.std(), len(diffs)) if len(diffs) > 1 else float("nan")
         rows.append(row)
@@ -485,6 +486,14 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
         for _, row in skipped.iterrows():
             what = ", ".join(f"{k}={row[k]}" for k in axes(frame)) or row["job"]
             lines.append(f"- job {row['job']} ({what}): {row['_skip']}")
+    last = _counted(frame)
+    last = last[last["_selection"].str.startswith("last")]
+    if len(last):
+        lines += ["", f"Jobs whose {test} is not counted (they tested the last model, not a best-dev checkpoint; "
+                  f"their {dev} is):", ""]
+        for _, row in last.iterrows():
+            what = ", ".join(f"{k}={row[k]}" for k in axes(frame)) or row["job"]
+            lines.append(f"- job {row['job']} ({what}): selection {row['_selection']}")
     cut = _counted(frame)
     cut = cut[cut["_unvalidated"] > 0]
     if len(cut):  # counted (dev still selected what it saw), but the budget is not what the command says

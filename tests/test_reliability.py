@@ -279,7 +279,7 @@ def test_dev_every_few_batches_in_each_epoch_counts_the_updates_after_the_last_o
 def test_without_a_monitored_checkpoint_the_test_is_named_the_last_models(tmp_path):
     """callbacks=none: Lightning's own checkpoint keeps the last epoch. Dev ran, but nothing was
     selected on it: no best_step/best_epoch that would read as a selected checkpoint, and the
-    selection is named (the report leaves such a job out of dev-selected means). With a step budget
+    selection is named (the report counts its dev value, not its test). With a step budget
     that ends mid-epoch (18 of 2 x 12) the tested model is update 18's, which no dev score saw: the
     unvalidated-updates warning must say that, not that the test is from update 12 at the latest."""
     proc, results = run(tmp_path / "r", "callbacks=none", "+trainer.max_steps=18")
