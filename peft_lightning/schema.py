@@ -254,7 +254,6 @@ def _hint(key: Any, known, path: str | None = None) -> str:
     return f"; {path or 'the top level'} takes {', '.join(known)}"
 
 
-
 def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> str | None:
     """One line for a command line Hydra cannot compose (an unknown key without `+`, a config group or
     option that does not exist, an override it cannot parse), or None for any other error. Hydra would
