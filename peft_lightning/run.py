@@ -308,7 +308,7 @@ def train(cfg: DictConfig) -> dict:
         raise
     finally:
         if trainer is not None:
-            summary["epochs_completed"] = trainer.current_epoch
+            summary["epochs_completed"] = full_epochs(trainer)
             summary["global_step"] = trainer.global_step
             summary["world_size"] = trainer.world_size  # DDP processes: devices x num_nodes
             summary["num_nodes"] = trainer.num_nodes
@@ -386,6 +386,14 @@ def previous_attempts(out_dir: Path) -> dict:
     except ValueError:  # (a hand-edited or foreign file: keep its text)
         previous = {"unreadable_results_json": file.read_text()[:10_000]}
     return {"previous_attempts": [*previous.pop("previous_attempts", []), previous]}
+
+
+def full_epochs(trainer) -> int:
+    """Training epochs whose every batch ran. Not trainer.current_epoch: a fit that max_steps ends
+    mid-epoch counts that epoch as done, and a resume from its last checkpoint does not."""
+    started = trainer.fit_loop.epoch_progress.current.started
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    return max(started - (batches < trainer.num_training_batches), 0)
 
 
 def best_checkpoint_callback(trainer) -> ModelCheckpoint | None:

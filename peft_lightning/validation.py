@@ -77,7 +77,7 @@ def validate_config(cfg: DictConfig) -> None:
         _validate_data(data, "data")
         for name, spec in (data.get("extra_eval") or {}).items():
             _validate_data({**data, **(spec or {})}, f"data.extra_eval.{name}")
-    _validate_trainer(cfg.trainer)
+    _validate_trainer(cfg.trainer, selects_on_dev(cfg))
     _validate_against_backbone(cfg)
 
 
@@ -137,7 +137,7 @@ def sharded_strategy(strategy) -> str | None:
     return name if any(low.startswith(s) for s in SHARDED) else None
 
 
-def _validate_trainer(trainer: DictConfig) -> None:
+def _validate_trainer(trainer: DictConfig, selects: bool = True) -> None:
     import torch
 
     sharded = sharded_strategy(trainer.get("strategy"))
@@ -152,7 +152,7 @@ def _validate_trainer(trainer: DictConfig) -> None:
     if trainer.get("max_epochs") == -1 and trainer.get("max_steps", -1) == -1:
         raise ConfigError("trainer.max_epochs=-1 and trainer.max_steps=-1: no end to training (and no end for the "
                           "LR schedule to decay to); set trainer.max_steps (a budget of updates) or trainer.max_epochs")
-    _warn_unvalidated_steps(trainer)
+    _warn_unvalidated_steps(trainer, selects)
     nodes = trainer.get("num_nodes", 1)
     if not (isinstance(nodes, int) and not isinstance(nodes, bool) and nodes >= 1):
         raise ConfigError(f"trainer.num_nodes={nodes!r} must be a whole number >= 1")
@@ -168,7 +168,14 @@ def _validate_trainer(trainer: DictConfig) -> None:
             raise ConfigError(f"trainer.devices={devices} but {count} CUDA GPU(s) are visible here")
 
 
-def _warn_unvalidated_steps(trainer: DictConfig) -> None:
+def selects_on_dev(cfg: DictConfig) -> bool:
+    """Whether a configured checkpoint callback monitors a dev metric (callbacks=default's
+    model_checkpoint); without one (callbacks=none) the last model is tested and exported."""
+    callbacks = cfg.get("callbacks") or {}
+    return any(c and "_target_" in c and c.get("monitor") for c in callbacks.values())
+
+
+def _warn_unvalidated_steps(trainer: DictConfig, selects: bool = True) -> None:
     """Dev every val_check_interval batches across epochs (check_val_every_n_epoch: null, the low-data
     sweeps) never runs at the end of training on its own: a step budget that the interval does not
     divide trains updates that no validation sees and no selected checkpoint holds."""
@@ -189,9 +196,14 @@ def _warn_unvalidated_steps(trainer: DictConfig) -> None:
     last = steps - steps % interval
     if last == steps:
         return
-    what = (f"the last {steps - last} updates after update {last} are never validated, and the checkpoint tested "
-            f"and exported is from update {last} at the latest" if last else
-            "no validation runs at all: nothing is selected on dev, the test metrics are the last model's")
+    if not last:
+        what = "no validation runs at all: nothing is selected on dev, the test metrics are the last model's"
+    elif selects:
+        what = (f"the last {steps - last} updates after update {last} are never validated, and the checkpoint "
+                f"tested and exported is from update {last} at the latest")
+    else:  # (callbacks=none: nothing is selected, the last model is tested whatever dev saw)
+        what = (f"the last {steps - last} updates after update {last} are never validated, and the tested and "
+                f"exported model is the last one (update {steps}), which no dev score saw")
     log.warning("trainer.max_steps=%d is not a multiple of trainer.val_check_interval=%d (check_val_every_n_epoch: "
                 "null): %s; make max_steps a multiple of val_check_interval", steps, interval, what)
 

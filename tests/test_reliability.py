@@ -261,6 +261,13 @@ def test_a_step_budget_that_ends_mid_epoch_names_the_updates_no_validation_saw(t
     assert results["global_step"] == 18 and results["unvalidated_updates"] == 6
     assert results["best_step"] == 12  # the only validated update
     assert "the last 6 updates (after update 12 of 18) were never validated" in proc.stdout + proc.stderr
+    # one full epoch and half of the next: Lightning's current_epoch says 2 here, and 1 on a resume
+    assert results["epochs_completed"] == 1
+    proc, results = run(tmp_path / "again", "+trainer.max_steps=18",
+                        f"ckpt_path={tmp_path / 'r' / 'checkpoints' / 'last.ckpt'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "r" / "results.json").read_text())  # (a resume goes on in the run's folder)
+    assert results["global_step"] == 18 and results["epochs_completed"] == 1
 
 
 def test_dev_every_few_batches_in_each_epoch_counts_the_updates_after_the_last_one(tmp_path):
@@ -518,6 +525,9 @@ def test_dropout_seeds_are_a_function_of_the_step_and_differ_per_rank():
     (["trainer.max_steps=100"], "the last 10 updates after update 90 are never validated, and the checkpoint "
                                 "tested and exported is from update 90 at the latest"),
     (["trainer.val_check_interval=400"], "no validation runs at all"),
+    # nothing selects on dev (callbacks=none): the last model is what is tested, and no dev score saw it
+    (["trainer.max_steps=100", "callbacks=none"], "the last 10 updates after update 90 are never validated, and "
+                                                  "the tested and exported model is the last one (update 100)"),
     # accumulation: an epoch's last batch steps too, so the batches per update vary (at 50 examples, 2 batches
     # an epoch, every update is 2 batches, not 3): the risk is named without counts that would be wrong
     (["trainer.max_steps=100", "+trainer.accumulate_grad_batches=3"], "updates after the last multiple of the "
