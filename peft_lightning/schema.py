@@ -243,10 +243,16 @@ def _interpolation(node: Any) -> bool:
     return isinstance(node, str) and node.startswith("${")
 
 
+def _closest(key: Any, known) -> list[str]:
+    """The known name closest to a mistyped one ([name]), or [] when none is close: every
+    did-you-mean here (config keys, Hydra's groups, options and Trainer arguments)."""
+    return difflib.get_close_matches(str(key), sorted(str(k) for k in known), n=1)
+
+
 def _hint(key: Any, known, path: str | None = None) -> str:
     """' (did you mean <path>.<closest>?)', or the known keys when none is close."""
     known = sorted(str(k) for k in known)
-    close = difflib.get_close_matches(str(key), known, n=1)
+    close = _closest(key, known)
     if path is None:
         return f" (did you mean {close[0]!r}?)" if close else ""
     if close:
@@ -276,7 +282,7 @@ def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> st
     if isinstance(err, MissingConfigException) and err.options is not None:  # method=lorra
         group, _, option = (err.missing_cfg_file or "").rpartition("/")
         known = sorted(err.options)
-        close = difflib.get_close_matches(option, known, n=1)
+        close = _closest(option, known)
         hint = f" (did you mean {group}={close[0]}?)" if close else ""
         where = "" if group in typed or argv is None else " (not on the command line: a preset or config file sets it)"
         return f"{group}={option}: no such {group} config{hint}; {group} takes {', '.join(known)}{where}"
@@ -298,7 +304,7 @@ def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> st
             hydras.group(1) if hydras else f"+{cause.full_key}=..."
         if key in arguments:  # a real argument the config does not list: only `+` adds it
             return f"{cause.full_key} is not in the config: add it with {append}"
-        close = difflib.get_close_matches(key, sorted(listed | arguments), n=1)
+        close = _closest(key, listed | arguments)
         where = f"{path}." if path else ""
         if close:
             plus = "+" if close[0] not in listed else ""
