@@ -544,19 +544,19 @@ def _numeric(values) -> bool:
         return False
 
 
-def plots(frame: pd.DataFrame, directory: Path, metric: str | None = None) -> list[Path]:
+def plots(frame: pd.DataFrame, directory: Path, stem: str = "report", metric: str | None = None) -> list[Path]:
     """PNG plots of the selection metric (mean, error bars = 95% CI over seeds): the best dev value
     (solid; a star marks each line's best-dev setting, the one selection picks) with the test
     value of the same runs beside it (dashed), against each numeric axis (a line per combination
-    of the other axes), or as points side by side when every axis is categorical. `metric`: one report
-    column alone instead."""
+    of the other axes), or as points side by side when every axis is categorical. `stem`: the report's
+    file name, which starts each plot's. `metric`: one report column alone instead."""
     summary = summarize(frame)
     keys = [c for c in axes(frame) if c in summary.columns]
     dev, test = list(_columns(frame))[:2]
-    return plot_summary(summary, keys, directory, [metric] if metric else [dev, test])
+    return plot_summary(summary, keys, directory, stem, [metric] if metric else [dev, test])
 
 
-def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metrics: list[str]) -> list[Path]:
+def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, stem: str, metrics: list[str]) -> list[Path]:
     """The plots of `plots` from a summary (summarize's frame: the metric columns, their " ci"
     columns and the axis columns `keys`); the first of `metrics`, where it is the best dev value
     (the criterion), is starred."""
@@ -624,7 +624,8 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, metric
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = directory / f"{metrics[0].replace(' ', '_')}_vs_{x.replace('.', '_')}.png"
+        # named after the report too: two reports in one folder (docs/findings/) never overwrite each other's plot
+        path = directory / f"{stem}_{metrics[0].replace(' ', '_')}_vs_{x.replace('.', '_')}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
@@ -675,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.multirun[0] / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     if not args.no_plots:
-        for path in plots(frame, out.parent):
+        for path in plots(frame, out.parent, out.stem):
             text += f"\n![{path.stem}]({path.name})\n"
     out.write_text(text)
     print(out.read_text())

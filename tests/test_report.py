@@ -51,8 +51,23 @@ def test_report_plots_metric_against_a_numeric_axis(tmp_path):
         job(tmp_path, i, [f"method={method}", f"method.prefix_length={length}", f"seed={seed}"], acc=acc)
     assert main([str(tmp_path), "--out", str(tmp_path / "report" / "r.md")]) == 0
     text = (tmp_path / "report" / "r.md").read_text()
-    png = tmp_path / "report" / "best_dev_acc_vs_method_prefix_length.png"
+    png = tmp_path / "report" / "r_best_dev_acc_vs_method_prefix_length.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and f"({png.name})" in text
+
+
+def test_two_reports_in_one_folder_keep_their_own_plots(tmp_path):
+    """docs/findings/ holds a report per question; two of them plot the same axis (every method at 3
+    and at 6 epochs). The second must not replace the picture the first report shows."""
+    for i, (method, acc) in enumerate([("a", 0.6), ("b", 0.7)]):
+        job(tmp_path / "three", i, [f"method={method}"], acc=acc)
+        job(tmp_path / "six", i, [f"method={method}"], acc=acc + 0.2)
+    docs = tmp_path / "docs"
+    assert main([str(tmp_path / "three"), "--out", str(docs / "three.md")]) == 0
+    first = (docs / "three_best_dev_acc_vs_method.png").read_bytes()
+    assert main([str(tmp_path / "six"), "--out", str(docs / "six.md")]) == 0
+    assert (docs / "three_best_dev_acc_vs_method.png").read_bytes() == first
+    assert "(six_best_dev_acc_vs_method.png)" in (docs / "six.md").read_text()
+    assert (docs / "six_best_dev_acc_vs_method.png").read_bytes() != first
 
 
 def test_report_of_an_optuna_search_shows_its_best_trial_and_rounds_sampled_values(tmp_path):
@@ -396,7 +411,7 @@ def test_report_plot_stars_the_setting_the_table_selects_on_a_tie(tmp_path, monk
     from peft_lightning.report import plots
 
     (tmp_path / "test").mkdir()
-    assert plots(collect(tmp_path), tmp_path / "test", metric="test acc") and stars == [64.0]  # test selects nothing
+    assert plots(collect(tmp_path), tmp_path / "test", "r", metric="test acc") and stars == [64.0]  # test selects nothing
 
 
 def test_report_says_whose_time_is_a_lower_bound(tmp_path):

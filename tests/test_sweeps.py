@@ -80,4 +80,4 @@ def test_prefix_length_sweep_runs_on_the_embedded_default_and_reports(tmp_path):
     assert main([str(tmp_path), "--out", str(tmp_path / "report" / "r.md")]) == 0
     text = (tmp_path / "report" / "r.md").read_text()
     assert sum(line.startswith("| ") for line in text.splitlines()) == 1 + 21  # header + one row per setting
-    assert (tmp_path / "report" / "best_dev_acc_vs_method_prefix_length.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "r_best_dev_acc_vs_method_prefix_length.png").stat().st_size > 1000
