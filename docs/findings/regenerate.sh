@@ -1,0 +1,51 @@
+#!/bin/bash
+# Every report of docs/findings.md from the sweep folders that docs/findings.md's commands write:
+#   bash docs/findings/regenerate.sh [sweeps folder, default outputs/findings] [question ...]
+# With question names (budget, methods_rt6, depth_sms6, ...) only those; a report whose sweeps are
+# not all there is skipped and named. Each writes docs/findings/<question>.md and its plots.
+R=${1:-outputs/findings}
+shift
+cd "$(dirname "$0")/../.." || exit 1
+wanted=" $* "
+report() {  # report <question> <title> <sweep folder>... [report options]
+    local name=$1 title=$2 folders=() options=()
+    shift 2
+    for arg in "$@"; do
+        if [ ${#options[@]} -eq 0 ] && [[ $arg != --* ]]; then folders+=("$R/$arg"); else options+=("$arg"); fi
+    done
+    [ "$wanted" = "  " ] || [[ $wanted == *" $name "* ]] || return 0
+    for folder in "${folders[@]}"; do
+        [ -d "$folder" ] || { echo "skipped $name: no $folder"; return 0; }
+    done
+    python -m peft_lightning.report "${folders[@]}" "${options[@]}" --title "$title" \
+        --out "docs/findings/$name.md" > /dev/null && echo "wrote docs/findings/$name.md"
+}
+RT="Rotten Tomatoes, MiniLM, 6 epochs, 3 seeds"
+SMS="SMS spam, MiniLM, 6 epochs, 3 seeds"
+
+report budget "Budget check: P-Tuning v2, 3 vs 6 epochs (Rotten Tomatoes, 3 seeds)" \
+    methods_rt budget_rt --where method=ptuning_v2 --baseline trainer.max_epochs=3
+report methods_3epochs "Every method at 3 epochs (Rotten Tomatoes, MiniLM, 3 seeds; a fixed small budget)" methods_rt
+report transfer "Prompt transfer (SPoT): SMS spam prefix vs random, P-Tuning v2 on 50-1000 Rotten Tomatoes sentences, 300 updates, 3 seeds" \
+    transfer_rt --baseline method.init=random
+
+for task in rt sms; do
+    if [ $task = rt ]; then on=$RT; ptv2=budget_rt; else on=$SMS; ptv2=methods_sms6; fi
+    report methods_${task}6 "Every method ($on)" methods_${task}6 $([ $task = rt ] && echo budget_rt) \
+        --baseline method=finetune
+    report dropout_${task}6 "Backbone dropout on vs off, P-Tuning v2 ($on)" $ptv2 dropout_${task}6 \
+        --where method=ptuning_v2 --baseline method.backbone_dropout=false
+    report depth_${task}6 "Depth: deep vs embedding-only vs the top half, P-Tuning v2, P = 16 ($on)" $ptv2 depth_${task}6 \
+        --where method=ptuning_v2 --baseline method.depth=deep
+    report reparam_ptuning_v2_${task}6 "Reparameterization none vs MLP, P-Tuning v2 ($on)" $ptv2 reparam_${task}6 \
+        --where method=ptuning_v2 --baseline method.reparameterization=none
+    report reparam_prefix_tuning_${task}6 "Reparameterization MLP vs none, prefix tuning ($on)" methods_${task}6 reparam_${task}6 \
+        --where method=prefix_tuning --baseline method.reparameterization=mlp
+    report prefix_length_ptuning_v2_${task}6 "Prefix length 1-64, P-Tuning v2 ($on)" $ptv2 prefix_length_${task}6 \
+        --where method=ptuning_v2 --baseline method.prefix_length=16
+    report prefix_length_prompt_tuning_${task}6 "Prefix length 1-64, prompt tuning ($on)" methods_${task}6 prefix_length_${task}6 \
+        --where method=prompt_tuning --baseline method.prefix_length=16
+    report presets_${task}6 "The official settings' presets against our defaults ($on)" \
+        $([ $task = rt ] && echo budget_rt) methods_${task}6 presets_${task}6
+done
+report city_facts "SmolLM2 data-to-text (city_facts): deep prefix vs embedding-only prefix vs LoRA, 3 seeds" city_facts
