@@ -357,7 +357,11 @@ def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple
     reference is `baseline` (axis -> value: values of some axes), else the setting selection picks
     (best mean dev). A baseline that matches several settings (it leaves an axis free, like the train
     size of a transfer sweep) is a reference per value of the free axes: each setting is paired with the
-    baseline setting at its own values of them, and the returned reference is `baseline` itself."""
+    baseline setting at its own values of them, and the returned reference is `baseline` itself. The free
+    axes are those whose value differs between the baseline's settings: an axis where they all agree
+    tells no reference from another, and grouping by it would leave unpaired every setting that differs
+    there (`--baseline experiment=null`: a preset's head type and warmup, which no default run has).
+    The settings left without a reference: `diffs.attrs["unpaired"]`."""
     keys = axes(frame)
     dev, test = list(_columns(frame))[:2]
     done = _counted(frame)
@@ -386,13 +390,16 @@ def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple
         matches = [s for s in by_setting if all(s[keys.index(k)] == _cell(v) for k, v in baseline.items())]
         if not matches:
             raise UserError(f"--baseline: no completed job with a seed has {baseline}")
-        if len(matches) > 1:  # `method.init=random` over train sizes: a reference per train size
-            free = [i for i, k in enumerate(keys) if k not in baseline]
+        # `method.init=random` over train sizes: a reference per train size (every setting the baseline
+        # matches is a reference: they differ in at least one free axis)
+        free = [i for i in range(len(keys)) if len({s[i] for s in matches}) > 1]
         references = {tuple(s[i] for i in free): s for s in matches}
-    rows = []
+    rows, unpaired = [], []
     for other, runs in by_setting.items():
         reference = references.get(tuple(other[i] for i in free))
-        if reference is None or other == reference:  # (no baseline run at its values of the free axes)
+        if reference is None:  # no baseline run at its values of the free axes
+            unpaired.append(dict(zip(keys, other)))
+        if reference is None or other == reference:
             continue
         seeds = [s for s in runs if s in by_setting[reference]]
         row = dict(zip(keys, other), n=len(seeds))
@@ -404,7 +411,9 @@ def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple
             row[column + " ci"] = ci_half_width(diffs.std(), len(diffs)) if len(diffs) > 1 else float("nan")
         rows.append(row)
     label = dict(baseline) if free else dict(zip(keys, next(iter(references.values()))))
-    return label, pd.DataFrame(rows)
+    diffs = pd.DataFrame(rows)
+    diffs.attrs["unpaired"], diffs.attrs["free"] = unpaired, [keys[i] for i in free]
+    return label, diffs
 
 
 def markdown(frame: pd.DataFrame, title: str, command: str | None = None, preface: list[str] = (),
@@ -464,7 +473,7 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
     if len(diffs) and (diffs["n"] > 1).any():
         name = ", ".join(f"{k}={_setting(v)}" for k, v in reference.items())
         shown = [k for k in axes(frame) if k in diffs.columns]  # every axis: a grouped baseline leaves some free
-        within = [k for k in shown if k not in reference]
+        within = diffs.attrs["free"]
         at = f" at the same {', '.join(within)}" if within else ""
         lines += ["", f"Paired by seed against {name}{at} ({'the baseline' if baseline else 'the selected setting'}): "
                   f"the mean of (setting - {name}) over the seeds both ran, and its 95% confidence interval. "
@@ -480,6 +489,10 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
                 cells.append("" if pd.isna(half) else f"[{value - half:+.4f}, {value + half:+.4f}]")
             cells.append(str(int(row["n"])))
             lines.append("| " + " | ".join(cells) + " |")
+    if diffs.attrs.get("unpaired"):  # (a baseline that leaves axes free: none at these settings' values of them)
+        lines += ["", f"Not paired (no {', '.join(f'{k}={v}' for k, v in reference.items())} run at their values "
+                  "of the other axes):", ""]
+        lines += [f"- {', '.join(f'{k}={_setting(v)}' for k, v in s.items())}" for s in diffs.attrs["unpaired"]]
     skipped = frame[frame["_skip"] != ""]
     if len(skipped):
         lines += ["", "Jobs not counted:", ""]

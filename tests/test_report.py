@@ -580,3 +580,60 @@ def test_a_sweep_that_tested_only_last_models_ranks_and_pairs_on_dev_alone(tmp_p
     mean, std, half = hand_ci([0.70 - 0.80, 0.76 - 0.84])
     assert f"| b | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |  |  | 2 |" in text, text
     assert "0.5000" not in text  # no last-model test anywhere
+
+
+def test_a_preset_pairs_with_its_methods_default_whatever_else_the_preset_sets(tmp_path):
+    """The presets question: `experiment=ptuning_v2_official,prefix_tuning_official` against the
+    defaults, `--baseline experiment=null` leaving `method` free. The presets change keys no job
+    overrode (head type, warmup: hidden axes); grouping by those too would find no baseline run at
+    the presets' values and drop every comparison without a word. Each preset pairs with its own
+    method's default, seed by seed."""
+    acc = {("ptuning_v2", None, 1): 0.80, ("ptuning_v2", None, 2): 0.82,
+           ("ptuning_v2", "p2_official", 1): 0.83, ("ptuning_v2", "p2_official", 2): 0.86,
+           ("prefix_tuning", None, 1): 0.70, ("prefix_tuning", None, 2): 0.74,
+           ("prefix_tuning", "pt_official", 1): 0.69, ("prefix_tuning", "pt_official", 2): 0.71}
+    for num, ((method, preset, seed), value) in enumerate(acc.items()):
+        overrides = [f"experiment={preset}" if preset else f"method={method}", f"seed={seed}"]
+        job(tmp_path, num, overrides, acc=value)
+        config(tmp_path, num, {**tree(seed=seed, name=method), "experiment": preset,
+                               "head": "pooler" if preset == "p2_official" else "linear",
+                               "warmup": 0 if preset else 0.06}, method=method)
+    out = tmp_path / "r.md"
+    assert main([str(tmp_path), "--out", str(out), "--no-plots", "--baseline", "experiment=null"]) == 0
+    text = out.read_text()
+    assert "Paired by seed against experiment=null at the same method (the baseline)" in text
+    for method, preset in (("ptuning_v2", "p2_official"), ("prefix_tuning", "pt_official")):
+        mean, _, half = hand_ci([acc[(method, preset, s)] - acc[(method, None, s)] for s in (1, 2)])
+        assert f"| {method} | {preset} |" in text and f"| {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |" \
+            in text, text
+    assert "Not paired" not in text
+
+
+def test_a_hidden_key_that_differs_between_the_baselines_runs_pairs_within_its_values(tmp_path):
+    """Two sweeps run at commits with different default learning rates: `--baseline method=a` matches
+    a run at each lr. Each other setting pairs with the baseline run at its own lr, not with one
+    picked by job order."""
+    runs = [("a", 0.01, 1, 0.80), ("a", 0.02, 1, 0.70), ("b", 0.01, 1, 0.60), ("a", 0.01, 2, 0.82),
+            ("a", 0.02, 2, 0.71), ("b", 0.01, 2, 0.65), ("b", 0.02, 1, 0.50), ("b", 0.02, 2, 0.52)]
+    for num, (method, lr, seed, value) in enumerate(runs):
+        job(tmp_path, num, [f"method={method}", f"seed={seed}"], acc=value)
+        config(tmp_path, num, tree(seed=seed, name=method, lr=lr), method=method)
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots", "--baseline", "method=a"]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "against method=a at the same method.optim.lr (the baseline)" in text
+    for lr, a, b in ((0.01, (0.80, 0.82), (0.60, 0.65)), (0.02, (0.70, 0.71), (0.50, 0.52))):
+        mean, _, half = hand_ci([b[0] - a[0], b[1] - a[1]])
+        assert f"| b | {lr} | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |" in text, text
+
+
+def test_settings_without_a_baseline_run_at_their_free_values_are_listed_not_dropped(tmp_path):
+    """The transfer arm with one size's random runs missing: its transfer runs cannot be paired, and
+    the report says so instead of leaving them out silently."""
+    acc = {("random", 50, 1): 0.50, ("random", 50, 2): 0.55, ("adapter", 50, 1): 0.60, ("adapter", 50, 2): 0.62,
+           ("adapter", 100, 1): 0.69, ("adapter", 100, 2): 0.74, ("random", 500, 1): 0.80, ("random", 500, 2): 0.8}
+    for num, ((init, size, seed), value) in enumerate(acc.items()):
+        job(tmp_path, num, [f"method.init={init}", f"data.train_examples={size}", f"seed={seed}"], acc=value)
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots", "--baseline", "method.init=random"]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "Not paired (no method.init=random run at their values of the other axes):\n\n" \
+           "- method.init=adapter, data.train_examples=100" in text, text

@@ -45,7 +45,9 @@ for task in rt sms; do
         --where method=ptuning_v2 --baseline method.prefix_length=16
     report prefix_length_prompt_tuning_${task}6 "Prefix length 1-64, prompt tuning ($on)" methods_${task}6 prefix_length_${task}6 \
         --where method=prompt_tuning --baseline method.prefix_length=16
-    report presets_${task}6 "The official settings' presets against our defaults ($on)" \
-        $([ $task = rt ] && echo budget_rt) methods_${task}6 presets_${task}6
+    report presets_ptuning_v2_${task}6 "The official settings' preset against our defaults, P-Tuning v2 ($on)" \
+        $ptv2 presets_${task}6 --where method=ptuning_v2 --baseline experiment=null
+    report presets_prefix_tuning_${task}6 "The official settings' preset against our defaults, prefix tuning ($on)" \
+        methods_${task}6 presets_${task}6 --where method=prefix_tuning --baseline experiment=null
 done
 report city_facts "SmolLM2 data-to-text (city_facts): deep prefix vs embedding-only prefix vs LoRA, 3 seeds" city_facts
