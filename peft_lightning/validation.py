@@ -169,10 +169,24 @@ def _validate_trainer(trainer: DictConfig, selects: bool = True) -> None:
 
 
 def selects_on_dev(cfg: DictConfig) -> bool:
-    """Whether a configured checkpoint callback monitors a dev metric (callbacks=default's
-    model_checkpoint); without one (callbacks=none) the last model is tested and exported."""
+    """Whether the tested and exported model is selected on dev: a multi-task run selects each task's
+    best dev state itself (task_best), any other by a ModelCheckpoint that monitors a dev metric
+    (callbacks=default's model_checkpoint; run.best_checkpoint_callback). Without one (callbacks=none;
+    an EarlyStopping monitors but selects nothing) the last model is tested and exported."""
+    import hydra
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if "tasks" in cfg.data:
+        return True
+
+    def checkpoint(target) -> bool:
+        try:
+            return issubclass(hydra.utils.get_class(target), ModelCheckpoint)
+        except Exception:  # (a target that does not import fails when the run builds its callbacks)
+            return False
+
     callbacks = cfg.get("callbacks") or {}
-    return any(c and "_target_" in c and c.get("monitor") for c in callbacks.values())
+    return any(c and "_target_" in c and c.get("monitor") and checkpoint(c["_target_"]) for c in callbacks.values())
 
 
 def _warn_unvalidated_steps(trainer: DictConfig, selects: bool = True) -> None:

@@ -528,6 +528,9 @@ def test_dropout_seeds_are_a_function_of_the_step_and_differ_per_rank():
     # nothing selects on dev (callbacks=none): the last model is what is tested, and no dev score saw it
     (["trainer.max_steps=100", "callbacks=none"], "the last 10 updates after update 90 are never validated, and "
                                                   "the tested and exported model is the last one (update 100)"),
+    # an EarlyStopping monitors the dev metric but selects nothing: still the last model
+    (["trainer.max_steps=100", "callbacks=none", "+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping",
+      "+callbacks.stop.monitor=val/acc", "+callbacks.stop.mode=max"], "the tested and exported model is the last one"),
     # accumulation: an epoch's last batch steps too, so the batches per update vary (at 50 examples, 2 batches
     # an epoch, every update is 2 batches, not 3): the risk is named without counts that would be wrong
     (["trainer.max_steps=100", "+trainer.accumulate_grad_batches=3"], "updates after the last multiple of the "
