@@ -198,6 +198,8 @@ def _warn_unvalidated_steps(trainer: DictConfig, selects: bool = True) -> None:
     if (trainer.get("check_val_every_n_epoch", 1) is not None or isinstance(interval, bool)
             or not isinstance(interval, int) or interval <= 0 or not isinstance(steps, int) or steps <= 0):
         return
+    if trainer.get("limit_val_batches") == 0:  # no update is validated: the run says so after the fit (selection: last)
+        return
     if accumulate != 1 or trainer.get("max_epochs") not in (-1, None):
         # batches per update vary at epoch ends (Lightning steps on an epoch's last batch) and a finite
         # max_epochs may end training first: the last validated batch is not known here, only the risk

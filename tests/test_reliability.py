@@ -525,6 +525,8 @@ def test_dropout_seeds_are_a_function_of_the_step_and_differ_per_rank():
     (["trainer.max_steps=100"], "the last 10 updates after update 90 are never validated, and the checkpoint "
                                 "tested and exported is from update 90 at the latest"),
     (["trainer.val_check_interval=400"], "no validation runs at all"),
+    # no dev batches: no update is validated (not 'the checkpoint tested is from update 90'); run.py names it
+    (["trainer.max_steps=100", "+trainer.limit_val_batches=0"], None),
     # nothing selects on dev (callbacks=none): the last model is what is tested, and no dev score saw it
     (["trainer.max_steps=100", "callbacks=none"], "the last 10 updates after update 90 are never validated, and "
                                                   "the tested and exported model is the last one (update 100)"),
