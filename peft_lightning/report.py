@@ -26,6 +26,7 @@ import platform
 import sys
 from datetime import date
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -690,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if not args.no_plots:
         for path in plots(frame, out.parent, out.stem):
-            text += f"\n![{path.stem}]({path.name})\n"
+            text += f"\n![{path.stem}]({quote(path.name)})\n"  # (quoted: the report's name may hold a space)
     out.write_text(text)
     print(out.read_text())
     return 0

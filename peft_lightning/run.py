@@ -391,9 +391,12 @@ def previous_attempts(out_dir: Path) -> dict:
 def full_epochs(trainer) -> int:
     """Training epochs whose every batch ran. Not trainer.current_epoch: a fit that max_steps ends
     mid-epoch counts that epoch as done, and a resume from its last checkpoint does not."""
-    started = trainer.fit_loop.epoch_progress.current.started
-    batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-    return max(started - (batches < trainer.num_training_batches), 0)
+    epochs = trainer.fit_loop.epoch_progress.current
+    # (max with processed: a resume from a checkpoint written at an epoch's last batch (on_train_batch_end,
+    # every_n_train_steps) counts that epoch processed and never counts the next one started; processed
+    # batches: that checkpoint has the batch trained but not yet completed, and a finished fit's resume keeps it)
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return max(max(epochs.started, epochs.processed) - (batches < trainer.num_training_batches), 0)
 
 
 def best_checkpoint_callback(trainer) -> ModelCheckpoint | None:

@@ -169,10 +169,24 @@ def _validate_trainer(trainer: DictConfig, selects: bool = True) -> None:
 
 
 def selects_on_dev(cfg: DictConfig) -> bool:
-    """Whether a configured checkpoint callback monitors a dev metric (callbacks=default's
-    model_checkpoint); without one (callbacks=none) the last model is tested and exported."""
+    """Whether the tested and exported model is selected on dev: a multi-task run selects each task's
+    best dev state itself (task_best), any other by a ModelCheckpoint that monitors a dev metric
+    (callbacks=default's model_checkpoint; run.best_checkpoint_callback). Without one (callbacks=none;
+    an EarlyStopping monitors but selects nothing) the last model is tested and exported."""
+    import hydra
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if "tasks" in cfg.data:
+        return True
+
+    def checkpoint(target) -> bool:
+        try:
+            return issubclass(hydra.utils.get_class(target), ModelCheckpoint)
+        except Exception:  # (a target that does not import fails when the run builds its callbacks)
+            return False
+
     callbacks = cfg.get("callbacks") or {}
-    return any(c and "_target_" in c and c.get("monitor") for c in callbacks.values())
+    return any(c and "_target_" in c and c.get("monitor") and checkpoint(c["_target_"]) for c in callbacks.values())
 
 
 def _warn_unvalidated_steps(trainer: DictConfig, selects: bool = True) -> None:
@@ -183,6 +197,8 @@ def _warn_unvalidated_steps(trainer: DictConfig, selects: bool = True) -> None:
     accumulate = trainer.get("accumulate_grad_batches", 1) or 1  # (the interval counts batches, max_steps updates)
     if (trainer.get("check_val_every_n_epoch", 1) is not None or isinstance(interval, bool)
             or not isinstance(interval, int) or interval <= 0 or not isinstance(steps, int) or steps <= 0):
+        return
+    if trainer.get("limit_val_batches") == 0:  # no update is validated: the run says so after the fit (selection: last)
         return
     if accumulate != 1 or trainer.get("max_epochs") not in (-1, None):
         # batches per update vary at epoch ends (Lightning steps on an epoch's last batch) and a finite

@@ -179,6 +179,21 @@ def two_task_config(tmp_path, *overrides):
     return cfg
 
 
+def test_a_step_budget_warning_knows_a_multitask_run_selects_each_tasks_best_without_callbacks(tmp_path, caplog):
+    """A multi-task run selects each task's best dev state itself (task_best), callbacks=none too: what is
+    tested and exported is from the last validated update, not the last model (as train's own warning
+    says after the fit)."""
+    from peft_lightning.validation import validate_config
+
+    cfg = two_task_config(tmp_path, "callbacks=none", "trainer.max_epochs=-1", "+trainer.max_steps=10",
+                          "+trainer.check_val_every_n_epoch=null", "+trainer.val_check_interval=4")
+    with caplog.at_level("WARNING", logger="peft_lightning.validation"):
+        validate_config(cfg)
+    found = [r.getMessage() for r in caplog.records if "val_check_interval" in r.getMessage()]
+    assert len(found) == 1 and "the last 2 updates after update 8 are never validated, and the checkpoint tested " \
+        "and exported is from update 8 at the latest" in found[0], found
+
+
 def test_two_task_run_exports_adapters_that_serving_and_predict_load_as_the_run_had_them(tmp_path, monkeypatch):
     from peft_lightning.predict import predict_records
     from peft_lightning.run import train

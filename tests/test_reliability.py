@@ -525,9 +525,14 @@ def test_dropout_seeds_are_a_function_of_the_step_and_differ_per_rank():
     (["trainer.max_steps=100"], "the last 10 updates after update 90 are never validated, and the checkpoint "
                                 "tested and exported is from update 90 at the latest"),
     (["trainer.val_check_interval=400"], "no validation runs at all"),
+    # no dev batches: no update is validated (not 'the checkpoint tested is from update 90'); run.py names it
+    (["trainer.max_steps=100", "+trainer.limit_val_batches=0"], None),
     # nothing selects on dev (callbacks=none): the last model is what is tested, and no dev score saw it
     (["trainer.max_steps=100", "callbacks=none"], "the last 10 updates after update 90 are never validated, and "
                                                   "the tested and exported model is the last one (update 100)"),
+    # an EarlyStopping monitors the dev metric but selects nothing: still the last model
+    (["trainer.max_steps=100", "callbacks=none", "+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping",
+      "+callbacks.stop.monitor=val/acc", "+callbacks.stop.mode=max"], "the tested and exported model is the last one"),
     # accumulation: an epoch's last batch steps too, so the batches per update vary (at 50 examples, 2 batches
     # an epoch, every update is 2 batches, not 3): the risk is named without counts that would be wrong
     (["trainer.max_steps=100", "+trainer.accumulate_grad_batches=3"], "updates after the last multiple of the "
@@ -541,3 +546,54 @@ def test_a_step_budget_the_dev_interval_does_not_divide_is_named(overrides, mess
         validate_config(compose_cfg(["+sweeps=transfer", "model=tiny-bert", "method.init=random", *overrides]))
     found = [r.getMessage() for r in caplog.records if "val_check_interval" in r.getMessage()]
     assert (found == []) if message is None else (len(found) == 1 and message in found[0]), found
+
+
+# --- epochs_completed: full epochs, whatever path the fit took ------------------------------------
+class _Tiny(__import__("lightning").pytorch.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(torch.randn(8, 2))
+        return torch.utils.data.DataLoader(data, batch_size=2)  # 4 batches an epoch
+
+
+def _fit(tmp_path, ckpt_path=None, **limits):
+    """A fit of the toy module writing last.ckpt every 4 updates (every_n_train_steps: saved in
+    on_train_batch_end, the epoch's last batch not yet counted completed); its full_epochs."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from peft_lightning.run import full_epochs
+
+    last = ModelCheckpoint(dirpath=tmp_path, filename="last", every_n_train_steps=4, enable_version_counter=False)
+    trainer = pl.Trainer(callbacks=[last], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         **limits)
+    trainer.fit(_Tiny(), ckpt_path=ckpt_path)
+    return full_epochs(trainer), trainer.global_step
+
+
+@pytest.mark.parametrize("first,then,expected", [
+    ({"max_epochs": 2}, None, (2, 8)),  # straight: two epochs of 4 batches
+    ({"max_epochs": -1, "max_steps": 6}, None, (1, 6)),  # max_steps ends epoch 2 half way
+    ({"max_epochs": 1}, {"max_epochs": 2}, (2, 8)),  # a longer max_epochs on resume: one more epoch
+    ({"max_epochs": 1}, {"max_epochs": 3}, (3, 12)),
+    ({"max_epochs": -1, "max_steps": 8}, {"max_epochs": -1, "max_steps": 8}, (2, 8)),  # resume of a finished fit
+    ({"max_epochs": -1, "max_steps": 4}, {"max_epochs": -1, "max_steps": 6}, (1, 6)),
+])
+def test_full_epochs_counts_every_epoch_whose_batches_all_ran(tmp_path, first, then, expected):
+    """Reference: global_step / 4 updates an epoch (accumulation 1), rounded down. A resume from a
+    checkpoint written at the last batch of an epoch (on_train_batch_end) takes Lightning's restart
+    path that never counts the next epoch as started, and a finished fit's resume leaves that
+    batch counted processed, not completed."""
+    result = _fit(tmp_path, **first)
+    if then is not None:
+        result = _fit(tmp_path, ckpt_path=tmp_path / "last.ckpt", **then)
+    assert result == expected and result[0] == result[1] // 4

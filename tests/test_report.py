@@ -70,6 +70,24 @@ def test_two_reports_in_one_folder_keep_their_own_plots(tmp_path):
     assert (docs / "six_best_dev_acc_vs_method.png").read_bytes() != first
 
 
+@pytest.mark.parametrize("name", ["my report.md", "methods (v2).md"])
+def test_a_report_named_with_spaces_or_brackets_links_its_plot(tmp_path, name):
+    """The plot's name starts with the report's: a space or a bracket in it must not break the image
+    link (CommonMark, as markdown-it renders it, shows a bare `![..](a b.png)` as text)."""
+    from urllib.parse import unquote
+
+    from markdown_it import MarkdownIt
+
+    for i, (method, acc) in enumerate([("a", 0.6), ("b", 0.7)]):
+        job(tmp_path / "runs", i, [f"method={method}"], acc=acc)
+    out = tmp_path / "docs" / name
+    assert main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    tokens = [t for block in MarkdownIt("commonmark").parse(out.read_text()) for t in block.children or []]
+    images = [unquote(t.attrs["src"]) for t in tokens if t.type == "image"]
+    assert images == [f"{out.stem}_best_dev_acc_vs_method.png"]
+    assert (out.parent / images[0]).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_report_of_an_optuna_search_shows_its_best_trial_and_rounds_sampled_values(tmp_path):
     for i, (lr, acc) in enumerate([("0.0013292918943162175", 0.70), ("0.03142880890840111", 0.60)]):
         job(tmp_path, i, [f"method.optim.lr={lr}", "method.prefix_length=4"], acc=acc)
