@@ -82,10 +82,40 @@ def metric_columns(metric: str = "acc") -> dict[str, tuple[tuple, str]]:
         f"test {metric}": (("metrics", "test", f"test/{metric}"), "{:.4f}"),
         "trainable": (("parameters", "trainable"), "{:,.0f}"),
         "trainable %": (("parameters", "trainable_pct"), "{:.3f}"),
+        LATE: (None, "{:+.4f}"),  # read from the job's CSV log (collect), not results.json
         "train s/epoch": (("train_seconds_per_epoch",), "{:.1f}"),
         "wall s/job": (wall_time, "{:.0f}"),
         "CPU s/job": (cpu_time, "{:.0f}"),
     }
+
+
+LATE = "dev gain, last third"
+
+
+def dev_curve(job: Path, metric: str) -> list[float]:
+    """The job's dev values of `metric` in update order, from its CSV log (csv/version_*/metrics.csv:
+    a resumed job's attempts each write a version; a step logged twice keeps the later attempt's);
+    [] without a CSV log (logger=none)."""
+    import csv
+
+    values: dict[int, float] = {}
+    for file in sorted(job.glob("csv/version_*/metrics.csv"), key=lambda f: int(f.parent.name.split("_")[-1])):
+        with open(file, newline="") as handle:
+            for row in csv.DictReader(handle):
+                value = row.get(f"val/{metric}")
+                if value not in (None, "") and row.get("step") not in (None, ""):
+                    values[int(row["step"])] = float(value)
+    return [values[step] for step in sorted(values)]
+
+
+def late_gain(curve: list[float]) -> float | None:
+    """How much the best dev value rose in the last third of a run's dev evaluations: the best over
+    all of them minus the best over the first two thirds (rounded up: 4 of 6 epochs). 0: selection
+    had its value by two thirds of the budget; a gain beyond the seeds' spread: the budget had not
+    settled for that setting. None for fewer than 3 evaluations."""
+    if len(curve) < 3:
+        return None
+    return max(curve) - max(curve[:-(-2 * len(curve) // 3)])
 
 
 def _selection_metric(results: dict | None) -> str | None:
@@ -255,7 +285,8 @@ def collect(multirun: Path | list[Path], where: dict[str, str] | None = None) ->
         row["_selection"] = str((results or {}).get("selection", ""))
         row["_unvalidated"] = (results or {}).get("unvalidated_updates") or 0
         for column, (path, _) in columns.items():
-            row[column] = _get(results or {}, path)
+            row[column] = _get(results or {}, path) if path is not None else None
+        row[LATE] = late_gain(dev_curve(job, metric)) if results else None
         row["_unrecorded"] = [key for key in ("wall_time_s", "cpu_time_s") if _unrecorded(results or {}, key)]
         if row["_selection"].startswith("last"):  # its test is the last model's, not a best-dev checkpoint's:
             row[list(columns)[1]] = float("nan")  # its dev value counts (the best dev seen), its test does not
@@ -436,7 +467,8 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
               + (" Over seeds: mean ± std, and the 95% confidence interval of the mean (t-distribution)."
                  if many else "") + " wall s/job and CPU s/job count every attempt of a job that recorded them (a process killed outright records nothing); CPU s/job (the job "
               "process's CPU seconds, every thread) is its cost whatever else shared or paused the machine, which "
-              "wall time is not.", ""]
+              f"wall time is not. {LATE}: the best dev value over all of a run's evaluations minus the best over "
+              "its first two thirds (mean over seeds): a setting still rising at the end of the budget.", ""]
     header = []
     for column in columns:
         header += [column] + ([f"{'dev' if column == dev else 'test'} 95% CI"] if many and column in (dev, test) else [])
@@ -455,6 +487,15 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
         if many:
             cells.append(str(int(row["n"])))
         lines.append("| " + " | ".join(cells) + " |")
+    rising = [(row, row[LATE], row[dev + " std"]) for _, row in rank(summary, dev).iterrows()
+              if row[LATE] > 0 and (pd.isna(row[dev + " std"]) or row[LATE] > row[dev + " std"])]
+    if rising:  # (a flat noisy curve gains a little by the max of more evaluations too: hence beyond the spread)
+        lines += ["", "Best dev still rising in the last third of the evaluations (by more than the seeds' std of best "
+                  "dev, or with one seed): a longer budget may move "
+                  + ("this setting" if len(rising) == 1 else "these settings") + ": "
+                  + "; ".join(f"{', '.join(f'{k}={_setting(row[k])}' for k in keys)} ({gain:+.4f}"
+                              + (f" > {std:.4f})" if not pd.isna(std) else ", one seed)") for row, gain, std in rising)
+                  + "."]
     wall, cpu = frame["wall s/job"].dropna(), frame["CPU s/job"].dropna()
     if len(wall):
         line = f"Wall time: {_duration(wall.sum())} for {len(wall)} jobs (mean {wall.mean():.0f} s per job)"

@@ -1,6 +1,7 @@
 """The comparison report reads a multirun's results.json files, whatever state each job ended in."""
 import json
 
+import pandas as pd
 import pytest
 
 from peft_lightning.report import collect, main, summarize
@@ -110,7 +111,7 @@ def test_report_ranks_by_dev_not_by_test(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     # by dev: 128 (0.71) first although its test is the lowest; the 0.68 tie keeps job order (16, then 8)
     assert [row.split(" | ")[0][2:] for row in rows] == ["128", "64", "16", "8", "4"]
-    assert rows[0] == "| 128 | 0.7100 | 0.6800 | 100 | 0.500 | 11.0 |  |  |"  # (no wall or CPU time recorded)
+    assert rows[0] == "| 128 | 0.7100 | 0.6800 | 100 | 0.500 |  | 11.0 |  |  |"  # (no CSV log, wall or CPU time)
     assert "Ranked by best dev acc" in text
 
 
@@ -655,3 +656,44 @@ def test_settings_without_a_baseline_run_at_their_free_values_are_listed_not_dro
     text = (tmp_path / "r.md").read_text()
     assert "Not paired (no method.init=random run at their values of the other axes):\n\n" \
            "- method.init=adapter, data.train_examples=100" in text, text
+
+
+def dev_log(root, num, version, steps_values, metric="acc"):
+    """A job's CSV log as Lightning's CSVLogger writes it: train rows without a dev value between."""
+    d = root / str(num) / "csv" / f"version_{version}"
+    d.mkdir(parents=True)
+    lines = [f"epoch,step,train/loss,val/{metric}"]
+    for epoch, (step, value) in enumerate(steps_values):
+        lines += [f"{epoch},{step - 1},0.5,", f"{epoch},{step},,{value}"]
+    (d / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_the_report_says_which_settings_were_still_rising_at_the_end_of_the_budget(tmp_path):
+    """The budget question for every arm, not only the default: each run's best dev over its six
+    evaluations minus its best over the first four, averaged over seeds, and the settings whose gain
+    exceeds their seeds' spread named. A resumed job's two CSV versions make one curve (the later
+    attempt's value where a step was logged twice)."""
+    curves = {("a", 1): [0.70, 0.75, 0.78, 0.80, 0.79, 0.80], ("a", 2): [0.71, 0.76, 0.79, 0.81, 0.80, 0.80],
+              ("b", 1): [0.60, 0.65, 0.70, 0.72, 0.76, 0.78], ("b", 2): [0.61, 0.66, 0.69, 0.73, 0.77, 0.79]}
+    for num, ((method, seed), curve) in enumerate(curves.items()):
+        job(tmp_path, num, [f"method={method}", f"seed={seed}"], acc=max(curve))
+        steps = [(100 * (e + 1), v) for e, v in enumerate(curve)]
+        if num == 2:  # killed after epoch 4 and resumed: version_1 re-logs epoch 4 (a stale value first) and goes on
+            dev_log(tmp_path, num, 0, steps[:3] + [(400, 0.50)])
+            dev_log(tmp_path, num, 1, steps[3:])
+        else:
+            dev_log(tmp_path, num, 0, steps)
+    from peft_lightning.report import dev_curve
+    assert dev_curve(tmp_path / "2", "acc") == curves[("b", 1)]
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
+    text = (tmp_path / "r.md").read_text()
+    gain_b = ((0.78 - 0.72) + (0.79 - 0.73)) / 2  # hand: best of 6 minus best of the first 4, per seed
+    row = {}  # (the main table's rows: the paired table's come after them)
+    for line in text.splitlines():
+        if line[:4] in ("| a ", "| b "):
+            row.setdefault(line[2], line.split(" | "))
+    header = next(line for line in text.splitlines() if line.startswith("| method |")).split(" | ")
+    at = header.index("dev gain, last third")
+    assert row["a"][at] == "+0.0000" and row["b"][at] == f"{gain_b:+.4f}", text
+    std_b = pd.Series([0.78, 0.79]).std()
+    assert f"a longer budget may move this setting: method=b ({gain_b:+.4f} > {std_b:.4f})." in text
