@@ -736,3 +736,24 @@ def test_a_nan_dev_value_is_no_best_and_drops_no_seed_from_the_late_gain(tmp_pat
     header = next(line for line in text.splitlines() if line.startswith("| method |")).split(" | ")
     row = next(line for line in text.splitlines() if line.startswith("| a |")).split(" | ")
     assert row[header.index("dev gain, last third")] == f"{gain:+.4f}", text
+
+
+def test_regenerate_sh_names_a_question_it_does_not_know_and_reads_a_relative_folder_from_the_callers(tmp_path):
+    """docs/findings/regenerate.sh: a mistyped question name (the sweep's name, methods_rt, for the
+    question's, methods_3epochs) regenerated nothing and exited 0; a relative sweeps folder was read
+    from the repository root, not where the caller stands ("skipped budget: no runs/methods_rt" beside
+    a folder that is there); a report that failed left the exit status 0."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "findings" / "regenerate.sh"
+    run = lambda *args: subprocess.run(["bash", str(script), *args], cwd=tmp_path, capture_output=True,  # noqa: E731
+                                       text=True, timeout=120)
+    typo = run(str(tmp_path), "methods_rt")
+    assert typo.returncode == 1 and "no question named methods_rt" in typo.stderr, typo
+    for sweep in ("methods_rt", "budget_rt"):
+        (tmp_path / "runs" / sweep).mkdir(parents=True)  # there, but with no jobs: the report refuses them
+    empty = run("runs", "budget")
+    assert "skipped" not in empty.stdout and f"no job directories (results.json or .hydra/) under {tmp_path}/runs/" \
+        in empty.stderr, empty
+    assert empty.returncode == 1 and "FAILED budget" in empty.stderr, empty
