@@ -95,7 +95,8 @@ LATE = "dev gain, last third"
 def dev_curve(job: Path, metric: str) -> list[float]:
     """The job's dev values of `metric` in update order, from its CSV log (csv/version_*/metrics.csv:
     a resumed job's attempts each write a version; a step logged twice keeps the later attempt's);
-    [] without a CSV log (logger=none)."""
+    [] without a CSV log (logger=none). A value at step 0 is the untrained model's (eval_before_training:
+    no update yet), no evaluation of the budget: left out, as val/<metric>_best forgets it (reset_validation)."""
     import csv
 
     values: dict[int, float] = {}
@@ -103,7 +104,7 @@ def dev_curve(job: Path, metric: str) -> list[float]:
         with open(file, newline="") as handle:
             for row in csv.DictReader(handle):
                 value = row.get(f"val/{metric}")
-                if value not in (None, "") and row.get("step") not in (None, ""):
+                if value not in (None, "") and row.get("step") not in (None, "") and int(row["step"]) > 0:
                     values[int(row["step"])] = float(value)
     return [values[step] for step in sorted(values)]
 
@@ -112,10 +113,13 @@ def late_gain(curve: list[float]) -> float | None:
     """How much the best dev value rose in the last third of a run's dev evaluations: the best over
     all of them minus the best over the first two thirds (rounded up: 4 of 6 epochs). 0: selection
     had its value by two thirds of the budget; a gain beyond the seeds' spread: the budget had not
-    settled for that setting. None for fewer than 3 evaluations."""
+    settled for that setting. A NaN value (a Pearson correlation of constant predictions) is an
+    evaluation that gives no best, as val/<metric>_best (MaxMetric) skips it. None for fewer than 3
+    evaluations, or no value in the first two thirds."""
     if len(curve) < 3:
         return None
-    return max(curve) - max(curve[:-(-2 * len(curve) // 3)])
+    first = [v for v in curve[:-(-2 * len(curve) // 3)] if v == v]  # (NaN != NaN; max() keeps a leading NaN)
+    return max(v for v in curve if v == v) - max(first) if first else None
 
 
 def _selection_metric(results: dict | None) -> str | None:

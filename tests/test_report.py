@@ -697,3 +697,63 @@ def test_the_report_says_which_settings_were_still_rising_at_the_end_of_the_budg
     assert row["a"][at] == "+0.0000" and row["b"][at] == f"{gain_b:+.4f}", text
     std_b = pd.Series([0.78, 0.79]).std()
     assert f"a longer budget may move this setting: method=b ({gain_b:+.4f} > {std_b:.4f})." in text
+
+
+def test_the_late_gain_leaves_out_the_untrained_models_dev_value(tmp_path):
+    """eval_before_training=true logs the untrained model's dev value at step 0 in the same CSV: no
+    evaluation of the budget (val/acc_best forgets it). SMS spam's majority class scores 0.87 untrained;
+    counted, it would be the best "in the first two thirds" and hide a run still rising (and shift
+    the thirds: 7 values for 6 epochs)."""
+    curve = [0.60, 0.70, 0.80, 0.84, 0.85, 0.86]
+    job(tmp_path, 0, ["method=a", "seed=1"], acc=max(curve))
+    d = tmp_path / "0" / "csv" / "version_0"
+    d.mkdir(parents=True)  # as run.py's validate() before fit() logs it: step 0, then the fit's epochs
+    rows = ["epoch,step,train/loss,val/acc", "0,0,,0.87"]
+    rows += [f"{e},{100 * (e + 1) - 1},0.5,\n{e},{100 * (e + 1)},,{v}" for e, v in enumerate(curve)]
+    (d / "metrics.csv").write_text("\n".join(rows) + "\n")
+    from peft_lightning.report import dev_curve
+    assert dev_curve(tmp_path / "0", "acc") == curve
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
+    gain = 0.86 - 0.84  # hand: best of the 6 epochs minus best of the first 4
+    assert f"may move this setting: job=0 ({gain:+.4f}, one seed)." in (tmp_path / "r.md").read_text()
+
+
+def test_a_nan_dev_value_is_no_best_and_drops_no_seed_from_the_late_gain(tmp_path):
+    """A Pearson correlation of constant predictions (an STS-B run's first epoch) is NaN; MaxMetric
+    (val/pearson_best) skips it. Python's max() keeps a leading NaN: that seed's gain came out NaN and
+    the setting's 'mean over seeds' silently became the other seed's gain."""
+    from peft_lightning.report import late_gain
+    nan = float("nan")
+    curves = {1: [nan, 0.50, 0.60, 0.65, 0.70, 0.80], 2: [0.30, 0.50, 0.60, 0.65, 0.70, 0.71]}
+    for seed, curve in curves.items():
+        job(tmp_path, seed, ["method=a", f"seed={seed}"], acc=max(curve[1:]))
+        dev_log(tmp_path, seed, 0, [(100 * (e + 1), v) for e, v in enumerate(curve)])
+    job(tmp_path, 3, ["method=b", "seed=1"], acc=0.5)
+    assert late_gain([nan, nan, nan, 0.5]) is None  # nothing in the first two thirds to rise from
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
+    text = (tmp_path / "r.md").read_text()
+    gain = ((0.80 - 0.65) + (0.71 - 0.65)) / 2  # hand: per seed, best of 6 minus best of the first 4 (NaN skipped)
+    header = next(line for line in text.splitlines() if line.startswith("| method |")).split(" | ")
+    row = next(line for line in text.splitlines() if line.startswith("| a |")).split(" | ")
+    assert row[header.index("dev gain, last third")] == f"{gain:+.4f}", text
+
+
+def test_regenerate_sh_names_a_question_it_does_not_know_and_reads_a_relative_folder_from_the_callers(tmp_path):
+    """docs/findings/regenerate.sh: a mistyped question name (the sweep's name, methods_rt, for the
+    question's, methods_3epochs) regenerated nothing and exited 0; a relative sweeps folder was read
+    from the repository root, not where the caller stands ("skipped budget: no runs/methods_rt" beside
+    a folder that is there); a report that failed left the exit status 0."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "findings" / "regenerate.sh"
+    run = lambda *args: subprocess.run(["bash", str(script), *args], cwd=tmp_path, capture_output=True,  # noqa: E731
+                                       text=True, timeout=120)
+    typo = run(str(tmp_path), "methods_rt")
+    assert typo.returncode == 1 and "no question named methods_rt" in typo.stderr, typo
+    for sweep in ("methods_rt", "budget_rt"):
+        (tmp_path / "runs" / sweep).mkdir(parents=True)  # there, but with no jobs: the report refuses them
+    empty = run("runs", "budget")
+    assert "skipped" not in empty.stdout and f"no job directories (results.json or .hydra/) under {tmp_path}/runs/" \
+        in empty.stderr, empty
+    assert empty.returncode == 1 and "FAILED budget" in empty.stderr, empty

@@ -3,13 +3,17 @@
 #   bash docs/findings/regenerate.sh [sweeps folder, default outputs/findings] [question ...]
 # With question names (budget, methods_rt6, depth_sms6, ...) only those; a report whose sweeps are
 # not all there is skipped and named. Each writes docs/findings/<question>.md and its plots.
-R=${1:-outputs/findings}
+# Exit 1 when a report failed or a question name is none of these (a typo would regenerate nothing).
+root=$(cd "$(dirname "$0")/../.." && pwd) || exit 1
+R=${1:-$root/outputs/findings}
+[[ $R == /* ]] || R=$PWD/$R  # (a folder given is the caller's: the reports run from the repository root)
 shift
-cd "$(dirname "$0")/../.." || exit 1
-wanted=" $* "
+cd "$root" || exit 1
+wanted=" $* " known=" " status=0
 report() {  # report <question> <title> <sweep folder>... [report options]
     local name=$1 title=$2 folders=() options=()
     shift 2
+    known+="$name "
     for arg in "$@"; do
         if [ ${#options[@]} -eq 0 ] && [[ $arg != --* ]]; then folders+=("$R/$arg"); else options+=("$arg"); fi
     done
@@ -17,8 +21,9 @@ report() {  # report <question> <title> <sweep folder>... [report options]
     for folder in "${folders[@]}"; do
         [ -d "$folder" ] || { echo "skipped $name: no $folder"; return 0; }
     done
-    python -m peft_lightning.report "${folders[@]}" "${options[@]}" --title "$title" \
-        --out "docs/findings/$name.md" > /dev/null && echo "wrote docs/findings/$name.md"
+    if python -m peft_lightning.report "${folders[@]}" "${options[@]}" --title "$title" \
+        --out "docs/findings/$name.md" > /dev/null; then echo "wrote docs/findings/$name.md"
+    else echo "FAILED $name" >&2; status=1; fi
 }
 RT="Rotten Tomatoes, MiniLM, 6 epochs, 3 seeds"
 SMS="SMS spam, MiniLM, 6 epochs, 3 seeds"
@@ -51,3 +56,7 @@ for task in rt sms; do
         methods_${task}6 presets_${task}6 --where method=prefix_tuning --baseline experiment=null
 done
 report city_facts "SmolLM2 data-to-text (city_facts): deep prefix vs embedding-only prefix vs LoRA, 3 seeds" city_facts
+for question in "$@"; do
+    [[ $known == *" $question "* ]] || { echo "no question named $question (they are:$known)" >&2; status=1; }
+done
+exit $status
