@@ -290,7 +290,8 @@ def collect(multirun: Path | list[Path], where: dict[str, str] | None = None) ->
         row["_unvalidated"] = (results or {}).get("unvalidated_updates") or 0
         for column, (path, _) in columns.items():
             row[column] = _get(results or {}, path) if path is not None else None
-        row[LATE] = late_gain(dev_curve(job, metric)) if results else None
+        # (a finished job's log only: a running one's is being rewritten, and it is not counted anyway)
+        row[LATE] = late_gain(dev_curve(job, metric)) if row["status"] == "completed" else None
         row["_unrecorded"] = [key for key in ("wall_time_s", "cpu_time_s") if _unrecorded(results or {}, key)]
         if row["_selection"].startswith("last"):  # its test is the last model's, not a best-dev checkpoint's:
             row[list(columns)[1]] = float("nan")  # its dev value counts (the best dev seen), its test does not
