@@ -314,6 +314,9 @@ def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> st
                 + (f" and takes the other arguments of {target} with +{where}<argument>=..." if arguments else ""))
     if isinstance(err, (ConfigCompositionException, OverrideParseException)):
         return " ".join(f"{err} {cause or ''}".split())
+    if isinstance(err, ValueError) and str(err).startswith("Only one of --run, --multirun"):  # Hydra's own check
+        return (f"{err} (`-m --cfg job`: print one job's config without -m, one value per swept key; "
+                "`--info`: without -m too)")
     # an interpolation in the config that names no key or resolver (`${nope}`) or a missing value: raised
     # where the value is first read, in the run. (Not an error a resolver's own code raised: a bug there
     # keeps its traceback.)

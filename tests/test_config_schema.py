@@ -153,6 +153,9 @@ def _preset(tmp_path, text):  # an experiment preset outside conf/, found throug
                               "'first' (data.labels is a list: its items are data.labels.0 to data.labels.1)"),
     (["data.labels=[]", "data.labels.x.y=1"], "cannot apply data.labels.x.y=1: TypeError: Index 'x' (str) is not an "
                                                "int (data.labels is an empty list)"),
+    # Hydra's own check of its flags: a ValueError with a traceback, exit 1
+    (["--cfg", "job", "-m", "seed=1,2"], "Only one of --run, --multirun, --cfg, --info and --shell_completion can be "
+                                         "specified (`-m --cfg job`: print one job's config without -m"),
     # a missing option that a preset sets, not the command line: say so (the user never typed model=tiny-brt)
     ("preset", "model=tiny-brt: no such model config (did you mean model=tiny-bert?); model takes "),
 ])
