@@ -30,6 +30,8 @@ SMS="SMS spam, MiniLM, 6 epochs, 3 seeds"
 
 report budget "Budget check: P-Tuning v2, 3 vs 6 epochs (Rotten Tomatoes, 3 seeds)" \
     methods_rt budget_rt --where method=ptuning_v2 --baseline trainer.max_epochs=3
+report budget12 "Budget check: P-Tuning v2, 6 vs 12 epochs (Rotten Tomatoes, 3 seeds)" \
+    budget_rt budget12_rt --where method=ptuning_v2 --baseline trainer.max_epochs=6
 report methods_3epochs "Every method at 3 epochs (Rotten Tomatoes, MiniLM, 3 seeds; a fixed small budget)" methods_rt
 report transfer "Prompt transfer (SPoT): SMS spam prefix vs random, P-Tuning v2 on 50-1000 Rotten Tomatoes sentences, 300 updates, 3 seeds" \
     transfer_rt --baseline method.init=random
