@@ -7,6 +7,8 @@
   uninterrupted run (per-batch dropout seeds, the logged metrics, the best-model record).
 - `interrupt_on_sigterm`: outside the trainer's own handler (setup, between fit and test), a SIGTERM
   raises at once, so the run still ends with results.json.
+- `hold_run_folder`: one process at a time runs in a run folder (a sweep relaunched while the first launch
+  still runs, the same resume started twice): the second stops before it writes anything.
 - `check_checkpoint`: a resume checkpoint is loaded with `weights_only=True` (a pickle cannot run code).
 - `FaultInjection`: signals and NaNs on purpose, for the tests.
 """
@@ -29,7 +31,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from peft_lightning.errors import CheckpointError
+from peft_lightning.errors import CheckpointError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,44 @@ def run_folder(ckpt_path) -> Path | None:
     if not path.is_file() or path.resolve().parent.name != "checkpoints":
         return None
     return path.resolve().parent.parent
+
+
+RUN_LOCK = ".run.lock"
+
+
+def hold_run_folder(folder: Path) -> Callable[[], None]:
+    """Claim a run folder for this process until the returned release() (or the process's end, however
+    it ends: the OS drops the lock of a killed process, so no stale lock outlives it). Two processes in
+    one folder would interleave results.json, checkpoints and logs with exit 0; the second one raises
+    OutputError instead, naming the process that holds the folder, before it writes anything."""
+    try:
+        import fcntl
+    except ImportError:  # (no flock: Windows) unguarded, as before
+        return lambda: None
+    file = Path(folder) / RUN_LOCK
+    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown process"
+        os.close(fd)
+        raise OutputError(f"{folder} is in use by another run ({holder}): two processes in one run folder would "
+                          "mix their results, checkpoints and logs. Wait for that run to end, or stop it, and "
+                          "run this command again (a relaunched sweep or a resume goes on where it stopped)") from None
+    import socket
+    import time
+
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+              .encode(), 0)
+
+    def release() -> None:
+        try:
+            os.close(fd)  # (closing the descriptor drops the lock)
+        except OSError:
+            pass
+
+    return release
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

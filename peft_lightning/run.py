@@ -23,7 +23,7 @@ from peft_lightning.checkpoint import save_pretrained
 from peft_lightning.data import TaskDataModule
 from peft_lightning.errors import ConfigError
 from peft_lightning.faults import (INTERRUPTS, AtomicCheckpointIO, ExactResume, InterruptCheckpoint, check_checkpoint,
-                                   interrupt_on_sigterm, raise_if_sigterm_swallowed, run_folder)
+                                   hold_run_folder, interrupt_on_sigterm, raise_if_sigterm_swallowed, run_folder)
 from peft_lightning.loggers import (configure_wandb, is_wandb, job_overrides, job_type, keep_best, resume_id,
                                     write_json_atomic)
 from peft_lightning.methods import method_class
@@ -181,6 +181,7 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = cfg.get("ckpt_path")
     out_dir = resume_folder(cfg, ckpt_path)
     out_dir.mkdir(parents=True, exist_ok=True)
+    release_folder = hold_run_folder(out_dir) if _rank_zero(None) else (lambda: None)  # before any write
     summary: dict = {"status": "running", "overrides": job_overrides(everything=True), "method": cfg.method.name,
                      "model": cfg.model.name, "data": cfg.data.name, "seed": cfg.seed}
     summary.update(previous_attempts(out_dir))
@@ -333,6 +334,7 @@ def train(cfg: DictConfig) -> dict:
 
             wandb.finish(exit_code=0 if summary["status"] == "completed" else 1)
         restore_sigterm()
+        release_folder()
 
 
 # --- resume: same folder, nothing lost, a pointer to where to go on ------------------------------

@@ -597,3 +597,35 @@ def test_full_epochs_counts_every_epoch_whose_batches_all_ran(tmp_path, first, t
     if then is not None:
         result = _fit(tmp_path, ckpt_path=tmp_path / "last.ckpt", **then)
     assert result == expected and result[0] == result[1] // 4
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused_before_anything_is_written(tmp_path):
+    """A sweep relaunched while its first launch still runs, or one resume started twice: two processes
+    in one folder would interleave results.json, checkpoints and logs with exit 0. The second stops with
+    one line naming the process that holds the folder, and writes nothing; a killed holder's claim dies
+    with it (no stale lock to clear by hand)."""
+    from peft_lightning.faults import RUN_LOCK, hold_run_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text('{"status": "running"}')
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from peft_lightning.faults import "
+                               "hold_run_folder; hold_run_folder(sys.argv[1]); print('held', flush=True); "
+                               "time.sleep(600)", str(out)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc, results = run(out)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {out} is in use by another run (pid {holder.pid} on "), last
+        assert results == {"status": "running"}  # untouched
+        # (Hydra's own record of the attempt and its log line are all that is added, before the run starts)
+        assert sorted(p.name for p in out.iterdir()) == [".hydra", RUN_LOCK, "results.json", "train.log"]
+    finally:
+        holder.kill()
+        holder.wait()
+    release = hold_run_folder(out)  # the SIGKILLed holder left the file, not the claim
+    release()
+    release = hold_run_folder(out)  # and a released claim is free again in the same process
+    release()
