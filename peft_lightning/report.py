@@ -381,6 +381,8 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     std = grouped[columns].std()
     count = grouped[columns].count()
     out["n"] = grouped.size()
+    if LATE in columns:
+        out[LATE + " n"] = count[LATE]  # the seeds whose CSV log gave a curve
     for column in columns:
         out[column + " std"] = std[column]
         out[column + " ci"] = [ci_half_width(s, n) for s, n in zip(std[column], count[column])]
@@ -458,7 +460,7 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
     summary = summarize(frame)
     columns = _columns(frame)
     dev, test = list(columns)[:2]
-    keys = [c for c in summary.columns if c not in columns and not c.endswith((" std", " ci")) and c != "n"]
+    keys = [c for c in summary.columns if c not in columns and not c.endswith((" std", " ci", " n")) and c != "n"]
     many = bool((summary["n"] > 1).any())
     lines = [f"# {title}", ""]
     if command:
@@ -486,6 +488,8 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
             cell = "" if pd.isna(value) else fmt.format(value)
             if many and not pd.isna(spread) and column in (test, dev):
                 cell += " ± " + fmt.format(spread)
+            if column == LATE and cell and row[LATE + " n"] < row["n"]:  # (seeds without a CSV log: not averaged in)
+                cell += f" ({int(row[LATE + ' n'])} of {int(row['n'])} seeds)"
             cells.append(cell)
             if many and column in (dev, test):
                 cells.append("" if pd.isna(half) else f"[{fmt.format(value - half)}, {fmt.format(value + half)}]")

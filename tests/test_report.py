@@ -757,3 +757,23 @@ def test_regenerate_sh_names_a_question_it_does_not_know_and_reads_a_relative_fo
     assert "skipped" not in empty.stdout and f"no job directories (results.json or .hydra/) under {tmp_path}/runs/" \
         in empty.stderr, empty
     assert empty.returncode == 1 and "FAILED budget" in empty.stderr, empty
+
+
+def test_a_late_gain_over_fewer_seeds_than_the_row_says_how_many(tmp_path):
+    """A seed without a CSV log (logger=wandb only, a deleted folder) has no curve: the row's late gain
+    is the mean over the seeds that have one, and the cell says over how many, not passing for all."""
+    curves = {1: [0.60, 0.70, 0.72, 0.74, 0.76, 0.80], 2: [0.61, 0.71, 0.73, 0.75, 0.77, 0.78]}
+    for num, (seed, curve) in enumerate(curves.items()):
+        job(tmp_path, num, ["method=a", f"seed={seed}"], acc=max(curve))
+        dev_log(tmp_path, num, 0, [(100 * (e + 1), v) for e, v in enumerate(curve)])
+    job(tmp_path, 2, ["method=a", "seed=3"], acc=0.79)  # no CSV
+    job(tmp_path, 3, ["method=b", "seed=1"], acc=0.70)
+    dev_log(tmp_path, 3, 0, [(100, 0.65), (200, 0.66), (300, 0.70)])
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
+    text = (tmp_path / "r.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| method |")).split(" | ")
+    at = header.index("dev gain, last third")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line[:4] in ("| a ", "| b ")}
+    gain_a = ((0.80 - 0.74) + (0.78 - 0.75)) / 2  # hand: best of 6 minus best of the first 4, the 2 seeds with a log
+    assert rows["a"][at] == f"{gain_a:+.4f} (2 of 3 seeds)", text
+    assert rows["b"][at] == f"{0.70 - 0.66:+.4f}", text  # every seed has its log: no note
