@@ -718,3 +718,25 @@ def test_a_filesystem_without_flock_runs_unguarded_not_refused(tmp_path, monkeyp
         hold_run_folder(tmp_path)()
     assert "this filesystem has no flock" in caplog.text
 
+
+def test_a_ddp_job_of_a_relaunched_sweep_whose_folder_is_in_use_fails_with_one_line(tmp_path):
+    """A DDP job of a sweep runs in its own process (multirun.py). Refused there (its folder still held by
+    the first launch), the sweep ended with a traceback: `RuntimeError: job 0 (...) exited with 2; see
+    job.log` (empty) and exit 1. The child's one line is the sweep's, exit 2, and nothing is written."""
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    job = tmp_path / "0"
+    (job / ".hydra").mkdir(parents=True)  # the first launch's job, still running
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in [*SMALL, *ddp]))
+    (job / "results.json").write_text('{"status": "running"}')
+    holder = _held_elsewhere(job)
+    try:
+        proc = subprocess.run([sys.executable, "train.py", "-m", *SMALL, *ddp, f"hydra.sweep.dir={tmp_path}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {job} is in use by another run (pid {holder.pid} on "), last
+    assert json.loads((job / "results.json").read_text()) == {"status": "running"}
