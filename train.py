@@ -57,8 +57,10 @@ OmegaConf.register_new_resolver("sweep_subdir", _sweep_subdir, replace=True)
 def user_error_exit(err) -> None:
     """Bad input (config, data, checkpoint, adapter): say what to fix in one line, no traceback."""
     from peft_lightning.errors import ConfigError
+    from peft_lightning.multirun import report_to_parent
 
     print(f"{'config error' if isinstance(err, ConfigError) else 'error'}: {err}", file=sys.stderr)
+    report_to_parent(err)  # (a DDP job of a sweep, in its own process: the sweep raises it as the job's error)
     sys.exit(err.exit_code)
 
 

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -62,10 +63,17 @@ def hold_run_folder(folder: Path) -> Callable[[], None]:
     except ImportError:  # (no flock: Windows) unguarded, as before
         return lambda: None
     file = Path(folder) / RUN_LOCK
-    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o666)  # (the umask applies, as to every file the run writes)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as err:
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            # a filesystem without flock (Lustre mounted without -o flock: ENOSYS; some FUSE mounts) holds no
+            # lock for anyone: refusing would refuse every run there, so run unguarded, as without fcntl
+            os.close(fd)
+            log.warning("%s: cannot lock %s (%s): this filesystem has no flock, so nothing stops a second "
+                        "process from running in this folder at the same time", folder, file, err.strerror or err)
+            return lambda: None
         holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown process"
         os.close(fd)
         raise OutputError(f"{folder} is in use by another run ({holder}): two processes in one run folder would "
@@ -74,16 +82,19 @@ def hold_run_folder(folder: Path) -> Callable[[], None]:
     import socket
     import time
 
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-              .encode(), 0)
-
     def release() -> None:
         try:
             os.close(fd)  # (closing the descriptor drops the lock)
         except OSError:
             pass
 
+    try:  # who holds it, for the message of a process refused
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+    except BaseException:  # (a full disk): no claim is left behind in this process
+        release()
+        raise
     return release
 
 

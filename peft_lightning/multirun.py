@@ -18,6 +18,9 @@ in a child process, with exactly the job's overrides and the job's output direct
 that child Lightning's launcher works as it does for any single run; the child writes the job's
 results.json, checkpoints and one W&B run (rank 0), and this process returns the job's selection
 metric (`objective`) to the sweeper. SLURM jobs are left alone: there srun starts the ranks, not Lightning.
+A user error in that child (a config value, its run folder in use by another launch) is handed back to
+this process (`report_to_parent`) and raised here as that job's error: the sweep runs the other jobs and
+ends with its one line, exit 2, as for a job run in-process.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 CHILD_ENV = "PEFT_LIGHTNING_MULTIRUN_CHILD"
+CHILD_ERROR_ENV = "PEFT_LIGHTNING_CHILD_ERROR"  # where a DDP job's own process leaves its user error
 FINISHED = ("completed", "not_trained")  # statuses a relaunch does not run again
 
 
@@ -219,11 +224,27 @@ def run_job_in_own_process(script: str, ckpt_path: str | None = None) -> float |
         o.lstrip("+").startswith("ckpt_path=") for o in hc.overrides.task) else []
     command = [sys.executable, os.path.abspath(script), *hc.overrides.task, *resume,
                f"hydra.run.dir={job_dir}", "hydra.output_subdir=null", "hydra.job.name=job"]
-    env = {**os.environ, CHILD_ENV: "1"}
-    returncode = subprocess.run(command, env=env, cwd=hc.runtime.cwd).returncode
+    with tempfile.TemporaryDirectory() as tmp:  # (not in the job folder: a refused child writes nothing there)
+        error_file = Path(tmp) / "error.json"
+        env = {**os.environ, CHILD_ENV: "1", CHILD_ERROR_ENV: str(error_file)}
+        returncode = subprocess.run(command, env=env, cwd=hc.runtime.cwd).returncode
+        user_error = json.loads(error_file.read_text()) if returncode != 0 and error_file.is_file() else None
+    if user_error:  # the child's own error, not "exited with 2": the sweep ends with its one line
+        from peft_lightning import errors
+
+        kind = getattr(errors, user_error["type"], None)
+        raise (kind if isinstance(kind, type) and issubclass(kind, errors.UserError) else errors.UserError)(
+            user_error["message"])
     results_file = job_dir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     if returncode != 0:
         raise RuntimeError(f"job {hc.job.num} ({' '.join(hc.overrides.task)}) exited with {returncode}; "
                            f"see {job_dir}/job.log and {results_file}")
     return objective(results.get("metrics", {}).get("best", {}))  # the child's run logged one val/*_best
+
+
+def report_to_parent(err: BaseException) -> None:
+    """In a DDP job's own process (run_job_in_own_process): leave the user error for the sweep's process."""
+    path = os.environ.get(CHILD_ERROR_ENV)
+    if path:
+        Path(path).write_text(json.dumps({"type": type(err).__name__, "message": str(err)}))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -178,10 +179,17 @@ def train(cfg: DictConfig) -> dict:
     """Fit, test the best-dev checkpoint, export the adapter; results.json is written whatever happens
     (status `running` from the start, so even a SIGKILL leaves a trace)."""
     started, cpu_started = time.time(), time.process_time()
-    ckpt_path = cfg.get("ckpt_path")
-    out_dir = resume_folder(cfg, ckpt_path)
+    out_dir = resume_folder(cfg, cfg.get("ckpt_path"))
     out_dir.mkdir(parents=True, exist_ok=True)
     release_folder = hold_run_folder(out_dir) if _rank_zero(None) else (lambda: None)  # before any write
+    try:  # released however the run ends, also before its own try (a second train() here is not refused)
+        return _train(cfg, out_dir, started, cpu_started)
+    finally:
+        release_folder()
+
+
+def _train(cfg: DictConfig, out_dir: Path, started: float, cpu_started: float) -> dict:
+    ckpt_path = cfg.get("ckpt_path")
     summary: dict = {"status": "running", "overrides": job_overrides(everything=True), "method": cfg.method.name,
                      "model": cfg.model.name, "data": cfg.data.name, "seed": cfg.seed}
     summary.update(previous_attempts(out_dir))
@@ -334,7 +342,6 @@ def train(cfg: DictConfig) -> dict:
 
             wandb.finish(exit_code=0 if summary["status"] == "completed" else 1)
         restore_sigterm()
-        release_folder()
 
 
 # --- resume: same folder, nothing lost, a pointer to where to go on ------------------------------
@@ -383,10 +390,13 @@ def previous_attempts(out_dir: Path) -> dict:
     file = out_dir / "results.json"
     if not file.is_file() or not _rank_zero(None):
         return {}
+    text = file.read_bytes().decode(errors="replace")
     try:
-        previous = json.loads(file.read_text())
-    except ValueError:  # (a hand-edited or foreign file: keep its text)
-        previous = {"unreadable_results_json": file.read_text()[:10_000]}
+        previous = json.loads(text)
+    except ValueError:
+        previous = None
+    if not isinstance(previous, dict):  # (a hand-edited or foreign file: keep its text)
+        previous = {"unreadable_results_json": text[:10_000]}
     return {"previous_attempts": [*previous.pop("previous_attempts", []), previous]}
 
 
@@ -433,7 +443,11 @@ def selection_metric(module) -> str:
 
 
 def _rank_zero(trainer) -> bool:
-    return trainer.is_global_zero if trainer is not None else rank_zero_only.rank == 0
+    if trainer is not None:
+        return trainer.is_global_zero
+    # before the trainer, Lightning's rank from RANK / LOCAL_RANK / SLURM_PROCID; the main process of another
+    # machine started with NODE_RANK (several machines without SLURM) sets none of them, and is not rank 0
+    return rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or 0) == 0
 
 
 def _peak_memory_mb() -> float:

@@ -629,3 +629,114 @@ def test_a_run_folder_in_use_by_another_process_is_refused_before_anything_is_wr
     release()
     release = hold_run_folder(out)  # and a released claim is free again in the same process
     release()
+
+
+def _held_elsewhere(folder: Path) -> subprocess.Popen:
+    """Another process that holds `folder` (as a sweep's first launch still running that job)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from peft_lightning.faults import "
+                               "hold_run_folder; hold_run_folder(sys.argv[1]); print('held', flush=True); "
+                               "time.sleep(600)", str(folder)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def _train_here(out: Path, *overrides):
+    """train() in this process (as the tests and a notebook call it), in `out`; bad batch size: it stops
+    in validate_config, inside the run, before any model is loaded."""
+    from omegaconf import open_dict
+
+    from peft_lightning.run import train
+
+    cfg = compose_cfg(["model=tiny-bert", "logger=csv", "data.batch_size=0", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return train(cfg)
+
+
+def test_the_run_folder_is_free_again_however_train_ends(tmp_path, monkeypatch):
+    """A failure before train()'s own try block (here: reading the overrides) left the folder held by this
+    process for good: the next train() in it, in the same process, was refused as `in use by another run`
+    naming this very process."""
+    from peft_lightning import run as run_module
+    from peft_lightning.faults import hold_run_folder
+
+    with pytest.raises(ConfigError, match="data.batch_size"):  # a failure inside the run
+        _train_here(tmp_path)
+    hold_run_folder(tmp_path)()
+
+    def broken(everything=False):
+        raise RuntimeError("overrides unreadable")
+
+    monkeypatch.setattr(run_module, "job_overrides", broken)
+    with pytest.raises(RuntimeError, match="overrides unreadable"):  # a failure before it
+        _train_here(tmp_path)
+    hold_run_folder(tmp_path)()
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"\xff\xfe{not json"])
+def test_a_foreign_results_json_is_kept_as_text_not_a_crash(tmp_path, content):
+    """A results.json that is not a run's record (a list; bytes that are not UTF-8) crashed train() with a
+    traceback (TypeError / UnicodeDecodeError) before the run began; it is kept as text, as unparsable JSON is."""
+    (tmp_path / "results.json").write_bytes(content)
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        _train_here(tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "failed"
+    assert results["previous_attempts"] == [{"unreadable_results_json": content.decode(errors="replace")}]
+
+
+def test_another_machines_main_process_does_not_claim_the_folder(tmp_path, monkeypatch):
+    """Several machines without SLURM (README: NODE_RANK, MASTER_ADDR on each): the main process of machine
+    1 has no RANK / LOCAL_RANK, so Lightning's rank says 0 before the trainer exists. It claimed the shared
+    run folder that rank 0 of machine 0 holds (flock is cluster-wide on NFS) and stopped with `in use`,
+    leaving machine 0 waiting for it; it must neither claim the folder nor write results.json."""
+    from peft_lightning.faults import hold_run_folder
+
+    release = hold_run_folder(tmp_path)  # global rank 0, on machine 0
+    try:
+        monkeypatch.setenv("NODE_RANK", "1")
+        with pytest.raises(ConfigError, match="data.batch_size"):  # its own run, not OutputError
+            _train_here(tmp_path)
+        assert not (tmp_path / "results.json").exists()
+    finally:
+        release()
+
+
+def test_a_filesystem_without_flock_runs_unguarded_not_refused(tmp_path, monkeypatch, caplog):
+    """Lustre mounted without `-o flock` answers flock with ENOSYS: no process holds the folder, yet every
+    run there was refused as `in use by another run (unknown process)`."""
+    import errno
+    import fcntl
+
+    from peft_lightning.faults import hold_run_folder
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with caplog.at_level("WARNING"):
+        hold_run_folder(tmp_path)()
+    assert "this filesystem has no flock" in caplog.text
+
+
+def test_a_ddp_job_of_a_relaunched_sweep_whose_folder_is_in_use_fails_with_one_line(tmp_path):
+    """A DDP job of a sweep runs in its own process (multirun.py). Refused there (its folder still held by
+    the first launch), the sweep ended with a traceback: `RuntimeError: job 0 (...) exited with 2; see
+    job.log` (empty) and exit 1. The child's one line is the sweep's, exit 2, and nothing is written."""
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    job = tmp_path / "0"
+    (job / ".hydra").mkdir(parents=True)  # the first launch's job, still running
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in [*SMALL, *ddp]))
+    (job / "results.json").write_text('{"status": "running"}')
+    holder = _held_elsewhere(job)
+    try:
+        proc = subprocess.run([sys.executable, "train.py", "-m", *SMALL, *ddp, f"hydra.sweep.dir={tmp_path}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {job} is in use by another run (pid {holder.pid} on "), last
+    assert json.loads((job / "results.json").read_text()) == {"status": "running"}
