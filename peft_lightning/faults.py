@@ -74,7 +74,7 @@ def hold_run_folder(folder: Path) -> Callable[[], None]:
             log.warning("%s: cannot lock %s (%s): this filesystem has no flock, so nothing stops a second "
                         "process from running in this folder at the same time", folder, file, err.strerror or err)
             return lambda: None
-        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown process"
+        holder = (os.pread(fd, 512, 0).decode(errors="replace").strip().splitlines() or ["unknown process"])[0]
         os.close(fd)
         raise OutputError(f"{folder} is in use by another run ({holder}): two processes in one run folder would "
                           "mix their results, checkpoints and logs. Wait for that run to end, or stop it, and "
