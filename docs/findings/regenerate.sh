@@ -9,7 +9,7 @@ R=${1:-$root/outputs/findings}
 [[ $R == /* ]] || R=$PWD/$R  # (a folder given is the caller's: the reports run from the repository root)
 shift
 cd "$root" || exit 1
-wanted=" $* " known=" " status=0
+wanted=" $* " known=" " written=" " status=0
 report() {  # report <question> <title> <sweep folder>... [report options]
     local name=$1 title=$2 folders=() options=()
     shift 2
@@ -22,7 +22,7 @@ report() {  # report <question> <title> <sweep folder>... [report options]
         [ -d "$folder" ] || { echo "skipped $name: no $folder"; return 0; }
     done
     if python -m peft_lightning.report "${folders[@]}" "${options[@]}" --title "$title" \
-        --out "docs/findings/$name.md" > /dev/null; then echo "wrote docs/findings/$name.md"
+        --out "docs/findings/$name.md" > /dev/null; then echo "wrote docs/findings/$name.md"; written+="$name "
     else echo "FAILED $name" >&2; status=1; fi
 }
 RT="Rotten Tomatoes, MiniLM, 6 epochs, 3 seeds"
@@ -58,6 +58,8 @@ for task in rt sms; do
         methods_${task}6 presets_${task}6 --where method=prefix_tuning --baseline experiment=null
 done
 report city_facts "SmolLM2 data-to-text (city_facts): deep prefix vs embedding-only prefix vs LoRA, 3 seeds" city_facts
+# the README's methods table is made from the methods report (docs/findings/readme_table.py)
+if [[ $written == *" methods_rt6 "* ]]; then python docs/findings/readme_table.py || status=1; fi
 for question in "$@"; do
     [[ $known == *" $question "* ]] || { echo "no question named $question (they are:$known)" >&2; status=1; }
 done
