@@ -39,28 +39,62 @@ def tables(lines: list[str]) -> list[list[dict[str, str]]]:
     return found
 
 
-def label(row: dict[str, str]) -> str:
-    """The method's name, and any other axis set on it (LoRA+: method.optim.lr_ratio=16)."""
-    name = f"{NAMES.get(row['method'], row['method'])} (`{row['method']}`)"
-    ratio = row.get("method.optim.lr_ratio", "")
-    if ratio not in ("", "1", "1.0", "nan", "None", "null"):
-        name = f"LoRA+ (`{row['method']}`, `method.optim.lr_ratio={ratio}`)"
-    return name
+RATIO = "method.optim.lr_ratio"
+UNSET = "(unset)"  # the report's cell for a key a job's config lacks (peft_lightning.report.UNSET): finetune's lr_ratio
+SWEEP = ROOT / "sweeps" / "methods.yaml"  # the methods the table is to hold
+SEEDS = 3
+
+
+def _ratio(row: dict[str, str]) -> str:
+    """The row's LoRA+ learning-rate ratio; "" for none: 1 (plain LoRA), or a method without the key."""
+    value = row.get(RATIO, "")
+    try:
+        return "" if float(value) == 1 else f"{float(value):g}"
+    except ValueError:  # ("", the report's "(unset)", "nan" where a job had no config)
+        return ""
+
+
+def label(row: dict[str, str], axes: list[str]) -> str:
+    """The method's name, and any other axis set on it (LoRA+: `method=lora method.optim.lr_ratio=16`)."""
+    method, ratio = row["method"], _ratio(row)
+    extra = [f"`{RATIO}={ratio}`"] if ratio else []
+    extra += [f"`{k}={row[k]}`" for k in axes if k not in ("method", RATIO) and row.get(k, UNSET) != UNSET]
+    name = "LoRA+" if method == "lora" and ratio else NAMES.get(method, method)
+    return f"{name} ({', '.join([f'`{method}`', *extra])})"
+
+
+def pending(main: list[dict[str, str]]) -> str:
+    """What the table still lacks: a method of the sweep (or LoRA+) with no row, or one with fewer seeds."""
+    import yaml
+
+    wanted = [(m, "") for m in yaml.safe_load(SWEEP.read_text())["hydra"]["sweeper"]["params"]["method"].split(",")]
+    wanted.append(("lora", "16"))  # LoRA+, docs/findings.md's command
+    rows = {(r["method"], _ratio(r)): r for r in main}
+    name = lambda m, ratio: label({"method": m, RATIO: ratio}, [])  # noqa: E731
+    short = [f"{name(*w)} has {rows[w]['n']} of {SEEDS} seeds" for w in wanted if w in rows and int(rows[w]["n"]) < SEEDS]
+    missing = [name(*w) for w in wanted if w not in rows]
+    parts = short + ([f"not in the table yet (no completed seed): {', '.join(missing)}"] if missing else [])
+    return f"\n\nProvisional: {'; '.join(parts)}." if parts else ""
 
 
 def block(page: Path = PAGE) -> str:
     main, *rest = [t for t in tables(page.read_text().splitlines()) if t and "method" in t[0]]
     paired = next((t for t in rest if "Δ best dev acc" in t[0]), [])
-    key = lambda r: (r["method"], r.get("method.optim.lr_ratio", ""))  # noqa: E731
+    head = list(main[0])
+    axes = head[:head.index("best dev acc")]  # (the setting's columns: method, and lr_ratio once LoRA+ is in)
+    key = lambda r: tuple(r.get(a, "") for a in axes)  # noqa: E731
     delta = {key(r): r for r in paired}
     out = ["| method | trainable | best dev acc | test acc | Δ dev vs full fine-tuning, paired [95% CI] | seeds |",
            "|---|---|---|---|---|---|"]
     for row in main:  # (the report's order: ranked by best dev)
         d = delta.get(key(row))
+        if (d is None) != (row["method"] == "finetune"):  # the header says the paired table is against it
+            raise ValueError(f"{page}: the paired table is not against method=finetune alone "
+                             f"({label(row, axes)} has {'no' if d is None else 'a'} paired difference)")
         diff = f"{d['Δ best dev acc']} {d['Δ best dev acc 95% CI']}".strip() if d else "(the reference)"
-        out.append(f"| {label(row)} | {row['trainable']} ({row['trainable %']}%) | {row['best dev acc']} | "
+        out.append(f"| {label(row, axes)} | {row['trainable']} ({row['trainable %']}%) | {row['best dev acc']} | "
                    f"{row['test acc']} | {diff} | {row['n']} |")
-    return "\n".join([BEGIN, *out, END])
+    return "\n".join([BEGIN, *out]) + pending(main) + "\n" + END
 
 
 def current(readme: str) -> str:
@@ -73,7 +107,11 @@ def main(argv: list[str]) -> int:
     if BEGIN not in readme or END not in readme:
         print(f"{README}: no methods table markers ({BEGIN!r} ... {END!r})", file=sys.stderr)
         return 1
-    new = block()
+    try:
+        new = block()
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 1
     if "--check" in argv:
         if current(readme) != new:
             print(f"{README}'s methods table is not the one {PAGE} gives: run python docs/findings/readme_table.py",
