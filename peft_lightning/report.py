@@ -1,6 +1,6 @@
 """Compare the jobs of a multirun: a markdown table (and plots) from their results.json files.
 
-    python -m peft_lightning.report outputs/methods/multiruns/<time> --out docs/methods.md
+    python -m peft_lightning.report outputs/methods/multiruns/<time> --out docs/findings/methods.md
 
 Every job writes results.json whatever happens (run.py), so the report needs nothing else: no
 W&B. The sweep's axes are the overrides that differ between jobs, and any config key that differs
