@@ -635,11 +635,22 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, stem: 
     numeric = [k for k in keys if _numeric(summary[k].dropna())]
     for x in numeric or keys[:1]:
         others = [k for k in keys if k != x]
+        data = summary
+        if x not in numeric:
+            # a knob some settings do not have (LoRA+'s method.optim.lr_ratio beside methods without it) is part
+            # of those settings' names, not a crossing: a group per value would give its (unset) settings a
+            # line and a star of their own
+            fold = [k for k in others if (summary[k].astype(str) == UNSET).any()]
+            if fold:
+                data = summary.assign(**{x: [", ".join([str(row[x]), *(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in fold
+                                                                      if str(row[k]) != UNSET)])
+                                             for _, row in summary.iterrows()]})
+                others = [k for k in others if k not in fold]
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        groups = list(summary.groupby(others, sort=False)) if others else [((), summary)]
+        groups = list(data.groupby(others, sort=False)) if others else [((), data)]
         # categorical x: one category order for every group (a group may lack a category or list them in
         # another order), and a slot per (group, metric) inside each category, so no two points share a place
-        cats = list(dict.fromkeys(summary[x].astype(str))) if x not in numeric else []
+        cats = list(dict.fromkeys(data[x].astype(str))) if x not in numeric else []
         slots = len(groups) * len(metrics)
         width = 0.8 / slots
         place = lambda number, i: (number * len(metrics) + i - (slots - 1) / 2) * width  # noqa: E731
@@ -677,11 +688,11 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, stem: 
         if cats:
             tilt = sum(map(len, cats)) > 40  # (method names side by side would overlap)
             ax.set_xticks(range(len(cats)), cats, rotation=30 if tilt else 0, ha="right" if tilt else "center")
-        spread = summary[x].astype(float).max() / max(summary[x].astype(float).min(), 1e-12) if x in numeric else 1
+        spread = data[x].astype(float).max() / max(data[x].astype(float).min(), 1e-12) if x in numeric else 1
         if spread > 10:  # prefix lengths, example counts: powers of 2; learning rates: decades
             ax.set_xscale("log", base=10 if spread > 1000 else 2)
         ax.set_xlabel(x)
-        seeds = int(summary["n"].max()) if "n" in summary else 1
+        seeds = int(data["n"].max()) if "n" in data else 1
         ax.set_ylabel(" / ".join(metrics))
         if seeds > 1:
             ax.set_title(f"mean over seeds (up to {seeds}); error bars: 95% confidence interval", fontsize=9)

@@ -777,3 +777,32 @@ def test_a_late_gain_over_fewer_seeds_than_the_row_says_how_many(tmp_path):
     gain_a = ((0.80 - 0.74) + (0.78 - 0.75)) / 2  # hand: best of 6 minus best of the first 4, the 2 seeds with a log
     assert rows["a"][at] == f"{gain_a:+.4f} (2 of 3 seeds)", text
     assert rows["b"][at] == f"{0.70 - 0.66:+.4f}", text  # every seed has its log: no note
+
+
+def test_a_knob_some_methods_lack_names_those_settings_on_the_plot_not_a_group_and_star_each(tmp_path, monkeypatch):
+    """LoRA+ in the methods sweep: method.optim.lr_ratio is 16 for it, 1 for plain LoRA (its config) and
+    "(unset)" for fine-tuning and P-Tuning v2 (no such key). A line and a star per lr_ratio value would star
+    three "selected" settings; the knob is part of the LoRA settings' names instead: one star, on the
+    setting the table selects, and a tick per setting."""
+    from test_docs import _job
+
+    dev = {("finetune", None): [0.860, 0.864], ("lora", 1.0): [0.850, 0.852], ("lora", 16.0): [0.858, 0.855],
+           ("ptuning_v2", None): [0.830, 0.841]}
+    number = 0
+    for (method, ratio), values in dev.items():
+        for seed, value in enumerate(values, 1):
+            _job(tmp_path / str(number), method, seed, value, value - 0.01, ratio, override=ratio == 16)
+            number += 1
+    import matplotlib.axes
+
+    stars, ticks = [], []
+    plot, set_xticks = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.set_xticks
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **kw: (
+        stars.append((a[0][0], a[1][0])) if kw.get("marker") == "*" else None) or plot(self, *a, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks", lambda self, where, labels=None, **kw: ticks.append(
+        (list(where), [] if labels is None else list(labels))) or set_xticks(self, where, labels, **kw))
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+    where, labels = ticks[-1]
+    assert sorted(labels) == ["finetune", "lora, lr_ratio=1", "lora, lr_ratio=16", "ptuning_v2"], labels
+    assert len(stars) == 1 and stars[0][1] == pytest.approx(0.862)  # fine-tuning's mean best dev
+    assert min(zip(where, labels), key=lambda t: abs(t[0] - stars[0][0]))[1] == "finetune"  # over its own tick
