@@ -77,8 +77,19 @@ def pending(main: list[dict[str, str]]) -> str:
     return f"\n\nProvisional: {'; '.join(parts)}." if parts else ""
 
 
+def rising(lines: list[str]) -> str:
+    """The report's sentence naming the settings whose dev was still rising at the end of the budget."""
+    line = next((line for line in lines if line.startswith("Best dev still rising")), None)
+    if line is None:
+        return ""
+    settings = line.split(" may move ", 1)[1].split(": ", 1)[1].rstrip(".")
+    return ("\n\nStill rising at the end of the 6 epochs (the report's check: best dev gained more in the last third "
+            f"of the evaluations than the seeds' std), so a longer budget may move them: {settings}.")
+
+
 def block(page: Path = PAGE) -> str:
-    main, *rest = [t for t in tables(page.read_text().splitlines()) if t and "method" in t[0]]
+    lines = page.read_text().splitlines()
+    main, *rest = [t for t in tables(lines) if t and "method" in t[0]]
     paired = next((t for t in rest if "Δ best dev acc" in t[0]), [])
     head = list(main[0])
     axes = head[:head.index("best dev acc")]  # (the setting's columns: method, and lr_ratio once LoRA+ is in)
@@ -94,7 +105,7 @@ def block(page: Path = PAGE) -> str:
         diff = f"{d['Δ best dev acc']} {d['Δ best dev acc 95% CI']}".strip() if d else "(the reference)"
         out.append(f"| {label(row, axes)} | {row['trainable']} ({row['trainable %']}%) | {row['best dev acc']} | "
                    f"{row['test acc']} | {diff} | {row['n']} |")
-    return "\n".join([BEGIN, *out]) + pending(main) + "\n" + END
+    return "\n".join([BEGIN, *out]) + rising(lines) + pending(main) + "\n" + END
 
 
 def current(readme: str) -> str:
