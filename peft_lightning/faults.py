@@ -177,13 +177,24 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
             restart_validation(checkpoint["loops"]["fit_loop"])
 
 
-def restart_validation(fit_loop_state: dict) -> None:
-    """Rewrite the loop state of a checkpoint written inside a validation so that a resume runs the
-    whole validation again: Lightning's own "stopped inside a validation step" state (started one
-    batch, processed none; `_EvaluationLoop.restarted_mid_evaluation`), at the validation's first
-    batch. The batches already validated are forgotten: their metric updates are not in the checkpoint."""
+def _evaluation_due(trainer) -> bool:
+    """Whether the fit loop validates after the training batch that just ended (Lightning's own test)."""
+    loop = trainer.fit_loop
+    try:
+        return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+    except (AttributeError, TypeError):  # (a Lightning whose private loop API moved: compat.py pins the tested ones)
+        return False
+
+
+def restart_validation(fit_loop_state: dict, started: bool = True) -> None:
+    """Rewrite the loop state of a checkpoint written inside a validation (or, `started=False`, just
+    before one) so that a resume runs the whole validation: Lightning's own "stopped inside a validation
+    step" state (started one batch, processed none; `_EvaluationLoop.restarted_mid_evaluation`), at the
+    validation's first batch. The batches already validated are forgotten: their metric updates are not
+    in the checkpoint."""
     progress = fit_loop_state["epoch_loop.val_loop.batch_progress"]
-    done = progress["current"]["completed"]  # batches of this validation that had run
+    # batches of this validation that had run (before it started, `current` still counts the last one's)
+    done = progress["current"]["completed"] if started else 0
     for key, before in (("total", progress["total"]["completed"] - done), ("current", 0)):
         progress[key].update(ready=before + 1, started=before + 1, processed=before, completed=before)
     progress["is_last_batch"] = False
@@ -210,18 +221,43 @@ class ExactResume(Callback):
     - A run folder that was moved keeps its best-model record: ModelCheckpoint forgets it when the
       checkpoint's `dirpath` is not its own ("dirpath has changed"), so the paths are rebased onto the
       new folder when the files are there.
+    - A checkpoint written at the end of a training batch after which a dev evaluation is due (a step
+      checkpoint, `every_n_train_steps`, at an epoch's last batch) resumes with that evaluation: Lightning
+      assumes it ran after the save and skips it ("fast forward ... to end of validation"), so a run
+      killed in between lost an evaluation silently, or, when the skipped one was the best, tested a
+      best checkpoint a later save had deleted. The checkpoint is written as one stopped at that
+      evaluation's first batch, which Lightning runs again (as InterruptCheckpoint does inside one).
     """
 
     def __init__(self, seed: int):
         self.seed = seed
         self._trainer = None
         self._metrics: dict[str, torch.Tensor] = {}
+        self._after_batch = False  # between a training batch's end and its dev evaluation, if one is due
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._trainer = trainer
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._after_batch = False
         torch.manual_seed(step_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank))
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self._after_batch = True  # (checkpoint callbacks run after every other callback: their saves see this)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._after_batch = False
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._after_batch = False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self._after_batch and trainer.training and _evaluation_due(trainer):
+            fit = checkpoint["loops"]["fit_loop"]
+            for part in ("total", "current"):  # the batch counted complete, as Lightning has it when validating
+                progress = fit["epoch_loop.batch_progress"][part]
+                progress["completed"] = progress["processed"]
+            restart_validation(fit, started=False)
 
     def state_dict(self) -> dict[str, Any]:
         metrics = self._trainer.callback_metrics if self._trainer is not None else {}

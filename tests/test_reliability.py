@@ -221,6 +221,27 @@ def test_sigkill_then_resume_from_last_checkpoint(straight, tmp_path):
     assert not (tmp_path / "elsewhere" / "results.json").exists()
 
 
+def test_a_step_checkpoint_written_just_before_a_dev_evaluation_resumes_with_that_evaluation(straight, tmp_path):
+    """last.ckpt every 12 updates: the one at update 24 is written at epoch 1's last batch, before epoch 1's
+    dev evaluation. Lightning resumes as if that evaluation had run after the save and skips it: the resume
+    of this finished run tested the best checkpoint of epoch 0, which epoch 1's better one had deleted
+    (FileNotFoundError, exit 1); killed between the save and the evaluation, a run lost it silently. The
+    resume runs it, and finishes as the uninterrupted run did."""
+    every = "+callbacks.last_checkpoint.every_n_train_steps=12"
+    proc, first = run(tmp_path / "run", every)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 24
+    proc, resumed = resume(last, every)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert resumed["status"] == "completed" and resumed["global_step"] == straight["global_step"] == 24
+    for part in ("final", "best", "test"):
+        assert resumed["metrics"][part] == straight["metrics"][part], part
+    best = ("best_epoch", "best_step", "best_score")
+    assert [resumed[k] for k in best] == [straight[k] for k in best] and straight["best_epoch"] == 1
+    assert Path(resumed["best_checkpoint"]).is_file()
+
+
 def test_last_checkpoint_is_the_latest_validation(straight, tmp_path):
     """Lightning 2.6 writes ModelCheckpoint(save_last=True)'s last.ckpt only when a top-k checkpoint is
     saved: with epoch 0 the best, last.ckpt would stay at step 12. Ours follows every validation.
