@@ -242,6 +242,35 @@ def test_a_step_checkpoint_written_just_before_a_dev_evaluation_resumes_with_tha
     assert Path(resumed["best_checkpoint"]).is_file()
 
 
+@pytest.mark.slow  # three small runs (~60 s)
+def test_a_mid_epoch_step_checkpoint_resumes_exactly(tmp_path):
+    """Dev every 6 updates and last.ckpt every 6 (written at the batch's end, before its evaluation); killed in
+    the evaluation after update 18, mid-epoch. The resume runs that evaluation again and trains on from the
+    epoch's 7th batch: before, it skipped the evaluation, and it skipped one batch too few of the epoch's order
+    (the checkpoint counts the batch trained but not completed), so a batch was trained twice, exit 0."""
+    every = ["+trainer.val_check_interval=6", "+callbacks.last_checkpoint.every_n_train_steps=6"]
+    proc, straight = run(tmp_path / "straight", *every)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc, first = run(tmp_path / "run", *every, *fault(signal="SIGKILL", signal_in="validation", signal_at_step=18))
+    assert proc.returncode == -signal.SIGKILL
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 18
+    proc, resumed = resume(last, *every)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert resumed["global_step"] == straight["global_step"] == 24
+    for part in ("final", "best", "test"):
+        assert resumed["metrics"][part] == straight["metrics"][part], part
+    import pandas as pd
+
+    def curve(folder, column):  # every logged value of a column, by step, over the attempts' CSV versions
+        rows = pd.concat(pd.read_csv(f) for f in sorted((folder / "csv").glob("version_*/metrics.csv")))
+        rows = rows.dropna(subset=[column])
+        return dict(zip(rows["step"], rows[column]))
+
+    assert curve(tmp_path / "run", "val/loss") == curve(tmp_path / "straight", "val/loss")  # update 18's included
+    assert curve(tmp_path / "run", "train/loss") == curve(tmp_path / "straight", "train/loss")
+
+
 def test_last_checkpoint_is_the_latest_validation(straight, tmp_path):
     """Lightning 2.6 writes ModelCheckpoint(save_last=True)'s last.ckpt only when a top-k checkpoint is
     saved: with epoch 0 the best, last.ckpt would stay at step 12. Ours follows every validation.

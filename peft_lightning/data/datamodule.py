@@ -438,7 +438,10 @@ class TaskDataModule(L.LightningDataModule):
         if self.trainer is None:
             return {}
         progress = self.trainer.fit_loop.epoch_loop.batch_progress
-        return {"epoch": self.trainer.current_epoch, "batches_done": progress.current.completed,
+        # processed, not completed: a checkpoint written at a batch's end (on_train_batch_end: a step checkpoint,
+        # every_n_train_steps) has that batch trained but not yet counted completed; a resume skipping one
+        # batch too few trained it twice
+        return {"epoch": self.trainer.current_epoch, "batches_done": progress.current.processed,
                 "epoch_finished": progress.is_last_batch, "world_size": self.trainer.world_size}
 
     def load_state_dict(self, state: dict) -> None:
