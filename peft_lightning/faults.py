@@ -186,6 +186,23 @@ def _evaluation_due(trainer) -> bool:
         return False
 
 
+def _accumulating(trainer) -> bool:
+    """Whether gradients of batches since the last optimizer step wait in .grad (Lightning's own test)."""
+    try:
+        return bool(trainer.fit_loop.epoch_loop._should_accumulate())
+    except (AttributeError, TypeError):  # (see _evaluation_due)
+        return False
+
+
+def _evaluation_pending(fit_loop_state: dict) -> bool:
+    """Whether a checkpoint's loop state is Lightning's "stopped inside a validation" (restart_validation's)."""
+    try:
+        total = fit_loop_state["epoch_loop.val_loop.batch_progress"]["total"]
+    except (KeyError, TypeError):
+        return False
+    return total["ready"] == total["started"] == total["processed"] + 1 and total["completed"] == total["processed"]
+
+
 def restart_validation(fit_loop_state: dict, started: bool = True) -> None:
     """Rewrite the loop state of a checkpoint written inside a validation (or, `started=False`, just
     before one) so that a resume runs the whole validation: Lightning's own "stopped inside a validation
@@ -227,6 +244,12 @@ class ExactResume(Callback):
       killed in between lost an evaluation silently, or, when the skipped one was the best, tested a
       best checkpoint a later save had deleted. The checkpoint is written as one stopped at that
       evaluation's first batch, which Lightning runs again (as InterruptCheckpoint does inside one).
+      A resume at `trainer.max_steps` runs it too: Lightning's fit loop would end before it, on the step
+      count alone, so the last dev evaluation of a step budget was lost (max_steps is raised by one until
+      that evaluation ends; the evaluation is the loop's first act, so no batch trains meanwhile).
+    - A checkpoint written between two batches of one gradient-accumulation window (an interrupt, a dev
+      evaluation or a step checkpoint there) keeps the gradients accumulated so far, which the next
+      optimizer step adds to: the resume dropped them (single process: under DDP each rank holds its own).
     """
 
     def __init__(self, seed: int):
@@ -234,6 +257,9 @@ class ExactResume(Callback):
         self._trainer = None
         self._metrics: dict[str, torch.Tensor] = {}
         self._after_batch = False  # between a training batch's end and its dev evaluation, if one is due
+        self._pending_step: int | None = None  # a resume's checkpoint left an evaluation to run, at this update
+        self._max_steps: int | None = None  # trainer.max_steps while raised for that evaluation
+        self._gradients: dict[str, torch.Tensor] = {}  # a resume's accumulated gradients
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._trainer = trainer
@@ -258,6 +284,9 @@ class ExactResume(Callback):
                 progress = fit["epoch_loop.batch_progress"][part]
                 progress["completed"] = progress["processed"]
             restart_validation(fit, started=False)
+        if trainer.state.fn == TrainerFn.FITTING and trainer.world_size == 1 and _accumulating(trainer):
+            checkpoint["accumulated_gradients"] = {name: p.grad.detach().cpu().clone()
+                                                   for name, p in pl_module.named_parameters() if p.grad is not None}
 
     def state_dict(self) -> dict[str, Any]:
         metrics = self._trainer.callback_metrics if self._trainer is not None else {}
@@ -271,8 +300,29 @@ class ExactResume(Callback):
         for k, v in self._metrics.items():
             trainer.callback_metrics.setdefault(k, v)
         self._metrics = {}
+        loop = trainer.fit_loop.epoch_loop
+        # (only when it can run: a resume that disabled validation would otherwise train one update too many)
+        if self._pending_step is not None and 0 <= loop.max_steps <= self._pending_step and trainer.enable_validation:
+            self._max_steps, loop.max_steps = loop.max_steps, self._pending_step + 1
+        self._pending_step = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # (after Lightning restored the weights and optimizer; it zeroes .grad only where a window begins)
+        if self._gradients:
+            for name, p in pl_module.named_parameters():
+                if name in self._gradients:
+                    p.grad = self._gradients[name].to(device=p.device, dtype=p.dtype)
+        self._gradients = {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._max_steps is not None:  # the pending evaluation ran: the step budget is back
+            trainer.fit_loop.epoch_loop.max_steps, self._max_steps = self._max_steps, None
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+            self._pending_step = checkpoint.get("global_step") if _evaluation_pending(fit) else None
+            self._gradients = dict(checkpoint.get("accumulated_gradients") or {})
         states = checkpoint.get("callbacks") or {}
         for cb in trainer.checkpoint_callbacks:
             state = states.get(cb.state_key) if isinstance(cb, ModelCheckpoint) else None

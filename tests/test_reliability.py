@@ -271,6 +271,94 @@ def test_a_mid_epoch_step_checkpoint_resumes_exactly(tmp_path):
     assert curve(tmp_path / "run", "train/loss") == curve(tmp_path / "straight", "train/loss")
 
 
+class _Regression:
+    """A one-layer regression LightningModule for resume tests of the loop state alone (no data pipeline):
+    each training batch is a function of (epoch, batch index), so a resume trains on the same data without a
+    resumable loader; `validated` lists the update each dev evaluation of a fit saw."""
+
+    @staticmethod
+    def make():
+        import lightning.pytorch as pl
+        from torch.utils.data import DataLoader
+
+        class Regression(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.layer = torch.nn.Linear(4, 1)
+                self.validated = []
+
+            def training_step(self, batch, batch_idx):
+                x = torch.randn(8, 4, generator=torch.Generator().manual_seed(100 * self.current_epoch + batch_idx))
+                return ((self.layer(x) - x.sum(1, keepdim=True)) ** 2).mean()
+
+            def validation_step(self, batch, batch_idx):
+                self.log("val/loss", self.layer.weight.sum())
+
+            def on_validation_epoch_end(self):
+                self.validated.append(self.global_step)
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.05)
+
+            def train_dataloader(self):
+                return DataLoader(range(12), batch_size=1)
+
+            def val_dataloader(self):
+                return DataLoader(range(2), batch_size=1)
+
+        return Regression()
+
+    @staticmethod
+    def fit(tmp_path, *callbacks, ckpt_path=None, **trainer):
+        import lightning.pytorch as pl
+
+        from peft_lightning.faults import ExactResume
+
+        module = _Regression.make()
+        pl.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   accelerator="cpu", num_sanity_val_steps=0, callbacks=[ExactResume(0), *callbacks],
+                   **trainer).fit(module, ckpt_path=ckpt_path)
+        return module
+
+
+def test_a_step_checkpoint_at_max_steps_resumes_with_its_dev_evaluation(tmp_path):
+    """max_steps=6 with dev every 6 batches: the step checkpoint of update 6 is written before update 6's
+    evaluation. Lightning's fit loop ends at once on a resume that is at max_steps, so the evaluation the
+    checkpoint leaves to the resume never ran: the resumed run had no final dev score, selected nothing (or
+    an older best) and tested the last model. It runs now, once, and training stops at max_steps."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    limits = dict(max_epochs=2, max_steps=6, val_check_interval=6)
+    saver = lambda: ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=6, save_top_k=-1)
+    straight = _Regression.fit(tmp_path, saver(), **limits)
+    assert straight.validated == [6]
+    resumed = _Regression.fit(tmp_path, saver(), ckpt_path=tmp_path / "ckpt" / "step=6.ckpt", **limits)
+    assert resumed.validated == [6] and resumed.global_step == 6
+    assert torch.equal(resumed.layer.weight, straight.layer.weight)
+
+
+def test_a_checkpoint_written_mid_gradient_accumulation_resumes_exactly(tmp_path):
+    """accumulate_grad_batches=2: a checkpoint written after the 7th batch (an interrupt there, a step
+    checkpoint at a resume's first batch, or a dev evaluation every 3 batches) holds the weights of update 3,
+    and batch 7's gradient waits in .grad for update 4. The resume dropped it: update 4 was batch 8's gradient
+    alone, and every update after it differed. The gradient travels in the checkpoint."""
+    from lightning.pytorch import Callback
+
+    class SaveAfter7th(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 6 and trainer.current_epoch == 0:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    limits = dict(max_epochs=2, accumulate_grad_batches=2, limit_val_batches=0)
+    straight = _Regression.fit(tmp_path, SaveAfter7th(), **limits)
+    assert torch.load(tmp_path / "mid.ckpt", weights_only=True)["global_step"] == 3
+    resumed = _Regression.fit(tmp_path, ckpt_path=tmp_path / "mid.ckpt", **limits)
+    assert resumed.global_step == straight.global_step == 12
+    assert torch.equal(resumed.layer.weight, straight.layer.weight)
+    assert torch.equal(resumed.layer.bias, straight.layer.bias)
+
+
 def test_last_checkpoint_is_the_latest_validation(straight, tmp_path):
     """Lightning 2.6 writes ModelCheckpoint(save_last=True)'s last.ckpt only when a top-k checkpoint is
     saved: with epoch 0 the best, last.ckpt would stay at step 12. Ours follows every validation.
