@@ -477,7 +477,8 @@ def test_moved_run_folder_keeps_the_best_model_record(tmp_path):
              "kth_best_model_path": best, "best_k_models": {best: score}, "kth_value": score,
              "last_model_path": f"{old}/last.ckpt", "current_score": torch.tensor(0.5)}
     checkpoint = {"callbacks": {cb.state_key: state}}
-    ExactResume(seed=0).on_load_checkpoint(SimpleNamespace(checkpoint_callbacks=[cb]), None, checkpoint)
+    trainer = SimpleNamespace(checkpoint_callbacks=[cb], state=SimpleNamespace(fn=None))  # (a trainer loading to test)
+    ExactResume(seed=0).on_load_checkpoint(trainer, None, checkpoint)
     cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
     assert cb.best_model_path == str(new / "epoch00-acc0.5234.ckpt") and cb.best_model_score == score
     assert list(cb.best_k_models) == [str(new / "epoch00-acc0.5234.ckpt")]
