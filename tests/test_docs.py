@@ -119,3 +119,15 @@ def test_a_page_paired_against_another_method_than_fine_tuning_is_refused(tmp_pa
 
 def test_the_unset_cell_is_the_reports():
     assert readme_table.UNSET == report.UNSET
+
+
+def test_the_still_rising_line_names_settings_as_the_table_does():
+    """The report writes `method=finetune, method.optim.lr_ratio=(unset) (+0.0051 > 0.0011)`; the README names
+    the method (and LoRA+ by its ratio), its gain and the seed std, and a setting with one seed says so."""
+    line = ("Best dev still rising in the last third of the evaluations (by more than the seeds' std of best dev, or "
+            "with one seed): a longer budget may move these settings: method=finetune, method.optim.lr_ratio=(unset) "
+            "(+0.0051 > 0.0011); method=lora, method.optim.lr_ratio=16 (+0.0100, one seed).")
+    assert readme_table.rising(["", line]).strip().split(": ", 1)[1] == (
+        "full fine-tuning (`finetune`) +0.0051 (seed std 0.0011); "
+        "LoRA+ (`lora`, `method.optim.lr_ratio=16`) +0.0100 (one seed).")
+    assert readme_table.rising(["no such line"]) == ""

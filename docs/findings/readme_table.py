@@ -78,13 +78,23 @@ def pending(main: list[dict[str, str]]) -> str:
 
 
 def rising(lines: list[str]) -> str:
-    """The report's sentence naming the settings whose dev was still rising at the end of the budget."""
+    """The report's sentence naming the settings whose dev was still rising at the end of the budget,
+    each named as in the table."""
+    import re
+
     line = next((line for line in lines if line.startswith("Best dev still rising")), None)
     if line is None:
         return ""
-    settings = line.split(" may move ", 1)[1].split(": ", 1)[1].rstrip(".")
+    named = []
+    for part in line.split(" may move ", 1)[1].split(": ", 1)[1].rstrip(".").split("; "):
+        found = re.fullmatch(r"(.*) \(([+-][0-9.]+)(?: > ([0-9.]+))?(, one seed)?\)", part)
+        if found is None:
+            raise ValueError(f"unexpected setting in the report's still-rising sentence: {part!r}")
+        row = dict(pair.split("=", 1) for pair in found[1].split(", "))
+        spread = f"seed std {found[3]}" if found[3] else "one seed"
+        named.append(f"{label(row, list(row))} {found[2]} ({spread})")
     return ("\n\nStill rising at the end of the 6 epochs (the report's check: best dev gained more in the last third "
-            f"of the evaluations than the seeds' std), so a longer budget may move them: {settings}.")
+            f"of the evaluations than the seeds' std), so a longer budget may move them: {'; '.join(named)}.")
 
 
 def block(page: Path = PAGE) -> str:
