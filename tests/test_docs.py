@@ -127,7 +127,7 @@ def test_the_still_rising_line_names_settings_as_the_table_does():
     line = ("Best dev still rising in the last third of the evaluations (by more than the seeds' std of best dev, or "
             "with one seed): a longer budget may move these settings: method=finetune, method.optim.lr_ratio=(unset) "
             "(+0.0051 > 0.0011); method=lora, method.optim.lr_ratio=16 (+0.0100, one seed).")
-    assert readme_table.rising(["", line]).strip().split(": ", 1)[1] == (
+    assert readme_table.rising(["", line]).split("may move them: ", 1)[1] == (
         "full fine-tuning (`finetune`) +0.0051 (seed std 0.0011); "
         "LoRA+ (`lora`, `method.optim.lr_ratio=16`) +0.0100 (one seed).")
     assert readme_table.rising(["no such line"]) == ""
