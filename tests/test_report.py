@@ -491,14 +491,8 @@ def test_train_seconds_per_epoch_count_every_batch_of_an_epoch_validated_mid_way
         assert 0.2 <= seconds < 0.2 + 0.35, timer.seconds
 
 
-def test_categorical_plot_puts_every_groups_points_and_star_over_their_own_category(tmp_path, monkeypatch):
-    """Two categorical axes: one group lacks a method and lists the others in another order. Each point
-    must sit over its own method's tick (within its slot), no two points share a place, and the star
-    sits on the dev point of the setting the table selects."""
-    runs = [("b", "pooler", 0.70), ("c", "pooler", 0.74),  # pooler: no method a, and b before c
-            ("c", "linear", 0.80), ("a", "linear", 0.78), ("b", "linear", 0.90)]
-    for num, (method, head, acc) in enumerate(runs):
-        job(tmp_path, num, [f"method={method}", f"method.head.type={head}"], acc=acc)
+def record_plot(monkeypatch):
+    """What the report draws: (points (label, xs, ys), stars (x, y), ticks (where, labels)), drawn as usual."""
     import matplotlib.axes
 
     points, stars, ticks = [], [], []
@@ -510,6 +504,18 @@ def test_categorical_plot_puts_every_groups_points_and_star_over_their_own_categ
         stars.append((a[0][0], a[1][0])) if kw.get("marker") == "*" else None) or plot(self, *a, **kw))
     monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks", lambda self, where, labels=None, **kw: ticks.append(
         (list(where), [] if labels is None else list(labels))) or set_xticks(self, where, labels, **kw))
+    return points, stars, ticks
+
+
+def test_categorical_plot_puts_every_groups_points_and_star_over_their_own_category(tmp_path, monkeypatch):
+    """Two categorical axes: one group lacks a method and lists the others in another order. Each point
+    must sit over its own method's tick (within its slot), no two points share a place, and the star
+    sits on the dev point of the setting the table selects."""
+    runs = [("b", "pooler", 0.70), ("c", "pooler", 0.74),  # pooler: no method a, and b before c
+            ("c", "linear", 0.80), ("a", "linear", 0.78), ("b", "linear", 0.90)]
+    for num, (method, head, acc) in enumerate(runs):
+        job(tmp_path, num, [f"method={method}", f"method.head.type={head}"], acc=acc)
+    points, stars, ticks = record_plot(monkeypatch)
     assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
     where, labels = ticks[-1]
     tick = dict(zip(labels, where))
@@ -793,14 +799,7 @@ def test_a_knob_some_methods_lack_names_those_settings_on_the_plot_not_a_group_a
         for seed, value in enumerate(values, 1):
             _job(tmp_path / str(number), method, seed, value, value - 0.01, ratio, override=ratio == 16)
             number += 1
-    import matplotlib.axes
-
-    stars, ticks = [], []
-    plot, set_xticks = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.set_xticks
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **kw: (
-        stars.append((a[0][0], a[1][0])) if kw.get("marker") == "*" else None) or plot(self, *a, **kw))
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks", lambda self, where, labels=None, **kw: ticks.append(
-        (list(where), [] if labels is None else list(labels))) or set_xticks(self, where, labels, **kw))
+    _, stars, ticks = record_plot(monkeypatch)
     assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
     where, labels = ticks[-1]
     assert sorted(labels) == ["finetune", "lora, lr_ratio=1", "lora, lr_ratio=16", "ptuning_v2"], labels
