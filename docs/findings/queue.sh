@@ -1,0 +1,46 @@
+#!/bin/bash
+# One worker of the findings queue: takes the jobs of docs/findings/jobs.txt one at a time, in order
+# (a job nobody has claimed and whose record is not yet in docs/findings/runs/done.txt), and runs it as
+#   nice -n 19 python train.py -m <the line, with $R = the sweeps folder>
+# After a job that exits 0 it copies the record of its sweep (archive.py: results, configs, CSV logs, run
+# logs; no checkpoints) into docs/findings/runs/, where regenerate.sh reads by default: commit that folder
+# and every report regenerates from the repository alone, whatever happens to the sweeps folder.
+#   bash docs/findings/queue.sh <sweeps folder> [worker name]      # one worker per core
+# Each line is one seed of one setting, so two workers never run the same job; a job is its overrides,
+# so a relaunched worker resumes an interrupted job from its checkpoint (the sweep's own resume).
+# Env: JOBS (the job list), RECORDS (the records folder), PYTHON; the queue's state is in <sweeps>/queue/.
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+R=${1:?usage: queue.sh <sweeps folder> [worker name]}
+[[ $R == /* ]] || R=$PWD/$R
+name=${2:-$$}
+JOBS=${JOBS:-$here/jobs.txt}
+RECORDS=${RECORDS:-$here/runs}
+state=$R/queue
+mkdir -p "$state" "$RECORDS"
+touch "$state/claimed.txt" "$RECORDS/done.txt"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
+cd "$root" || exit 1
+while true; do
+    job=$(flock "$state/.lock" bash -c '
+        while IFS= read -r line; do
+            [ -z "$line" ] && continue
+            grep -qxF -- "$line" "$1" "$2" && continue
+            echo "$line" >> "$1"; echo "$line"; break
+        done < "$3"' _ "$state/claimed.txt" "$RECORDS/done.txt" "$JOBS")
+    [ -z "$job" ] && { echo "$(date -Is) $name: queue empty"; exit 0; }
+    echo "$(date -Is) $name $(git rev-parse --short HEAD): $job" | tee -a "$state/commands.log"
+    eval "nice -n 19 ${PYTHON:-python} train.py -m ${job//\$R/$R}" > "$state/$name.log" 2>&1
+    rc=$?
+    echo "$(date -Is) $name: exit $rc: $job" | tee -a "$state/commands.log"
+    if [ $rc -eq 0 ]; then
+        sweep=$(sed -E 's/.*hydra\.sweep\.dir=\$R\/([^ ]+).*/\1/' <<< "$job")
+        python "$here/archive.py" "$R" "$RECORDS" "$sweep" && flock "$state/.lock" bash -c 'echo "$1" >> "$2"' _ "$job" "$RECORDS/done.txt"
+    else
+        # unclaim, so a relaunch (or the other worker) takes it again; a job failing twice stops this worker
+        flock "$state/.lock" sed -i "\\|^$(sed 's/[|.[\*^$]/\\&/g' <<< "$job")\$|d" "$state/claimed.txt"
+        grep -qxF -- "$job" "$state/failed.txt" 2>/dev/null && { echo "$name: failed twice, stopping: $job"; exit 1; }
+        echo "$job" >> "$state/failed.txt"
+    fi
+done
