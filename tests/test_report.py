@@ -805,3 +805,38 @@ def test_a_knob_some_methods_lack_names_those_settings_on_the_plot_not_a_group_a
     assert sorted(labels) == ["finetune", "lora, lr_ratio=1", "lora, lr_ratio=16", "ptuning_v2"], labels
     assert len(stars) == 1 and stars[0][1] == pytest.approx(0.862)  # fine-tuning's mean best dev
     assert min(zip(where, labels), key=lambda t: abs(t[0] - stars[0][0]))[1] == "finetune"  # over its own tick
+
+
+def test_archived_records_give_the_same_report_as_the_sweep_and_keep_no_weights(tmp_path):
+    """docs/findings/archive.py copies each completed job's record (results, configs, CSV logs, run log)
+    into a folder kept in git, so a report survives the loss of the sweeps folder (a machine replaced
+    between sessions lost every run once). The report on the records must equal the report on the
+    sweep, and no weights or unfinished job may enter the records."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sweep = tmp_path / "runs" / "s"
+    for num, (method, seed, curve) in enumerate([("a", 1, [0.6, 0.7, 0.8]), ("a", 2, [0.62, 0.72, 0.75]),
+                                                 ("b", 1, [0.5, 0.6, 0.7])]):
+        job(sweep, num, [f"method={method}", f"seed={seed}"], acc=max(curve), wall=100.0)
+        dev_log(sweep, num, 0, [(10 * (e + 1), v) for e, v in enumerate(curve)])
+        (sweep / str(num) / "checkpoints").mkdir()
+        (sweep / str(num) / "checkpoints" / "best.ckpt").write_bytes(b"weights")
+        (sweep / str(num) / "job.log").write_text("log\n")
+        (sweep / str(num) / "adapter.safetensors").write_bytes(b"weights")
+    job(sweep, 3, ["method=b", "seed=2"], status="failed", error="killed")
+    script = Path(__file__).resolve().parents[1] / "docs" / "findings" / "archive.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "runs"), str(tmp_path / "records"), "s"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "s: 3 completed jobs" in done.stdout, done
+    records = tmp_path / "records" / "s"
+    kept = sorted(str(f.relative_to(records)) for f in records.rglob("*") if f.is_file())
+    assert kept == [f"{n}/{name}" for n in range(3)
+                    for name in (".hydra/overrides.yaml", "csv/version_0/metrics.csv", "job.log", "results.json")]
+    reports = []
+    for folder in (sweep, records):
+        assert main([str(folder), "--out", str(tmp_path / folder.parent.name / "r.md"), "--no-plots"]) == 0
+        reports.append([line for line in (tmp_path / folder.parent.name / "r.md").read_text().splitlines()
+                        if line.startswith(("|", "Best dev still rising", "Wall time"))])  # (not the failed job)
+    assert reports[0] == reports[1] and any(line.startswith("| a | 0.7750") for line in reports[0])

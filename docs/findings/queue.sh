@@ -8,7 +8,8 @@
 #   bash docs/findings/queue.sh <sweeps folder> [worker name]      # one worker per core
 # Each line is one seed of one setting, so two workers never run the same job; a job is its overrides,
 # so a relaunched worker resumes an interrupted job from its checkpoint (the sweep's own resume).
-# Env: JOBS (the job list), RECORDS (the records folder), PYTHON; the queue's state is in <sweeps>/queue/.
+# Env: JOBS (the job list), RECORDS (the records folder), PYTHON. The queue's state (claims, failures, each
+# worker's current log) is in <sweeps>/queue/; the commands as run, with commit and exit status, in RECORDS/commands.log.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -30,10 +31,10 @@ while true; do
             echo "$line" >> "$1"; echo "$line"; break
         done < "$3"' _ "$state/claimed.txt" "$RECORDS/done.txt" "$JOBS")
     [ -z "$job" ] && { echo "$(date -Is) $name: queue empty"; exit 0; }
-    echo "$(date -Is) $name $(git rev-parse --short HEAD): $job" | tee -a "$state/commands.log"
+    echo "$(date -Is) $name $(git rev-parse --short HEAD): $job" | tee -a "$RECORDS/commands.log"
     eval "nice -n 19 ${PYTHON:-python} train.py -m ${job//\$R/$R}" > "$state/$name.log" 2>&1
     rc=$?
-    echo "$(date -Is) $name: exit $rc: $job" | tee -a "$state/commands.log"
+    echo "$(date -Is) $name: exit $rc: $job" | tee -a "$RECORDS/commands.log"
     if [ $rc -eq 0 ]; then
         sweep=$(sed -E 's/.*hydra\.sweep\.dir=\$R\/([^ ]+).*/\1/' <<< "$job")
         python "$here/archive.py" "$R" "$RECORDS" "$sweep" && flock "$state/.lock" bash -c 'echo "$1" >> "$2"' _ "$job" "$RECORDS/done.txt"

@@ -1,12 +1,15 @@
 #!/bin/bash
-# Every report of docs/findings.md from the sweep folders that docs/findings.md's commands write:
-#   bash docs/findings/regenerate.sh [sweeps folder, default outputs/findings] [question ...]
+# Every report of docs/findings.md from the jobs' records kept in the repository (docs/findings/runs, what
+# queue.sh archives: results, configs, logs, no weights), or from any sweeps folder that docs/findings.md's
+# commands write:
+#   bash docs/findings/regenerate.sh [records or sweeps folder, default docs/findings/runs] [question ...]
 # With question names (budget, methods_rt6, depth_sms6, ...) only those; a report whose sweeps are
 # not all there is skipped and named. Each writes docs/findings/<question>.md and its plots.
 # Exit 1 when a report failed or a question name is none of these (a typo would regenerate nothing).
 root=$(cd "$(dirname "$0")/../.." && pwd) || exit 1
-R=${1:-$root/outputs/findings}
+R=${1:-$root/docs/findings/runs}
 [[ $R == /* ]] || R=$PWD/$R  # (a folder given is the caller's: the reports run from the repository root)
+R=${R#$root/}  # (inside the repository: the reports name it relative, so their commands work in any clone)
 shift
 cd "$root" || exit 1
 wanted=" $* " known=" " written=" " status=0
