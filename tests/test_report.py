@@ -840,3 +840,83 @@ def test_archived_records_give_the_same_report_as_the_sweep_and_keep_no_weights(
         reports.append([line for line in (tmp_path / folder.parent.name / "r.md").read_text().splitlines()
                         if line.startswith(("|", "Best dev still rising", "Wall time"))])  # (not the failed job)
     assert reports[0] == reports[1] and any(line.startswith("| a | 0.7750") for line in reports[0])
+
+
+def test_a_sweeps_folder_started_afresh_adds_its_jobs_to_the_records_and_replaces_no_other_job(tmp_path):
+    """A sweep names its job folders 0, 1, ... in launch order. The sweeps folder lost and the queue
+    relaunched on a new one (the jobs done.txt lists not run again), the new folder's job 0 is another job
+    than the record 0 kept in git: archive.py must add it beside, not over it (it replaced the record of
+    seed 1, which done.txt still listed as done: a seed gone for good, silently). The same job run again
+    replaces its own record, with nothing of the older copy left behind."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "findings" / "archive.py"
+
+    def archive(sweeps):
+        done = subprocess.run([sys.executable, str(script), str(sweeps), str(tmp_path / "records"), "s"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done
+
+    job(tmp_path / "old" / "s", 0, ["method=a", "seed=1"], acc=0.80)
+    job(tmp_path / "old" / "s", 1, ["method=a", "seed=2"], acc=0.70)
+    archive(tmp_path / "old")
+    (tmp_path / "records" / "s" / "1" / "stale.log").write_text("the older run's\n")
+    job(tmp_path / "new" / "s", 0, ["method=a", "seed=3"], acc=0.75)  # (the old folder is gone)
+    job(tmp_path / "new" / "s", 1, ["seed=2", "method=a"], acc=0.72)  # seed 2 run again (overrides in any order)
+    archive(tmp_path / "new")
+    records = tmp_path / "records" / "s"
+    found = {tuple(json.loads((f / "results.json").read_text())["overrides"]): f.name for f in records.iterdir()}
+    assert sorted(found) == [("method=a", "seed=1"), ("method=a", "seed=3"), ("seed=2", "method=a")], found
+    assert found[("method=a", "seed=1")] == "0" and found[("seed=2", "method=a")] == "1"
+    assert not (records / "1" / "stale.log").exists()
+    frame = collect(records)
+    assert sorted(frame["seed"]) == ["1", "2", "3"] and not frame["_skip"].any()
+    assert frame.set_index("seed").loc["2", "test acc"] == pytest.approx(0.72)
+
+
+def test_the_queue_keeps_a_job_it_could_not_archive_and_takes_any_sweeps_folder(tmp_path):
+    """docs/findings/queue.sh with a stand-in for train.py. A sweeps folder whose path has a space and a `&`
+    reaches train.py whole (bash 5.2's ${job//\\$R/$R} made `&` the matched "$R": an unbound $Rb ended the
+    worker, its job claimed for good). A job that exits 0 but whose record is not archived is unclaimed and
+    counts as failed (it stayed claimed and out of done.txt: no worker ever took it again, nothing said so)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("flock") is None:
+        pytest.skip("flock (util-linux) is not installed")
+    queue = Path(__file__).resolve().parents[1] / "docs" / "findings" / "queue.sh"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\n" + """import json, pathlib, sys
+args = [a for a in sys.argv[3:] if not a.startswith("hydra.")]
+sweep = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("hydra.sweep.dir="))
+job = pathlib.Path(sweep) / "0"
+(job / ".hydra").mkdir(parents=True, exist_ok=True)
+(job / ".hydra" / "overrides.yaml").write_text("".join(f"- {a}\\n" for a in args))
+(job / "results.json").write_text(json.dumps({"status": "completed", "overrides": args}))
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "RECORDS": str(tmp_path / "records"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def run(lines, sweeps):
+        (tmp_path / "jobs.txt").write_text("".join(line + "\n" for line in lines))
+        return subprocess.run(["bash", str(queue), str(sweeps), "w"], env={**env, "JOBS": str(tmp_path / "jobs.txt")},
+                              capture_output=True, text=True, timeout=120)
+
+    line = "method=a method.depth='[3,4,5]' seed=1 hydra.sweep.dir=$R/s"
+    done = run([line], tmp_path / "my sweeps & more")
+    assert done.returncode == 0, done
+    record = json.loads((tmp_path / "records" / "s" / "0" / "results.json").read_text())
+    assert record["overrides"] == ["method=a", "method.depth=[3,4,5]", "seed=1"]
+    assert (tmp_path / "records" / "done.txt").read_text() == line + "\n"
+    # ${R} is not the `$R/` archive.py's sweep name is read from: the job ran, its record cannot be archived
+    unarchived = "method=a seed=2 hydra.sweep.dir=${R}/s"
+    done = run([unarchived], tmp_path / "other")
+    assert done.returncode == 1 and "failed twice, stopping" in done.stdout, done
+    assert (tmp_path / "other" / "queue" / "claimed.txt").read_text() == ""
+    assert unarchived not in (tmp_path / "records" / "done.txt").read_text()

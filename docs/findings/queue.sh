@@ -4,7 +4,8 @@
 #   nice -n 19 python train.py -m <the line, with $R = the sweeps folder>
 # After a job that exits 0 it copies the record of its sweep (archive.py: results, configs, CSV logs, run
 # logs; no checkpoints) into docs/findings/runs/, where regenerate.sh reads by default: commit that folder
-# and every report regenerates from the repository alone, whatever happens to the sweeps folder.
+# and every report regenerates from the repository alone, whatever happens to the sweeps folder
+# (a new one adds its jobs to the records: archive.py keeps a job's record by its overrides, not its folder number).
 #   bash docs/findings/queue.sh <sweeps folder> [worker name]      # one worker per core
 # Each line is one seed of one setting, so two workers never run the same job; a job is its overrides,
 # so a relaunched worker resumes an interrupted job from its checkpoint (the sweep's own resume).
@@ -32,13 +33,21 @@ while true; do
         done < "$3"' _ "$state/claimed.txt" "$RECORDS/done.txt" "$JOBS")
     [ -z "$job" ] && { echo "$(date -Is) $name: queue empty"; exit 0; }
     echo "$(date -Is) $name $(git rev-parse --short HEAD): $job" | tee -a "$RECORDS/commands.log"
-    eval "nice -n 19 ${PYTHON:-python} train.py -m ${job//\$R/$R}" > "$state/$name.log" 2>&1
+    # ($R quoted, expanded by eval: a folder with a space stays one word, and `&` in it is no pattern
+    # replacement (bash 5.2 patsub_replacement turned ${job//\$R/$R} under /a&b into "$Rb": unbound, worker gone)
+    eval "nice -n 19 ${PYTHON:-python} train.py -m ${job//\$R/\"\$R\"}" > "$state/$name.log" 2>&1
     rc=$?
     echo "$(date -Is) $name: exit $rc: $job" | tee -a "$RECORDS/commands.log"
     if [ $rc -eq 0 ]; then
         sweep=$(sed -E 's/.*hydra\.sweep\.dir=\$R\/([^ ]+).*/\1/' <<< "$job")
-        python "$here/archive.py" "$R" "$RECORDS" "$sweep" && flock "$state/.lock" bash -c 'echo "$1" >> "$2"' _ "$job" "$RECORDS/done.txt"
-    else
+        # under the lock: two workers archiving one sweep at once delete each other's copies (FileNotFoundError)
+        flock "$state/.lock" bash -c 'python "$1" "$2" "$3" "$4" && echo "$5" >> "$6"' _ \
+            "$here/archive.py" "$R" "$RECORDS" "$sweep" "$job" "$RECORDS/done.txt"
+        # a job not archived is no result: unclaimed like a failed job, so a relaunch archives it (the sweep
+        # does not train a completed job again); left claimed, no worker would ever take it or record it
+        rc=$?
+    fi
+    if [ $rc -ne 0 ]; then
         # unclaim, so a relaunch (or the other worker) takes it again; a job failing twice stops this worker
         flock "$state/.lock" sed -i "\\|^$(sed 's/[|.[\*^$]/\\&/g' <<< "$job")\$|d" "$state/claimed.txt"
         grep -qxF -- "$job" "$state/failed.txt" 2>/dev/null && { echo "$name: failed twice, stopping: $job"; exit 1; }
