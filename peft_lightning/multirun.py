@@ -168,7 +168,11 @@ def earlier_launch(cfg: DictConfig) -> dict | None:
     resume = None if cfg.get("ckpt_path") else resume_checkpoint(job_dir, results)
     if resume:
         cfg.ckpt_path = resume
-    log.info("job %s was %s in an earlier launch of this sweep: %s", HydraConfig.get().job.num, status,
+    # "running": killed in an earlier launch, or running now in another process (the run-folder lock
+    # refuses this one then, before it writes anything: faults.hold_run_folder)
+    was = "recorded as running (killed in an earlier launch, or still running elsewhere)" if status == "running" \
+        else f"{status} in an earlier launch of this sweep"
+    log.info("job %s was %s: %s", HydraConfig.get().job.num, was,
              f"resuming from {resume}" if resume else "running it again")
     return None
 

@@ -915,8 +915,11 @@ job = pathlib.Path(sweep) / "0"
     assert record["overrides"] == ["method=a", "method.depth=[3,4,5]", "seed=1"]
     assert (tmp_path / "records" / "done.txt").read_text() == line + "\n"
     # ${R} is not the `$R/` archive.py's sweep name is read from: the job ran, its record cannot be archived
-    unarchived = "method=a seed=2 hydra.sweep.dir=${R}/s"
-    done = run([unarchived], tmp_path / "other")
-    assert done.returncode == 1 and "failed twice, stopping" in done.stdout, done
-    assert (tmp_path / "other" / "queue" / "claimed.txt").read_text() == ""
-    assert unarchived not in (tmp_path / "records" / "done.txt").read_text()
+    # (tried twice, then skipped, left claimed so no worker takes it again, and the queue goes on)
+    unarchived, after = "method=a seed=2 hydra.sweep.dir=${R}/s", "method=a seed=3 hydra.sweep.dir=$R/t"
+    done = run([unarchived, after], tmp_path / "other")
+    assert done.returncode == 1 and "failed twice, skipped" in done.stdout, done
+    assert (tmp_path / "other" / "queue" / "claimed.txt").read_text() == unarchived + "\n" + after + "\n"
+    assert (tmp_path / "other" / "queue" / "failed.txt").read_text() == unarchived + "\n"
+    assert len(list((tmp_path / "other" / "queue").glob("failed-*-w.log"))) >= 1
+    assert (tmp_path / "records" / "done.txt").read_text() == line + "\n" + after + "\n"

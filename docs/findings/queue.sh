@@ -7,7 +7,8 @@
 # and every report regenerates from the repository alone, whatever happens to the sweeps folder
 # (a new one adds its jobs to the records: archive.py keeps a job's record by its overrides, not its folder number).
 #   bash docs/findings/queue.sh <sweeps folder> [worker name]      # one worker per core
-# Each line is one seed of one setting, so two workers never run the same job; a job is its overrides,
+# Each line is one seed of one setting, so two workers never run the same job; a job that fails is tried once
+# more, then skipped (listed in <sweeps>/queue/failed.txt, its logs beside it). A job is its overrides,
 # so a relaunched worker resumes an interrupted job from its checkpoint (the sweep's own resume).
 # Env: JOBS (the job list), RECORDS (the records folder), PYTHON. The queue's state (claims, failures, each
 # worker's current log) is in <sweeps>/queue/; the commands as run, with commit and exit status, in RECORDS/commands.log.
@@ -31,7 +32,7 @@ while true; do
             grep -qxF -- "$line" "$1" "$2" && continue
             echo "$line" >> "$1"; echo "$line"; break
         done < "$3"' _ "$state/claimed.txt" "$RECORDS/done.txt" "$JOBS")
-    [ -z "$job" ] && { echo "$(date -Is) $name: queue empty"; exit 0; }
+    [ -z "$job" ] && { echo "$(date -Is) $name: queue empty"; exit ${skipped:-0}; }
     echo "$(date -Is) $name $(git rev-parse --short HEAD): $job" | tee -a "$RECORDS/commands.log"
     # ($R quoted, expanded by eval: a folder with a space stays one word, and `&` in it is no pattern
     # replacement (bash 5.2 patsub_replacement turned ${job//\$R/$R} under /a&b into "$Rb": unbound, worker gone)
@@ -48,9 +49,16 @@ while true; do
         rc=$?
     fi
     if [ $rc -ne 0 ]; then
-        # unclaim, so a relaunch (or the other worker) takes it again; a job failing twice stops this worker
-        flock "$state/.lock" sed -i "\\|^$(sed 's/[|.[\*^$]/\\&/g' <<< "$job")\$|d" "$state/claimed.txt"
-        grep -qxF -- "$job" "$state/failed.txt" 2>/dev/null && { echo "$name: failed twice, stopping: $job"; exit 1; }
-        echo "$job" >> "$state/failed.txt"
+        # its log kept (the next job overwrites the worker's); tried once more (a passing fault), then left
+        # claimed, so no worker takes it again until a relaunch clears the claims, and the queue goes on:
+        # one bad job must not stop a night of runs. The worker's exit status is 1 when it skipped one.
+        cp "$state/$name.log" "$state/failed-$(date +%Y%m%dT%H%M%S)-$name.log"
+        if grep -qxF -- "$job" "$state/failed.txt" 2>/dev/null; then
+            echo "$(date -Is) $name: failed twice, skipped (left claimed; logs: $state/failed-*.log): $job"
+            skipped=1
+        else
+            flock "$state/.lock" sed -i "\\|^$(sed 's/[|.[\*^$]/\\&/g' <<< "$job")\$|d" "$state/claimed.txt"
+            echo "$job" >> "$state/failed.txt"
+        fi
     fi
 done
