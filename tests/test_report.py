@@ -824,7 +824,10 @@ def test_archived_records_give_the_same_report_as_the_sweep_and_keep_no_weights(
         (sweep / str(num) / "checkpoints").mkdir()
         (sweep / str(num) / "checkpoints" / "best.ckpt").write_bytes(b"weights")
         (sweep / str(num) / "job.log").write_text("log\n")
-        (sweep / str(num) / "adapter.safetensors").write_bytes(b"weights")
+        for file in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json",  # (as a real job has them)
+                     "wandb/offline-run-1/run-1.wandb", "wandb/offline-run-1/logs/debug.log", "wandb/debug.log"):
+            (sweep / str(num) / file).parent.mkdir(parents=True, exist_ok=True)
+            (sweep / str(num) / file).write_text("weights, or W&B's copy")
     job(sweep, 3, ["method=b", "seed=2"], status="failed", error="killed")
     script = Path(__file__).resolve().parents[1] / "docs" / "findings" / "archive.py"
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "runs"), str(tmp_path / "records"), "s"],

@@ -3,7 +3,7 @@
     python docs/findings/archive.py <sweeps folder> <records folder> <sweep> [<sweep> ...]
 
 A record is everything the report reads and a reader may want to check (results.json, .hydra/*.yaml,
-the CSV logs, the run logs), and none of the weights: checkpoints and exported adapters stay in the sweeps
+the CSV logs, the run log), and none of the weights: checkpoints and exported adapters stay in the sweeps
 folder. Only jobs whose results.json says `completed` are copied (a running or failed job is not a result),
 each to <records>/<sweep>/<job>/, replacing the older copy of the same job (the same overrides, not the same
 folder name: see destination); `python -m peft_lightning.report <records>/<sweep>` then gives the same tables
@@ -19,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # (the repository'
 from peft_lightning.multirun import job_key, recorded_overrides  # noqa: E402
 
 KEEP = {".json", ".yaml", ".csv", ".log", ".txt"}  # text a reader can check; every weight file is left out
+# not records: the weights, and W&B's offline run folder (its binary run file, 200 kB a job, would be most of
+# the repository; its text logs repeat train.log: W&B's copy of a run stays with the sweeps folder)
+LEAVE = {"checkpoints", "adapter", "wandb"}
 LARGEST = 5_000_000  # bytes: a text file larger than this is not a record (and would bloat the repository)
 
 
@@ -53,7 +56,7 @@ def archive(sweeps: Path, records: Path, sweep: str) -> int:
             continue
         target = destination(records / sweep / job.relative_to(sweeps / sweep).parent, job, kept)
         files = [f for f in job.rglob("*") if f.is_file() and f.suffix in KEEP and f.stat().st_size <= LARGEST
-                 and "checkpoints" not in f.relative_to(job).parts]
+                 and not LEAVE & set(f.relative_to(job).parts[:-1])]
         shutil.rmtree(target, ignore_errors=True)
         for file in files:
             (target / file.relative_to(job)).parent.mkdir(parents=True, exist_ok=True)
