@@ -131,3 +131,61 @@ def test_the_still_rising_line_names_settings_as_the_table_does():
         "full fine-tuning (`finetune`) +0.0051 (seed std 0.0011); "
         "LoRA+ (`lora`, `method.optim.lr_ratio=16`) +0.0100 (one seed).")
     assert readme_table.rising(["no such line"]) == ""
+
+
+spec = importlib.util.spec_from_file_location("verdicts", ROOT / "docs" / "findings" / "verdicts.py")
+verdicts = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(verdicts)
+
+
+def test_the_findings_verdict_table_is_the_one_the_question_pages_give():
+    assert verdicts.main(["--check"]) == 0
+
+
+def _arm(folder: Path, dropout: bool, devs: list[float], metric: str):
+    for seed, dev in enumerate(devs, 1):
+        job = folder / f"{int(dropout)}{seed}"
+        overrides = ["method=ptuning_v2", f"seed={seed}", *([f"method.backbone_dropout={str(dropout).lower()}"]
+                                                             if dropout else [])]
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+            {"seed": seed, "method": {"name": "ptuning_v2", "backbone_dropout": dropout}, "data": {"metric": metric}}))
+        (job / "results.json").write_text(json.dumps({
+            "status": "completed", "overrides": overrides, "method": "ptuning_v2", "seed": seed,
+            "parameters": {"trainable": 1000, "trainable_pct": 1.0},
+            "metrics": {"best": {f"val/{metric}_best": dev}, "test": {f"test/{metric}": dev}}}))
+
+
+def test_verdicts_follow_the_rules_fixed_before_the_runs(tmp_path):
+    """Real report pages (peft_lightning.report over fake jobs) for one question on two tasks: on Rotten
+    Tomatoes the paired interval excludes 0 (dropout on is better), on SMS spam it does not. The rules of
+    docs/findings.md, by hand: "better" on the one task, "no difference the seeds support" on the other, and
+    across tasks the task where the seeds support it named; a third seed missing is no verdict at all."""
+    rt = {False: [0.80, 0.81, 0.82], True: [0.83, 0.845, 0.85]}
+    sms = {False: [0.90, 0.91, 0.92], True: [0.91, 0.90, 0.93]}
+    for task, arms, metric in (("rt6", rt, "acc"), ("sms6", sms, "f1")):
+        for dropout, devs in arms.items():
+            _arm(tmp_path / task, dropout, devs, metric)
+        assert report.main([str(tmp_path / task), "--where", "method=ptuning_v2", "--baseline",
+                            "method.backbone_dropout=false", "--no-plots", "--out", str(tmp_path / f"dropout_{task}.md")]) == 0
+    row = next(line for line in verdicts.block(tmp_path).splitlines() if line.startswith("| backbone dropout"))
+    for task, arms in (("rt", rt), ("sms", sms)):  # the paired mean and t-interval, by hand (scipy)
+        d = np.subtract(arms[True], arms[False])
+        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        expect = f"{d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}]"
+        assert expect in row, (task, expect, row)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "method.backbone_dropout=true" and cells[2] == "method.backbone_dropout=false"
+    assert cells[3].endswith(", better") and cells[4].endswith(", no difference the seeds support")
+    assert cells[5] == "better on Rotten Tomatoes only; no difference the seeds support on the other"
+    # the third SMS seed gone: no verdict on SMS spam, none across
+    for job in (tmp_path / "sms6").glob("?3"):
+        for file in job.rglob("*"):
+            if file.is_file():
+                file.unlink()
+    assert report.main([str(tmp_path / "sms6"), "--where", "method=ptuning_v2", "--baseline",
+                        "method.backbone_dropout=false", "--no-plots", "--out", str(tmp_path / "dropout_sms6.md")]) == 0
+    row = next(line for line in verdicts.block(tmp_path).splitlines() if line.startswith("| backbone dropout"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4].endswith("2 of 3 seeds: no verdict yet") and cells[5] == "not both tasks yet"

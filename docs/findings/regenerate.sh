@@ -63,6 +63,8 @@ done
 report city_facts "SmolLM2 data-to-text (city_facts): deep prefix vs embedding-only prefix vs LoRA, 3 seeds" city_facts
 # the README's methods table is made from the methods report (docs/findings/readme_table.py)
 if [[ $written == *" methods_rt6 "* ]]; then python docs/findings/readme_table.py || status=1; fi
+# docs/findings.md's verdict table is made from the question pages by its rules (docs/findings/verdicts.py)
+if [[ $written =~ (dropout|depth|reparam|prefix_length|presets)_ ]]; then python docs/findings/verdicts.py || status=1; fi
 for question in "$@"; do
     [[ $known == *" $question "* ]] || { echo "no question named $question (they are:$known)" >&2; status=1; }
 done

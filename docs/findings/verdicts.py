@@ -1,0 +1,146 @@
+"""The verdict table of docs/findings.md, made from the question pages by the rules the page fixed before the
+ablation arms ran ("How each ablation verdict is read"), so no verdict is a hand-copied or hand-judged figure:
+
+    python docs/findings/verdicts.py          # rewrite docs/findings.md's block between its two markers
+    python docs/findings/verdicts.py --check  # exit 1 when the block is not what the pages give
+
+Per question and task, each setting against the question's default arm, paired by seed on best dev:
+"better" or "worse" only when the 95% interval excludes 0, else "no difference the seeds support"; "at 6
+epochs" when the report flags the setting or the default as still rising; fewer than 3 paired seeds is no
+verdict yet. Across the two tasks: "holds on both tasks" (both exclude 0 the same way), "task-dependent"
+(opposite ways), else the task where the seeds support it is named. docs/findings/regenerate.sh runs it.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from readme_table import tables  # noqa: E402  (one reader of the report's tables)
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = ROOT / "docs" / "findings"
+FINDINGS = ROOT / "docs" / "findings.md"
+BEGIN = "<!-- verdicts: made by docs/findings/verdicts.py from the question pages; do not edit -->"
+END = "<!-- end of verdicts -->"
+SEEDS = 3
+TASKS = {"rt6": "Rotten Tomatoes (acc)", "sms6": "SMS spam (F1)"}
+QUESTIONS = {  # page stem -> the question, as docs/findings/regenerate.sh names its reports
+    "dropout": "backbone dropout on vs off (P-Tuning v2)",
+    "depth": "depth vs deep (P-Tuning v2, P = 16)",
+    "reparam_ptuning_v2": "reparameterization vs none (P-Tuning v2)",
+    "reparam_prefix_tuning": "reparameterization vs MLP (prefix tuning)",
+    "prefix_length_ptuning_v2": "prefix length vs 16 (P-Tuning v2)",
+    "prefix_length_prompt_tuning": "prefix length vs 16 (prompt tuning)",
+    "presets_ptuning_v2": "official settings vs ours (P-Tuning v2)",
+    "presets_prefix_tuning": "official settings vs ours (prefix tuning)",
+}
+
+
+def _interval(text: str) -> tuple[float, float]:
+    low, high = (float(x) for x in text.strip("[]").split(","))
+    return low, high
+
+
+def page_verdicts(page: Path) -> tuple[str, dict[str, dict]]:
+    """(the default arm, {setting: {delta, low, high, seeds, rising}}) from one question page."""
+    lines = page.read_text().splitlines()
+    found = [t for t in tables(lines) if t and any(k.startswith("Δ best dev") for k in t[0])]
+    if not found:
+        return "", {}
+    rows = found[0]
+    dev = next(k for k in rows[0] if k.startswith("Δ best dev") and not k.endswith("95% CI"))
+    axes = list(rows[0])[:list(rows[0]).index(dev)]
+    against = next((re.search(r"Paired by seed against (.*?) \(the baseline\)", line) for line in lines
+                    if line.startswith("Paired by seed against")), None)
+    baseline = against[1] if against else "?"
+    line = next((line for line in lines if line.startswith("Best dev still rising")), "")
+    rising = [dict(pair.split("=", 1) for pair in re.sub(r" \([^)]*\)$", "", part).split(", "))
+              for part in line.split(" may move ", 1)[-1].split(": ", 1)[-1].rstrip(".").split("; ")] if line else []
+    base = dict(pair.split("=", 1) for pair in baseline.split(", ")) if "=" in baseline else {}
+    flagged = lambda setting: any(all(r.get(k) == v for k, v in setting.items()) for r in rising)  # noqa: E731
+    out = {}
+    for row in rows:
+        setting = {k: row[k] for k in axes}
+        low, high = _interval(row[f"{dev} 95% CI"]) if row[f"{dev} 95% CI"] else (float("nan"),) * 2
+        out[", ".join(f"{k}={v}" for k, v in setting.items())] = {
+            "delta": float(row[dev]), "low": low, "high": high, "seeds": int(row["seeds"]),
+            "rising": flagged(setting) or (bool(base) and flagged(base))}
+    return baseline, out
+
+
+def verdict(cell: dict | None) -> tuple[str, int]:
+    """(the per-task verdict, its direction: +1 better, -1 worse, 0 none or not yet)."""
+    if cell is None:
+        return "not run yet", 0
+    if cell["seeds"] < SEEDS:
+        return f"{cell['seeds']} of {SEEDS} seeds: no verdict yet", 0
+    direction = 1 if cell["low"] > 0 else -1 if cell["high"] < 0 else 0
+    said = {1: "better", -1: "worse", 0: "no difference the seeds support"}[direction]
+    return said + (" at 6 epochs" if direction and cell["rising"] else ""), direction
+
+
+def across(directions: dict[str, int], complete: bool) -> str:
+    if not complete:
+        return "not both tasks yet"
+    ways = {d for d in directions.values() if d}
+    if len(ways) == 2:
+        return "task-dependent"
+    if ways and all(directions.values()):
+        return f"holds on both tasks ({'better' if ways == {1} else 'worse'})"
+    if ways:
+        where = [TASKS[t].split(" (")[0] for t, d in directions.items() if d]
+        return f"{'better' if ways == {1} else 'worse'} on {where[0]} only; no difference the seeds support on the other"
+    return "no difference the seeds support on either task"
+
+
+def block(pages: Path = PAGES) -> str:
+    out = ["| question | setting | default | " + " | ".join(f"{t}: Δ best dev [95% CI], verdict" for t in TASKS.values())
+           + " | across the two tasks |", "|" + "---|" * (4 + len(TASKS))]
+    intervals = 0
+    for stem, question in QUESTIONS.items():
+        found = {task: page_verdicts(pages / f"{stem}_{task}.md") for task in TASKS if (pages / f"{stem}_{task}.md").is_file()}
+        settings = list(dict.fromkeys(s for _, cells in found.values() for s in cells))
+        if not settings:
+            out.append(f"| {question} | | | " + " | ".join("not run yet" for _ in TASKS) + " | |")
+            continue
+        for setting in settings:
+            cells, directions, complete = [], {}, True
+            for task in TASKS:
+                cell = found.get(task, ("", {}))[1].get(setting)
+                said, directions[task] = verdict(cell)
+                complete &= cell is not None and cell["seeds"] >= SEEDS
+                if cell is None:
+                    cells.append(said)
+                else:
+                    intervals += 1
+                    cells.append(f"{cell['delta']:+.4f} [{cell['low']:+.4f}, {cell['high']:+.4f}], {said}")
+            default = " / ".join(dict.fromkeys(b for b, _ in found.values()))
+            out.append(f"| {question} | {setting} | {default} | " + " | ".join(cells)
+                       + f" | {across(directions, complete)} |")
+    note = (f"\n\n{intervals} intervals, none corrected for the others: at 95%, about one in twenty excludes 0 by "
+            "chance alone.")
+    return "\n".join([BEGIN, *out]) + note + "\n" + END
+
+
+def main(argv: list[str]) -> int:
+    text = FINDINGS.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"{FINDINGS}: no verdict markers ({BEGIN!r} ... {END!r})", file=sys.stderr)
+        return 1
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    new = block()
+    if "--check" in argv:
+        if text[start:end] != new:
+            print(f"{FINDINGS}'s verdict table is not the one the pages give: run python docs/findings/verdicts.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    FINDINGS.write_text(text[:start] + new + text[end:])
+    print(f"wrote the verdict table of {FINDINGS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
