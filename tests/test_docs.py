@@ -189,3 +189,126 @@ def test_verdicts_follow_the_rules_fixed_before_the_runs(tmp_path):
     row = next(line for line in verdicts.block(tmp_path).splitlines() if line.startswith("| backbone dropout"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[4].endswith("2 of 3 seeds: no verdict yet") and cells[5] == "not both tasks yet"
+
+
+def _ran(folder: Path, name: str, overrides: list[str], config: dict, dev: float, metric: str, rising: bool = False):
+    """A completed job as train.py leaves it: its overrides, its composed config (`method.x.y` keys), its
+    results, and its dev curve (csv/version_0), still rising over the last third of six evaluations or flat."""
+    job, seed = folder / name, int(next(o for o in overrides if o.startswith("seed="))[5:])
+    tree = {"seed": seed, "data": {"metric": metric}, "method": {"name": "ptuning_v2"}}
+    for key, value in config.items():
+        node = tree
+        for part in key.split(".")[:-1]:
+            node = node.setdefault(part, {})
+        node[key.split(".")[-1]] = value
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(tree))
+    (job / "results.json").write_text(json.dumps({
+        "status": "completed", "overrides": overrides, "method": "ptuning_v2", "seed": seed,
+        "parameters": {"trainable": 1000, "trainable_pct": 1.0},
+        "metrics": {"best": {f"val/{metric}_best": dev}, "test": {f"test/{metric}": dev}}}))
+    curve = ([dev - 0.1, dev - 0.08, dev - 0.06, dev - 0.05, dev - 0.02, dev] if rising
+             else [dev - 0.05, dev, dev, dev, dev, dev])
+    (job / "csv" / "version_0").mkdir(parents=True)
+    (job / "csv" / "version_0" / "metrics.csv").write_text("\n".join(
+        [f"epoch,step,val/{metric}"] + [f"{e},{100 * (e + 1)},{v}" for e, v in enumerate(curve)]) + "\n")
+
+
+def _page(tmp_path: Path, out: str, folders: list[str], baseline: str) -> None:
+    assert report.main([*(str(tmp_path / f) for f in folders), "--where", "method=ptuning_v2", "--baseline", baseline,
+                        "--no-plots", "--out", str(tmp_path / out)]) == 0
+
+
+def _rows(tmp_path: Path, question: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in verdicts.block(tmp_path).splitlines()
+            if line.startswith(f"| {question}")]
+
+
+def test_a_setting_meets_itself_across_tasks_when_one_tasks_page_has_an_extra_axis(tmp_path):
+    """Rotten Tomatoes' default arm (budget_rt) ran before a config key existed: its page has that key as an
+    extra axis, SMS spam's not. Each depth setting is still one row, its two tasks side by side and judged
+    across (they were two rows, each "not run yet" on the other task, never a verdict across); the list
+    value's commas split nothing, and its still-rising flag is read."""
+    for task, metric in (("rt6", "acc"), ("sms6", "f1")):
+        for seed, dev in enumerate([0.80, 0.81, 0.82], 1):
+            _ran(tmp_path / f"base_{task}", f"b{seed}", ["method=ptuning_v2", f"seed={seed}"],
+                 {"method.depth": "deep", **({"method.new_knob": 1} if task == "sms6" else {})}, dev, metric)
+            for depth, delta in (("embedding", -0.1), ("[3,4,5]", 0.03 + seed / 1000)):
+                _ran(tmp_path / f"depth_{task}", f"{depth}{seed}",
+                     ["method=ptuning_v2", f"method.depth={depth}", f"seed={seed}"],
+                     {"method.depth": yaml.safe_load(depth), "method.new_knob": 1}, dev + delta, metric, rising=True)
+        _page(tmp_path, f"depth_{task}.md", [f"base_{task}", f"depth_{task}"], "method.depth=deep")
+    assert "method.new_knob" in (tmp_path / "depth_rt6.md").read_text().split("| method.depth")[0]  # (RT's extra axis)
+    rows = {row[1]: row for row in _rows(tmp_path, "depth vs deep")}
+    assert sorted(rows) == ["method.depth=[3,4,5]", "method.depth=embedding"]
+    top = rows["method.depth=[3,4,5]"]
+    assert top[3] == "+0.0320 [+0.0295, +0.0345], better at 6 epochs (this task's run also has method.new_knob=1)"
+    assert top[4] == "+0.0320 [+0.0295, +0.0345], better at 6 epochs" and top[5] == "holds on both tasks (better)"
+    assert rows["method.depth=embedding"][5] == "holds on both tasks (worse)"
+
+
+def test_a_setting_no_default_seed_paired_and_a_page_with_no_paired_table_are_no_verdict_not_a_crash(tmp_path):
+    """SMS spam's default arm has seeds 1 and 2 done, `lstm` only seed 3: its paired row is empty (the verdicts
+    crashed on it). Rotten Tomatoes ran one seed of each: the page has no paired table, which is "run, nothing
+    paired yet", not "not run yet"."""
+    none, mlp = {"method.reparameterization": "none"}, {"method.reparameterization": "mlp"}
+    _ran(tmp_path / "base_rt6", "b1", ["method=ptuning_v2", "seed=1"], none, 0.8, "acc")
+    _ran(tmp_path / "reparam_rt6", "m1", ["method=ptuning_v2", "method.reparameterization=mlp", "seed=1"], mlp, 0.82, "acc")
+    for seed in (1, 2):
+        _ran(tmp_path / "base_sms6", f"b{seed}", ["method=ptuning_v2", f"seed={seed}"], none, 0.8 + seed / 100, "f1")
+    for seed in (1, 2, 3):
+        _ran(tmp_path / "reparam_sms6", f"m{seed}", ["method=ptuning_v2", "method.reparameterization=mlp", f"seed={seed}"],
+             mlp, 0.85 + seed / 100, "f1")
+    _ran(tmp_path / "reparam_sms6", "l3", ["method=ptuning_v2", "method.reparameterization=lstm", "seed=3"],
+         {"method.reparameterization": "lstm"}, 0.9, "f1")
+    for task in ("rt6", "sms6"):
+        _page(tmp_path, f"reparam_ptuning_v2_{task}.md", [f"base_{task}", f"reparam_{task}"],
+              "method.reparameterization=none")
+    rows = {row[1]: row for row in _rows(tmp_path, "reparameterization vs none")}
+    assert rows["method.reparameterization=lstm"][3:] == [verdicts.NOTHING_PAIRED, "0 of 3 seeds: no verdict yet",
+                                                          "not both tasks yet"]
+    assert rows["method.reparameterization=mlp"][3:] == [
+        verdicts.NOTHING_PAIRED, "+0.0500 [+0.0500, +0.0500], 2 of 3 seeds: no verdict yet", "not both tasks yet"]
+    (tmp_path / "reparam_ptuning_v2_sms6.md").unlink()
+    assert _rows(tmp_path, "reparameterization vs none") == [
+        ["reparameterization vs none (P-Tuning v2)", "", "", verdicts.NOTHING_PAIRED, "not run yet", ""]]
+
+
+def test_a_default_arm_that_leaves_an_axis_free_is_each_settings_own_default(tmp_path):
+    """The default arm ran at two values of a config key (a relaunch at a changed default): the report pairs
+    each setting with the default at its own value ("against ... at the same method.foo"). The setting's own
+    default is still rising, so the verdict is "at 6 epochs" (the free-axis clause was read as part of the
+    default's value, so it never matched); a setting at a value no default ran is listed, not dropped."""
+    for foo in (1, 2):
+        for seed, dev in enumerate([0.80, 0.81, 0.82], 1):
+            _ran(tmp_path / "base", f"b{foo}{seed}", ["method=ptuning_v2", f"seed={seed}"],
+                 {"method.backbone_dropout": False, "method.foo": foo}, dev, "acc", rising=foo == 2)
+    for seed, dev in enumerate([0.83, 0.845, 0.85], 1):
+        _ran(tmp_path / "dropout", f"d{seed}", ["method=ptuning_v2", "method.backbone_dropout=true", f"seed={seed}"],
+             {"method.backbone_dropout": True, "method.foo": 2}, dev, "acc")
+    _ran(tmp_path / "dropout", "e1", ["method=ptuning_v2", "method.backbone_dropout=true", "seed=1"],
+         {"method.backbone_dropout": True, "method.foo": 3}, 0.9, "acc")
+    _page(tmp_path, "dropout_rt6.md", ["base", "dropout"], "method.backbone_dropout=false")
+    rows = _rows(tmp_path, "backbone dropout")
+    assert [row[1:4] for row in rows] == [
+        ["method.backbone_dropout=true, method.foo=2", "method.backbone_dropout=false at the same method.foo",
+         "+0.0317 [+0.0245, +0.0388], better at 6 epochs"],
+        ["method.backbone_dropout=true, method.foo=3", "method.backbone_dropout=false at the same method.foo",
+         "no default run at its values of the other axes: no verdict"]]
+
+
+def test_a_value_that_holds_a_comma_is_one_value_of_one_axis(tmp_path):
+    """A config string that differs between the arms (a prompt template changed between commits) becomes an
+    axis whose value holds ", ": the still-rising line that names it is read, not split at that comma (it
+    crashed the verdicts)."""
+    for seed, dev in enumerate([0.80, 0.81, 0.82], 1):
+        _ran(tmp_path / "base", f"b{seed}", ["method=ptuning_v2", f"seed={seed}"],
+             {"method.backbone_dropout": False, "data.template": "Review: {text}, sentiment:"}, dev, "acc", rising=True)
+        _ran(tmp_path / "dropout", f"d{seed}", ["method=ptuning_v2", "method.backbone_dropout=true", f"seed={seed}"],
+             {"method.backbone_dropout": True, "data.template": "{text}, so it was"}, dev + 0.02 + seed / 1000, "acc")
+    _page(tmp_path, "dropout_rt6.md", ["base", "dropout"], "method.backbone_dropout=false")
+    assert "data.template=Review: {text}, sentiment: (+0.0500" in (tmp_path / "dropout_rt6.md").read_text()
+    [row] = _rows(tmp_path, "backbone dropout")
+    assert row[1] == "method.backbone_dropout=true, data.template={text}, so it was"
+    assert row[3] == "+0.0220 [+0.0195, +0.0245], better at 6 epochs"  # (the default is the one rising)

@@ -8,7 +8,9 @@ Per question and task, each setting against the question's default arm, paired b
 "better" or "worse" only when the 95% interval excludes 0, else "no difference the seeds support"; "at 6
 epochs" when the report flags the setting or the default as still rising; fewer than 3 paired seeds is no
 verdict yet. Across the two tasks: "holds on both tasks" (both exclude 0 the same way), "task-dependent"
-(opposite ways), else the task where the seeds support it is named. docs/findings/regenerate.sh runs it.
+(opposite ways), else the task where the seeds support it is named. A setting is matched across the tasks by
+the axes both pages have (one task's page can have an extra one: a default changed between its arms' commits).
+docs/findings/regenerate.sh runs it.
 """
 from __future__ import annotations
 
@@ -43,30 +45,50 @@ def _interval(text: str) -> tuple[float, float]:
     return low, high
 
 
-def page_verdicts(page: Path) -> tuple[str, dict[str, dict]]:
-    """(the default arm, {setting: {delta, low, high, seeds, rising}}) from one question page."""
+def _setting(text: str) -> dict[str, str]:
+    """`k=v, k=v` as the report writes a setting; split only before a next `key=`, so a value that holds
+    ", " (a string read from a job's config) stays whole."""
+    return dict(pair.split("=", 1) for pair in re.split(r", (?=[\w.]+=)", text))
+
+
+def _label(setting: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in setting.items())
+
+
+def page_verdicts(page: Path) -> tuple[str, list[tuple[dict[str, str], dict]]]:
+    """(the default arm, [(setting, {delta, low, high, seeds, rising})]) from one question page: the paired
+    table's settings, then those the page lists as not paired (the default arm left an axis free and has no
+    run at their values of it: {"unpaired": True})."""
     lines = page.read_text().splitlines()
     found = [t for t in tables(lines) if t and any(k.startswith("Δ best dev") for k in t[0])]
-    if not found:
-        return "", {}
-    rows = found[0]
-    dev = next(k for k in rows[0] if k.startswith("Δ best dev") and not k.endswith("95% CI"))
-    axes = list(rows[0])[:list(rows[0]).index(dev)]
-    against = next((re.search(r"Paired by seed against (.*?) \(the baseline\)", line) for line in lines
-                    if line.startswith("Paired by seed against")), None)
-    baseline = against[1] if against else "?"
+    against = next((re.search(r"Paired by seed against (.*?)(?: at the same (.*?))? \(the baseline\)", line)
+                    for line in lines if line.startswith("Paired by seed against")), None)
+    baseline = against[0][len("Paired by seed against "):-len(" (the baseline)")] if against else ""
+    # (each setting's own default: the baseline at the setting's values of the axes it leaves free)
+    base, free = (_setting(against[1]), against[2].split(", ") if against[2] else []) if against else ({}, [])
     line = next((line for line in lines if line.startswith("Best dev still rising")), "")
-    rising = [dict(pair.split("=", 1) for pair in re.sub(r" \([^)]*\)$", "", part).split(", "))
+    rising = [_setting(re.sub(r" \([^)]*\)$", "", part))
               for part in line.split(" may move ", 1)[-1].split(": ", 1)[-1].rstrip(".").split("; ")] if line else []
-    base = dict(pair.split("=", 1) for pair in baseline.split(", ")) if "=" in baseline else {}
     flagged = lambda setting: any(all(r.get(k) == v for k, v in setting.items()) for r in rising)  # noqa: E731
-    out = {}
-    for row in rows:
-        setting = {k: row[k] for k in axes}
-        low, high = _interval(row[f"{dev} 95% CI"]) if row[f"{dev} 95% CI"] else (float("nan"),) * 2
-        out[", ".join(f"{k}={v}" for k, v in setting.items())] = {
-            "delta": float(row[dev]), "low": low, "high": high, "seeds": int(row["seeds"]),
-            "rising": flagged(setting) or (bool(base) and flagged(base))}
+    out = []
+    if found:
+        rows = found[0]
+        dev = next(k for k in rows[0] if k.startswith("Δ best dev") and not k.endswith("95% CI"))
+        axes = list(rows[0])[:list(rows[0]).index(dev)]
+        for row in rows:
+            setting = {k: row[k] for k in axes}
+            # (no seed shared with the default: no difference at all, an empty cell)
+            low, high = _interval(row[f"{dev} 95% CI"]) if row[f"{dev} 95% CI"] else (float("nan"),) * 2
+            out.append((setting, {
+                "delta": float(row[dev]) if row[dev] else float("nan"), "low": low, "high": high,
+                "seeds": int(row["seeds"]),
+                "rising": flagged(setting) or (bool(base) and flagged({**base, **{k: setting[k] for k in free}}))}))
+    if any(line.startswith("Not paired (") for line in lines):
+        start = next(i for i, line in enumerate(lines) if line.startswith("Not paired ("))
+        for line in lines[start + 2:]:
+            if not line.startswith("- "):
+                break
+            out.append((_setting(line[2:]), {"unpaired": True}))
     return baseline, out
 
 
@@ -74,6 +96,8 @@ def verdict(cell: dict | None) -> tuple[str, int]:
     """(the per-task verdict, its direction: +1 better, -1 worse, 0 none or not yet)."""
     if cell is None:
         return "not run yet", 0
+    if cell.get("unpaired"):
+        return "no default run at its values of the other axes: no verdict", 0
     if cell["seeds"] < SEEDS:
         return f"{cell['seeds']} of {SEEDS} seeds: no verdict yet", 0
     direction = 1 if cell["low"] > 0 else -1 if cell["high"] < 0 else 0
@@ -95,28 +119,58 @@ def across(directions: dict[str, int], complete: bool) -> str:
     return "no difference the seeds support on either task"
 
 
+NOTHING_PAIRED = "run; no setting paired with the default on 2 seeds yet"
+
+
+def _labels(found: dict[str, list[tuple[dict, dict]]]) -> dict[str, dict[str, tuple[dict, str]]]:
+    """Per task, {the setting's name in the table: (its cell, the axes only that task's page has)}. A setting
+    is named by the axes every task's page has, so the same setting meets itself across tasks when one page
+    has an axis the other lacks (a config key that differs between that task's sweeps only: a default
+    changed between the commits its arms ran at); by all its axes where the shared ones would not tell a
+    page's settings apart."""
+    keys = [list(settings[0][0]) for settings in found.values() if settings]
+    shared = [k for k in keys[0] if all(k in other for other in keys)] if keys else []
+    distinct = shared and all(len({_label({k: s[k] for k in shared}) for s, _ in settings}) == len(settings)
+                              for settings in found.values())
+    named = {}
+    for task, settings in found.items():
+        named[task] = {}
+        for setting, cell in settings:
+            own = {k: v for k, v in setting.items() if k not in shared} if distinct else {}
+            named[task][_label({k: setting[k] for k in shared} if distinct else setting)] = (cell, _label(own))
+    return named
+
+
 def block(pages: Path = PAGES) -> str:
     out = ["| question | setting | default | " + " | ".join(f"{t}: Δ best dev [95% CI], verdict" for t in TASKS.values())
            + " | across the two tasks |", "|" + "---|" * (4 + len(TASKS))]
     intervals = 0
     for stem, question in QUESTIONS.items():
-        found = {task: page_verdicts(pages / f"{stem}_{task}.md") for task in TASKS if (pages / f"{stem}_{task}.md").is_file()}
-        settings = list(dict.fromkeys(s for _, cells in found.values() for s in cells))
+        pages_found = {task: page_verdicts(pages / f"{stem}_{task}.md") for task in TASKS
+                       if (pages / f"{stem}_{task}.md").is_file()}
+        named = _labels({task: settings for task, (_, settings) in pages_found.items()})
+        settings = list(dict.fromkeys(s for cells in named.values() for s in cells))
+        # (a page with no paired table ran, with fewer than 2 seeds paired: not "not run yet")
+        absent = {task: NOTHING_PAIRED if task in pages_found and not named[task] else "not run yet" for task in TASKS}
         if not settings:
-            out.append(f"| {question} | | | " + " | ".join("not run yet" for _ in TASKS) + " | |")
+            out.append(f"| {question} | | | " + " | ".join(absent.values()) + " | |")
             continue
+        default = " / ".join(dict.fromkeys(b for b, _ in pages_found.values() if b))
         for setting in settings:
             cells, directions, complete = [], {}, True
             for task in TASKS:
-                cell = found.get(task, ("", {}))[1].get(setting)
+                cell, own = named.get(task, {}).get(setting, (None, ""))
                 said, directions[task] = verdict(cell)
-                complete &= cell is not None and cell["seeds"] >= SEEDS
+                complete &= cell is not None and not cell.get("unpaired") and cell["seeds"] >= SEEDS
                 if cell is None:
-                    cells.append(said)
-                else:
-                    intervals += 1
-                    cells.append(f"{cell['delta']:+.4f} [{cell['low']:+.4f}, {cell['high']:+.4f}], {said}")
-            default = " / ".join(dict.fromkeys(b for b, _ in found.values()))
+                    said = absent[task]
+                elif not cell.get("unpaired") and cell["delta"] == cell["delta"]:  # (NaN: no seed paired)
+                    shown = f"{cell['delta']:+.4f}"
+                    if cell["low"] == cell["low"]:
+                        intervals += 1
+                        shown += f" [{cell['low']:+.4f}, {cell['high']:+.4f}]"
+                    said = f"{shown}, {said}"
+                cells.append(said + (f" (this task's run also has {own})" if own else ""))
             out.append(f"| {question} | {setting} | {default} | " + " | ".join(cells)
                        + f" | {across(directions, complete)} |")
     note = (f"\n\n{intervals} intervals, none corrected for the others: at 95%, about one in twenty excludes 0 by "
