@@ -9,7 +9,9 @@
 #   bash docs/findings/queue.sh <sweeps folder> [worker name]      # one worker per core
 # Each line is one seed of one setting, so two workers never run the same job; a job that fails is tried once
 # more, then skipped (listed in <sweeps>/queue/failed.txt, its logs beside it). A job is its overrides,
-# so a relaunched worker resumes an interrupted job from its checkpoint (the sweep's own resume).
+# so a relaunched worker resumes an interrupted job from its checkpoint (the sweep's own resume). A claim means
+# a worker is running the job: when every worker is gone (a reboot, a killed session), empty
+# <sweeps>/queue/claimed.txt before relaunching, or their last jobs stay claimed and are never run.
 # Env: JOBS (the job list), RECORDS (the records folder), PYTHON. The queue's state (claims, failures, each
 # worker's current log) is in <sweeps>/queue/; the commands as run, with commit and exit status, in RECORDS/commands.log.
 set -u
