@@ -882,8 +882,10 @@ def test_a_sweeps_folder_started_afresh_adds_its_jobs_to_the_records_and_replace
 def test_the_queue_keeps_a_job_it_could_not_archive_and_takes_any_sweeps_folder(tmp_path):
     """docs/findings/queue.sh with a stand-in for train.py. A sweeps folder whose path has a space and a `&`
     reaches train.py whole (bash 5.2's ${job//\\$R/$R} made `&` the matched "$R": an unbound $Rb ended the
-    worker, its job claimed for good). A job that exits 0 but whose record is not archived is unclaimed and
-    counts as failed (it stayed claimed and out of done.txt: no worker ever took it again, nothing said so)."""
+    worker, its job claimed for good). A job that exits 0 but whose record is not archived counts as failed
+    (it stayed claimed and out of done.txt: no worker ever took it again, nothing said so); failing twice, it
+    is skipped and the queue goes on. A claim is a lock held while the job runs: a job another process holds
+    is left to it, and a claim file left by a worker that died (a reboot, a killed session) is no claim."""
     import os
     import shutil
     import subprocess
@@ -918,11 +920,32 @@ job = pathlib.Path(sweep) / "0"
     assert record["overrides"] == ["method=a", "method.depth=[3,4,5]", "seed=1"]
     assert (tmp_path / "records" / "done.txt").read_text() == line + "\n"
     # ${R} is not the `$R/` archive.py's sweep name is read from: the job ran, its record cannot be archived
-    # (tried twice, then skipped, left claimed so no worker takes it again, and the queue goes on)
+    # (tried twice, then skipped, and the queue goes on)
     unarchived, after = "method=a seed=2 hydra.sweep.dir=${R}/s", "method=a seed=3 hydra.sweep.dir=$R/t"
     done = run([unarchived, after], tmp_path / "other")
     assert done.returncode == 1 and "failed twice, skipped" in done.stdout, done
-    assert (tmp_path / "other" / "queue" / "claimed.txt").read_text() == unarchived + "\n" + after + "\n"
+    assert (tmp_path / "other" / "queue" / "skipped.txt").read_text() == unarchived + "\n"
     assert (tmp_path / "other" / "queue" / "failed.txt").read_text() == unarchived + "\n"
     assert len(list((tmp_path / "other" / "queue").glob("failed-*-w.log"))) >= 1
     assert (tmp_path / "records" / "done.txt").read_text() == line + "\n" + after + "\n"
+    # claims: a job whose claim another process holds is left to it; every claim file left behind is no claim
+    held, free = "method=b seed=1 hydra.sweep.dir=$R/u", "method=b seed=2 hydra.sweep.dir=$R/u"
+    claims = tmp_path / "third" / "queue" / "claims"
+    claims.mkdir(parents=True)
+    import hashlib
+    claim = lambda job: claims / hashlib.md5((job + "\n").encode()).hexdigest()[:16]  # noqa: E731 (md5sum <<< line)
+    claim(free).write_text("")  # a dead worker's: nobody holds its lock
+    holder = subprocess.Popen(["flock", str(claim(held)), "sleep", "60"], start_new_session=True)
+    try:
+        import time
+        for _ in range(100):  # (until the holder has its lock)
+            if subprocess.run(["flock", "-n", str(claim(held)), "true"]).returncode:
+                break
+            time.sleep(0.05)
+        done = run([held, free], tmp_path / "third")
+        assert done.returncode == 0 and held not in done.stdout and f"exit 0: {free}" in done.stdout, done
+    finally:
+        os.killpg(holder.pid, 9)  # (flock and its sleep, which holds the lock too)
+        holder.wait()
+    done = run([held, free], tmp_path / "third")  # the holder gone: its job is taken
+    assert done.returncode == 0 and f"exit 0: {held}" in done.stdout, done

@@ -1,17 +1,18 @@
 #!/bin/bash
 # One worker of the findings queue: takes the jobs of docs/findings/jobs.txt one at a time, in order
-# (a job nobody has claimed and whose record is not yet in docs/findings/runs/done.txt), and runs it as
+# (a job no worker has claimed and whose record is not yet in docs/findings/runs/done.txt), and runs it as
 #   nice -n 19 python train.py -m <the line, with $R = the sweeps folder>
 # After a job that exits 0 it copies the record of its sweep (archive.py: results, configs, CSV logs, run
 # logs; no checkpoints) into docs/findings/runs/, where regenerate.sh reads by default: commit that folder
 # and every report regenerates from the repository alone, whatever happens to the sweeps folder
 # (a new one adds its jobs to the records: archive.py keeps a job's record by its overrides, not its folder number).
 #   bash docs/findings/queue.sh <sweeps folder> [worker name]      # one worker per core
-# Each line is one seed of one setting, so two workers never run the same job; a job that fails is tried once
-# more, then skipped (listed in <sweeps>/queue/failed.txt, its logs beside it). A job is its overrides,
-# so a relaunched worker resumes an interrupted job from its checkpoint (the sweep's own resume). A claim means
-# a worker is running the job: when every worker is gone (a reboot, a killed session), empty
-# <sweeps>/queue/claimed.txt before relaunching, or their last jobs stay claimed and are never run.
+# Each line is one seed of one setting. A worker claims a job by holding an flock on its file in
+# <sweeps>/queue/claims/ while the job runs (train.py inherits it): the OS drops it when the job ends or dies,
+# so a claim never outlives its job and a relaunch after a reboot or a killed session takes the unfinished
+# jobs again without clean-up. A job that fails is tried once more, then skipped (listed in
+# <sweeps>/queue/skipped.txt, its logs beside it; remove it there to try again). A job is its overrides, so a
+# relaunched worker resumes an interrupted job from its checkpoint (the sweep's own resume).
 # Env: JOBS (the job list), RECORDS (the records folder), PYTHON. The queue's state (claims, failures, each
 # worker's current log) is in <sweeps>/queue/; the commands as run, with commit and exit status, in RECORDS/commands.log.
 set -u
@@ -24,16 +25,23 @@ JOBS=${JOBS:-$here/jobs.txt}
 RECORDS=${RECORDS:-$here/runs}
 state=$R/queue
 mkdir -p "$state" "$RECORDS"
-touch "$state/claimed.txt" "$RECORDS/done.txt"
+mkdir -p "$state/claims"
+touch "$RECORDS/done.txt" "$state/failed.txt" "$state/skipped.txt"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 cd "$root" || exit 1
+exec {queue}>"$state/.lock"
 while true; do
-    job=$(flock "$state/.lock" bash -c '
-        while IFS= read -r line; do
-            [ -z "$line" ] && continue
-            grep -qxF -- "$line" "$1" "$2" && continue
-            echo "$line" >> "$1"; echo "$line"; break
-        done < "$3"' _ "$state/claimed.txt" "$RECORDS/done.txt" "$JOBS")
+    # the first job not done, not skipped, and not claimed (its claim file's lock free), taken under the queue lock
+    job="" claim=""
+    flock "$queue"
+    while IFS= read -r line; do
+        [ -z "$line" ] && continue
+        grep -qxF -- "$line" "$RECORDS/done.txt" "$state/skipped.txt" && continue
+        exec {claim}>"$state/claims/$(md5sum <<< "$line" | cut -c1-16)"
+        if flock -n "$claim"; then job=$line; break; fi
+        exec {claim}>&-
+    done < "$JOBS"
+    flock -u "$queue"
     [ -z "$job" ] && { echo "$(date -Is) $name: queue empty"; exit ${skipped:-0}; }
     echo "$(date -Is) $name $(git rev-parse --short HEAD): $job" | tee -a "$RECORDS/commands.log"
     # ($R quoted, expanded by eval: a folder with a space stays one word, and `&` in it is no pattern
@@ -46,21 +54,21 @@ while true; do
         # under the lock: two workers archiving one sweep at once delete each other's copies (FileNotFoundError)
         flock "$state/.lock" bash -c 'python "$1" "$2" "$3" "$4" && echo "$5" >> "$6"' _ \
             "$here/archive.py" "$R" "$RECORDS" "$sweep" "$job" "$RECORDS/done.txt"
-        # a job not archived is no result: unclaimed like a failed job, so a relaunch archives it (the sweep
-        # does not train a completed job again); left claimed, no worker would ever take it or record it
+        # a job not archived is no result: failed, so it is taken again and archived then (the sweep does
+        # not train a completed job again)
         rc=$?
     fi
     if [ $rc -ne 0 ]; then
-        # its log kept (the next job overwrites the worker's); tried once more (a passing fault), then left
-        # claimed, so no worker takes it again until a relaunch clears the claims, and the queue goes on:
-        # one bad job must not stop a night of runs. The worker's exit status is 1 when it skipped one.
+        # its log kept (the next job overwrites the worker's); tried once more (a passing fault), then skipped,
+        # and the queue goes on: one bad job must not stop a night of runs. Exit status 1 when one was skipped.
         cp "$state/$name.log" "$state/failed-$(date +%Y%m%dT%H%M%S)-$name.log"
-        if grep -qxF -- "$job" "$state/failed.txt" 2>/dev/null; then
-            echo "$(date -Is) $name: failed twice, skipped (left claimed; logs: $state/failed-*.log): $job"
+        if grep -qxF -- "$job" "$state/failed.txt"; then
+            echo "$(date -Is) $name: failed twice, skipped (see $state/skipped.txt and failed-*.log): $job"
+            echo "$job" >> "$state/skipped.txt"
             skipped=1
         else
-            flock "$state/.lock" sed -i "\\|^$(sed 's/[|.[\*^$]/\\&/g' <<< "$job")\$|d" "$state/claimed.txt"
             echo "$job" >> "$state/failed.txt"
         fi
     fi
+    exec {claim}>&-  # the claim ends with the job
 done
