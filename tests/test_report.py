@@ -885,7 +885,8 @@ def test_the_queue_keeps_a_job_it_could_not_archive_and_takes_any_sweeps_folder(
     worker, its job claimed for good). A job that exits 0 but whose record is not archived counts as failed
     (it stayed claimed and out of done.txt: no worker ever took it again, nothing said so); failing twice, it
     is skipped and the queue goes on. A claim is a lock held while the job runs: a job another process holds
-    is left to it, and a claim file left by a worker that died (a reboot, a killed session) is no claim."""
+    is left to it while it runs (and taken when it ends unarchived: see the next test), and a claim file left by
+    a worker that died (a reboot, a killed session) is no claim."""
     import os
     import shutil
     import subprocess
@@ -928,7 +929,7 @@ job = pathlib.Path(sweep) / "0"
     assert (tmp_path / "other" / "queue" / "failed.txt").read_text() == unarchived + "\n"
     assert len(list((tmp_path / "other" / "queue").glob("failed-*-w.log"))) >= 1
     assert (tmp_path / "records" / "done.txt").read_text() == line + "\n" + after + "\n"
-    # claims: a job whose claim another process holds is left to it; every claim file left behind is no claim
+    # claims: a job whose claim another process holds is left to it while it runs; a claim file left behind is none
     held, free = "method=b seed=1 hydra.sweep.dir=$R/u", "method=b seed=2 hydra.sweep.dir=$R/u"
     claims = tmp_path / "third" / "queue" / "claims"
     claims.mkdir(parents=True)
@@ -942,10 +943,136 @@ job = pathlib.Path(sweep) / "0"
             if subprocess.run(["flock", "-n", str(claim(held)), "true"]).returncode:
                 break
             time.sleep(0.05)
-        done = run([held, free], tmp_path / "third")
-        assert done.returncode == 0 and held not in done.stdout and f"exit 0: {free}" in done.stdout, done
+        (tmp_path / "jobs.txt").write_text(held + "\n" + free + "\n")
+        worker = subprocess.Popen(["bash", str(queue), str(tmp_path / "third"), "w"],
+                                  env={**env, "JOBS": str(tmp_path / "jobs.txt")}, stdout=subprocess.PIPE, text=True)
+        for _ in range(600):  # (until the free job is done: the worker is waiting for the held one)
+            if free in (tmp_path / "records" / "done.txt").read_text():
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert worker.poll() is None, worker.communicate()
     finally:
         os.killpg(holder.pid, 9)  # (flock and its sleep, which holds the lock too)
         holder.wait()
-    done = run([held, free], tmp_path / "third")  # the holder gone: its job is taken
-    assert done.returncode == 0 and f"exit 0: {held}" in done.stdout, done
+    out, _ = worker.communicate(timeout=60)  # the holder gone: its job is taken
+    assert worker.returncode == 0, out
+    assert out.index(f"exit 0: {free}") < out.index(f"waiting for a job still running: {held}") < out.index(
+        f"exit 0: {held}"), out
+
+
+def test_the_queue_waits_for_an_orphaned_job_and_no_job_keeps_its_lock(tmp_path):
+    """docs/findings/queue.sh, hostile cases. (1) A worker killed mid-job leaves its job running (orphaned,
+    claimed); a relaunched worker that ran out of other jobs left "queue empty" before it ended: nobody archived
+    its record, nor listed it in done.txt. It now waits for the job and takes it then. (2) The queue lock's fd
+    went to every job: a process a job left behind (close_fds=False, a shell's `&`) kept it, and a worker
+    killed while selecting left the lock held by it: every worker blocked for good. (3) Blank and # lines ran
+    `train.py -m` alone (the default sweep), spaces around a line made it a second job, and a last line with
+    no newline was never run while the queue said "empty"."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    if shutil.which("flock") is None:
+        pytest.skip("flock (util-linux) is not installed")
+    queue = Path(__file__).resolve().parents[1] / "docs" / "findings" / "queue.sh"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\n" + """import json, os, pathlib, subprocess, sys, time
+args = [a for a in sys.argv[3:] if not a.startswith("hydra.")]
+sweep = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("hydra.sweep.dir="))
+tmp = pathlib.Path(os.environ["TMP"])
+with open(tmp / "ran.txt", "a") as f:
+    f.write(" ".join(args) + "\\n")
+if "hold=1" in args:  # runs until released
+    while not (tmp / "release").exists():
+        time.sleep(0.05)
+if "leave=1" in args:  # leaves a process behind (a daemon: its own session), with the job's fds
+    left = subprocess.Popen(["sleep", "60"], close_fds=False, start_new_session=True)
+    (tmp / "left.pid").write_text(str(left.pid))
+    (tmp / "slow").touch()  # (the worker's next selection stops)
+job = pathlib.Path(sweep) / "-".join(args).replace("=", "_")
+(job / ".hydra").mkdir(parents=True, exist_ok=True)
+(job / ".hydra" / "overrides.yaml").write_text("".join(f"- {a}\\n" for a in args))
+(job / "results.json").write_text(json.dumps({"status": "completed", "overrides": args}))
+""")
+    fake.chmod(0o755)
+    # an md5sum that, once told to (by the leave=1 job), stops in the queue's selection (under its lock) until
+    # the worker is killed
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "md5sum").write_text(f"#!/bin/bash\n[ -e {tmp_path}/slow ] && touch {tmp_path}/selecting && sleep 30\n"
+                                 f"exec {shutil.which('md5sum')} \"$@\"\n")
+    (shim / "md5sum").chmod(0o755)
+    jobs, records = tmp_path / "jobs.txt", tmp_path / "records"
+    env = {**os.environ, "PYTHON": str(fake), "RECORDS": str(records), "JOBS": str(jobs), "TMP": str(tmp_path),
+           "PATH": f"{shim}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    worker = lambda sweeps: subprocess.Popen(  # noqa: E731 (its own session: killing it leaves its job running)
+        ["bash", str(queue), str(sweeps), "w"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+
+    def until(check, what):
+        for _ in range(600):
+            if check():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def done():
+        return (records / "done.txt").read_text().splitlines() if (records / "done.txt").exists() else []
+
+    # (1) the orphaned job
+    held, other = "hold=1 hydra.sweep.dir=$R/s", "seed=2 hydra.sweep.dir=$R/s"
+    jobs.write_text(held + "\n" + other + "\n")
+    first = worker(tmp_path / "one")
+    try:
+        until(lambda: (tmp_path / "ran.txt").exists(), "the held job to start")
+        first.kill()
+        first.wait()
+        second = worker(tmp_path / "one")
+        until(lambda: other in done(), "the other job")
+        time.sleep(0.5)  # (the old worker left here, the held job still running)
+    finally:
+        (tmp_path / "release").touch()  # the orphan ends
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 0 and f"exit 0: {held}" in out, (out, err)
+    assert sorted(done()) == sorted([held, other])
+    assert (records / "s" / "hold_1" / "results.json").exists()
+
+    # (2) a process left behind by a job, and a worker killed while it held the queue lock
+    first_job, second_job = "leave=1 hydra.sweep.dir=$R/t", "seed=3 hydra.sweep.dir=$R/t"
+    jobs.write_text(first_job + "\n" + second_job + "\n")
+    first = worker(tmp_path / "two")
+    try:
+        until(lambda: (tmp_path / "selecting").exists(), "the next selection")
+        os.killpg(first.pid, signal.SIGKILL)  # (the worker and its md5sum; not the process the job left)
+        first.wait()
+        (tmp_path / "slow").unlink()
+        second = worker(tmp_path / "two")
+        try:
+            out, err = second.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(second.pid, signal.SIGKILL)
+            raise AssertionError("the queue lock is held for good by the process a job left behind") from None
+        assert second.returncode == 0 and f"exit 0: {second_job}" in out, (out, err)
+    finally:
+        if (tmp_path / "left.pid").exists():
+            os.kill(int((tmp_path / "left.pid").read_text()), signal.SIGKILL)
+
+    # (3) blank lines, comments, spaces around a line; a last line with no newline
+    (tmp_path / "ran.txt").unlink(missing_ok=True)
+    line = "seed=4 hydra.sweep.dir=$R/u"
+    jobs.write_text(f"# seed 4 only\n   \n\n  {line} \n{line}\r\n\t{line}\n")
+    run = subprocess.run(["bash", str(queue), str(tmp_path / "three"), "w"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run
+    assert (tmp_path / "ran.txt").read_text() == "seed=4\n"  # once, and nothing else
+    assert done()[-1] == line and done().count(line) == 1
+    jobs.write_text(f"{line}\nseed=5 hydra.sweep.dir=$R/u")
+    run = subprocess.run(["bash", str(queue), str(tmp_path / "three"), "w"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "no newline" in run.stderr and run.stderr.count("\n") == 1, run
+    assert (tmp_path / "ran.txt").read_text() == "seed=4\n"

@@ -10,7 +10,9 @@
 # Each line is one seed of one setting. A worker claims a job by holding an flock on its file in
 # <sweeps>/queue/claims/ while the job runs (train.py inherits it): the OS drops it when the job ends or dies,
 # so a claim never outlives its job and a relaunch after a reboot or a killed session takes the unfinished
-# jobs again without clean-up. A job that fails is tried once more, then skipped (listed in
+# jobs again without clean-up; a worker with no job left waits for the jobs still running (one whose worker
+# was killed goes on, and is archived by the worker that takes it when it ends). Blank and # lines are no jobs.
+# A job that fails is tried once more, then skipped (listed in
 # <sweeps>/queue/skipped.txt, its logs beside it; remove it there to try again). A job is its overrides, so a
 # relaunched worker resumes an interrupted job from its checkpoint (the sweep's own resume).
 # Env: JOBS (the job list), RECORDS (the records folder), PYTHON. The queue's state (claims, failures, each
@@ -29,20 +31,41 @@ mkdir -p "$state/claims"
 touch "$RECORDS/done.txt" "$state/failed.txt" "$state/skipped.txt"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 cd "$root" || exit 1
-exec {queue}>"$state/.lock"
 while true; do
-    # the first job not done, not skipped, and not claimed (its claim file's lock free), taken under the queue lock
-    job="" claim=""
+    # the first job not done, not skipped, and not claimed (its claim file's lock free), taken under the queue lock.
+    # The lock's fd is opened here and closed before the job starts: a job inheriting it (and a process the job
+    # leaves behind, which keeps it open) would keep the lock for good after a worker killed while selecting.
+    job="" claim="" busy=""
+    exec {queue}>"$state/.lock"
     flock "$queue"
     while IFS= read -r line; do
-        [ -z "$line" ] && continue
+        # spaces around a line are no part of the job (" a" and "a" would be two claims: one job run twice at
+        # once); blank and # lines are no jobs (either ran `train.py -m` alone: the default sweep, trained)
+        [[ $line =~ ^[[:space:]]*(.*[^[:space:]])[[:space:]]*$ ]] || continue
+        line=${BASH_REMATCH[1]}
+        [[ $line == \#* ]] && continue
         grep -qxF -- "$line" "$RECORDS/done.txt" "$state/skipped.txt" && continue
         exec {claim}>"$state/claims/$(md5sum <<< "$line" | cut -c1-16)"
         if flock -n "$claim"; then job=$line; break; fi
+        busy=${busy:-$line}
         exec {claim}>&-
     done < "$JOBS"
-    flock -u "$queue"
-    [ -z "$job" ] && { echo "$(date -Is) $name: queue empty"; exit ${skipped:-0}; }
+    exec {queue}>&-
+    if [ -z "$job" ] && [ -n "$busy" ]; then
+        # no free job, but one still running: wait for it and look again. Its worker may be gone (killed; the
+        # job goes on, orphaned), and then nobody archives the job when it ends: a worker that left now would
+        # leave its record out of the records and of done.txt, the queue "empty"
+        echo "$(date -Is) $name: waiting for a job still running: $busy"
+        flock "$state/claims/$(md5sum <<< "$busy" | cut -c1-16)" true
+        continue
+    fi
+    if [ -z "$job" ]; then
+        if [ -n "$(tail -c 1 "$JOBS")" ]; then  # (read drops a last line with no newline: a job never run)
+            echo "queue.sh: the last line of $JOBS has no newline, so it is not taken: add one" >&2
+            exit 2
+        fi
+        echo "$(date -Is) $name: queue empty"; exit ${skipped:-0}
+    fi
     echo "$(date -Is) $name $(git rev-parse --short HEAD): $job" | tee -a "$RECORDS/commands.log"
     # ($R quoted, expanded by eval: a folder with a space stays one word, and `&` in it is no pattern
     # replacement (bash 5.2 patsub_replacement turned ${job//\$R/$R} under /a&b into "$Rb": unbound, worker gone)
