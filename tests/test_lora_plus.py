@@ -105,6 +105,31 @@ def test_resume_with_another_lr_ratio_is_a_checkpoint_error_naming_the_key(saved
     build("lora", saved).on_load_checkpoint(checkpoint_of(build("lora", saved)))  # the run's own: loads
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"lr_ratio": 8}, r"LoRA's B matrices \(LoRA\+\) at learning rate 0.016, this run's settings give 0.008"),
+    ({"lr": 2e-3}, r"its parameters at learning rate 0.001, this run's settings give 0.002"),
+    ({"weight_decay": 0.01}, r"its parameters at weight decay 0, this run's settings give 0.01")])
+def test_resume_with_other_optimizer_settings_of_the_same_groups_is_a_checkpoint_error(change, message):
+    """torch's load_state_dict puts the saved groups' rates and weight decay back (checked first, on torch
+    itself), so a resume with another lr, weight_decay or a LoRA+ ratio that keeps two groups (16 -> 8)
+    would train at the checkpoint's values while the run's config and results.json say the new ones:
+    a one-line CheckpointError naming method.optim instead."""
+    saved = build("lora", RATIO)
+    resumed = build("lora", RATIO)
+    resumed.method_cfg["optim"].update(change)
+    optimizer = resumed.configure_optimizers()["optimizer"]
+    optimizer.load_state_dict(saved.configure_optimizers()["optimizer"].state_dict())
+    assert [g["lr"] for g in optimizer.param_groups] == [LR, LR * RATIO]  # the premise: the checkpoint's win
+    assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint: its optimizer trained {message} \(method\.optim\.lr=.*"
+                                              r"the checkpoint's would win on load: resume with the run's own "
+                                              r"method.optim settings$"):
+        resumed.on_load_checkpoint(checkpoint_of(saved))
+    build("dora", RATIO).on_load_checkpoint(checkpoint_of(build("dora", RATIO)))  # the run's own settings: load
+    plain = build("ia3", 1)
+    plain.on_load_checkpoint(checkpoint_of(build("ia3", 1)))
+
+
 def test_resume_as_another_method_or_shape_is_a_checkpoint_error():
     """A LoRA checkpoint resumed as DoRA (no magnitudes) or with another rank: CheckpointError (exit 2)
     naming the tensors, not a KeyError / size-mismatch traceback."""

@@ -7,6 +7,7 @@ loss, metrics, optimizer and schedule, and checkpoints that carry only the train
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import lightning as L
@@ -392,7 +393,8 @@ class PeftClassifier(L.LightningModule):
 
 def check_checkpoint_fits(module, checkpoint: dict[str, Any]) -> None:
     """A checkpoint to resume (or test) from must be this run's kind: every trainable tensor, each of
-    its shape, nothing more, and an optimizer with as many parameter groups. Otherwise it was written
+    its shape, nothing more, and an optimizer with as many parameter groups, at the run's learning rates and
+    weight decay (the checkpoint's would win on load). Otherwise it was written
     with another method, settings or task list: a CheckpointError (one line, exit 2) before Lightning
     loads it, not a KeyError / size-mismatch / optimizer traceback, nor a silent partial load."""
     from peft_lightning.errors import CheckpointError
@@ -413,9 +415,24 @@ def check_checkpoint_fits(module, checkpoint: dict[str, Any]) -> None:
     optimizers = checkpoint.get("optimizer_states") or []
     if optimizers:
         optim = module.method_cfg.get("optim", {})
-        groups = len(module.param_groups(optim.get("lr", 5e-3), float(optim.get("lr_ratio", 1))))
-        had = len(optimizers[0].get("param_groups", []))
+        lr, ratio = optim.get("lr", 5e-3), float(optim.get("lr_ratio", 1))
+        wanted = module.param_groups(lr, ratio)
+        groups, had = len(wanted), len(optimizers[0].get("param_groups", []))
         if had != groups:
             raise CheckpointError(f"{where}: its optimizer has {had} parameter group(s), this run {groups}: "
                                   "method.optim.lr_ratio differs from the run's (LoRA+, a ratio other than 1, gives "
                                   "LoRA's B matrices a group of their own); resume with the run's own lr_ratio")
+        # torch's load_state_dict restores each group's hyperparameters with its moments, so the checkpoint's
+        # learning rates (the schedule's initial_lr) and weight decay win on load: another method.optim.lr,
+        # lr_ratio or weight_decay would be recorded in this run's config and results while the tensors went on
+        # training at the checkpoint's. Refused, like the group count above (16 -> 8 keeps LoRA+'s two groups)
+        decay = float(optim.get("weight_decay", 0.0))
+        for i, (mine, theirs) in enumerate(zip(wanted, optimizers[0]["param_groups"])):
+            whose = "LoRA's B matrices (LoRA+)" if i else "its parameters"
+            for knob, want, kept in (("learning rate", mine.get("lr", lr), theirs.get("initial_lr")),
+                                     ("weight decay", decay, theirs.get("weight_decay"))):
+                if kept is not None and not math.isclose(float(kept), float(want), rel_tol=1e-6, abs_tol=1e-12):
+                    raise CheckpointError(
+                        f"{where}: its optimizer trained {whose} at {knob} {kept:g}, this run's settings give "
+                        f"{want:g} (method.optim.lr={lr:g}, lr_ratio={ratio:g}, weight_decay={decay:g}); the "
+                        "checkpoint's would win on load: resume with the run's own method.optim settings")
