@@ -70,6 +70,28 @@ METHOD_KEYS: dict[str, dict] = {
 OPTIONAL_METHOD_KEYS = {"init_text", "init_from", "cache_frozen_layers", "recompute_attention"}
 
 
+def other_methods_knob(where: str, method: Any = None) -> str | None:
+    """For `method.<key>` that the run's method does not take but others do (`method.optim.lr_ratio` with
+    P-Tuning v2, `method.prefix_length` with LoRA): which methods take it, instead of a did-you-mean
+    that points at another knob (lr_ratio -> warmup_ratio). None for a key no other method takes."""
+    if not where.startswith("method."):
+        return None
+    parts = where.split(".")[1:]
+
+    def takes(spec: Any) -> bool:
+        for part in parts:
+            if not isinstance(spec, dict) or part not in spec:
+                return False
+            spec = spec[part]
+        return True
+
+    owners = sorted(name for name, keys in METHOD_KEYS.items() if takes({**_SHARED, **keys}))
+    if not owners or method in owners:
+        return None
+    return (f"{where} is a knob of method={', '.join(owners)} only, not of "
+            f"{f'method={method}' if method else 'this method'}: drop it, or run one of those methods")
+
+
 def method_schema(node: dict) -> dict:
     name = node.get("name")
     if name not in METHOD_KEYS:
@@ -197,7 +219,8 @@ def _check(node: Any, spec: Any, path: str) -> None:
     for key, value in node.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in spec:
-            raise ConfigError(f"unknown key {where}{_hint(key, spec, path)}")
+            raise ConfigError(other_methods_knob(where, node.get("name") if path == "method" else None)
+                              or f"unknown key {where}{_hint(key, spec, path)}")
         _check(value, spec[key], where)
 
 
@@ -304,6 +327,14 @@ def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> st
             hydras.group(1) if hydras else f"+{cause.full_key}=..."
         if key in arguments:  # a real argument the config does not list: only `+` adds it
             return f"{cause.full_key} is not in the config: add it with {append}"
+        if cause.full_key.startswith("method."):  # a knob of other methods, or this one's left out of its yaml
+            from omegaconf import OmegaConf
+            method = OmegaConf.select(cause.parent_node._get_root(), "method.name", default=None)
+            other = other_methods_knob(cause.full_key, method)
+            if other:
+                return other
+            if method in METHOD_KEYS and other_methods_knob(cause.full_key) is not None:
+                return f"{cause.full_key} is not in method={method}'s config: add it with {append}"
         close = _closest(key, listed | arguments)
         where = f"{path}." if path else ""
         if close:

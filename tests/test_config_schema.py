@@ -38,9 +38,13 @@ def no_weights(monkeypatch):
     (["+model.name_or_pth=x"], r"^unknown key model.name_or_pth \(did you mean model.name_or_path\?\)$"),
     (["+method.head.pooing=mean"], r"^unknown key method.head.pooing \(did you mean method.head.pooling\?\)$"),
     (["+method.optim.wd=0.1"], r"^unknown key method.optim.wd; method.optim takes lr, warmup_ratio, warmup_steps, weight_decay$"),
-    # a key of another method: LoRA has no prefix, UniPELT's adapter has no style
-    (["method=lora", "+method.prefix_length=8"], r"^unknown key method.prefix_length; method takes .*target_modules"),
-    (["method=unipelt", "+method.style=houlsby"], r"^unknown key method.style; method takes "),
+    # a key of another method: LoRA has no prefix, UniPELT's adapter has no style, (IA)³ no LoRA+ ratio: the
+    # methods that take it, not a did-you-mean pointing at another knob
+    (["method=lora", "+method.prefix_length=8"], r"^method.prefix_length is a knob of method=p_tuning, prefix_tuning, "
+                                                 r"prompt_tuning, ptuning_v2, unipelt only, not of method=lora: drop it"),
+    (["method=unipelt", "+method.style=houlsby"], r"^method.style is a knob of method=adapter only, not of method=unipelt"),
+    (["method=ia3", "+method.optim.lr_ratio=16"], r"^method.optim.lr_ratio is a knob of method=dora, lora, unipelt only, "
+                                                  r"not of this method: drop it, or run one of those methods$"),
     (["+data.split.tset=0.1"], r"^unknown key data.split.tset \(did you mean data.split.test\?\)$"),
     (["+data.columns.txt=sentence"], r"^unknown key data.columns.txt \(did you mean data.columns.text\?\)$"),
     (["+data.files={train: a.csv, validation: b.csv, tset: c.csv}"],
@@ -123,6 +127,11 @@ def _train(*args, timeout=120):
     ("trainer.max_steps=3", "trainer.max_steps is not in the config: add it with +trainer.max_steps=3"),
     ("methd=lora", "unknown key methd (did you mean method?)"),
     ("method.prefix_lenght=64", "unknown key method.prefix_lenght (did you mean method.prefix_length?)"),
+    # another method's knob (not "did you mean method.optim.warmup_ratio?"), and this method's own knob its yaml
+    # leaves out (not "did you mean method.init?")
+    ("method.optim.lr_ratio=16", "method.optim.lr_ratio is a knob of method=dora, lora, unipelt only, not of "
+                                 "method=ptuning_v2: drop it, or run one of those methods"),
+    ("method.init_text=hello", "method.init_text is not in method=ptuning_v2's config: add it with +method.init_text=hello"),
     ("method.prefix_length=[1", "no viable alternative at input '[1'"),
 ])
 def test_a_command_line_hydra_cannot_compose_is_one_config_error_exit_2(override, message):
