@@ -204,24 +204,27 @@ def check_method(method: dict) -> None:
     _check(method, method_schema, "method")
 
 
-def _check(node: Any, spec: Any, path: str) -> None:
+def _check(node: Any, spec: Any, path: str, method: Any = None) -> None:
+    """`node` against `spec`; `method`: the run's method name, for an error on a key of other methods"""
     if spec is ANY or node is None or _interpolation(node):
         return
     if isinstance(spec, Each):
         for name, value in _mapping(node, path, "a mapping of names to settings").items():
-            _check(value, spec.spec, f"{path}.{name}")
+            _check(value, spec.spec, f"{path}.{name}", method)
         return
     if spec == TARGET:
         return _check_target(node, path)
     if callable(spec):
-        spec = spec(_mapping(node, path, "a mapping"))
+        node = _mapping(node, path, "a mapping")
+        if path == "method":
+            method = node.get("name")
+        spec = spec(node)
     node = _mapping(node, path, f"a mapping with keys {sorted(spec)}")
     for key, value in node.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in spec:
-            raise ConfigError(other_methods_knob(where, node.get("name") if path == "method" else None)
-                              or f"unknown key {where}{_hint(key, spec, path)}")
-        _check(value, spec[key], where)
+            raise ConfigError(other_methods_knob(where, method) or f"unknown key {where}{_hint(key, spec, path)}")
+        _check(value, spec[key], where, method)
 
 
 def _check_target(node: Any, path: str) -> None:

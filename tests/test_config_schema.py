@@ -44,7 +44,7 @@ def no_weights(monkeypatch):
                                                  r"prompt_tuning, ptuning_v2, unipelt only, not of method=lora: drop it"),
     (["method=unipelt", "+method.style=houlsby"], r"^method.style is a knob of method=adapter only, not of method=unipelt"),
     (["method=ia3", "+method.optim.lr_ratio=16"], r"^method.optim.lr_ratio is a knob of method=dora, lora, unipelt only, "
-                                                  r"not of this method: drop it, or run one of those methods$"),
+                                                  r"not of method=ia3: drop it, or run one of those methods$"),
     (["+data.split.tset=0.1"], r"^unknown key data.split.tset \(did you mean data.split.test\?\)$"),
     (["+data.columns.txt=sentence"], r"^unknown key data.columns.txt \(did you mean data.columns.text\?\)$"),
     (["+data.files={train: a.csv, validation: b.csv, tset: c.csv}"],

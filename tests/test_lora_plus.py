@@ -79,7 +79,7 @@ def test_lr_ratio_without_lora_matrices_is_refused():
     (["method=lora", "method.optim.lr_ratio=0"], r"^method.optim.lr_ratio must be a positive number, got 0$"),
     (["method=dora", "method.optim.lr_ratio=-2"], r"^method.optim.lr_ratio must be a positive number, got -2$"),
     (["method=adapter", "+method.optim.lr_ratio=16"], r"^method.optim.lr_ratio is a knob of method=dora, lora, "
-                                                      r"unipelt only, not of this method"),
+                                                      r"unipelt only, not of method=adapter"),
 ])
 def test_lr_ratio_config_errors_name_the_key(overrides, message, no_weights):  # noqa: F811
     with pytest.raises(ConfigError, match=message):
