@@ -332,7 +332,10 @@ def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> st
             return f"{cause.full_key} is not in the config: add it with {append}"
         if cause.full_key.startswith("method."):  # a knob of other methods, or this one's left out of its yaml
             from omegaconf import OmegaConf
-            method = OmegaConf.select(cause.parent_node._get_root(), "method.name", default=None)
+            try:  # (the composed config's method, whichever preset or default chose it)
+                method = OmegaConf.select(cause.parent_node._get_root(), "method.name", default=None)
+            except Exception:  # noqa: BLE001  (an OmegaConf without _get_root: the override as typed)
+                method = typed.get("method", "").partition("=")[2] or None
             other = other_methods_knob(cause.full_key, method)
             if other:
                 return other

@@ -431,7 +431,8 @@ def check_checkpoint_fits(module, checkpoint: dict[str, Any]) -> None:
             whose = "LoRA's B matrices (LoRA+)" if i else "its parameters"
             for knob, want, kept in (("learning rate", mine.get("lr", lr), theirs.get("initial_lr")),
                                      ("weight decay", decay, theirs.get("weight_decay"))):
-                if kept is not None and not math.isclose(float(kept), float(want), rel_tol=1e-6, abs_tol=1e-12):
+                kept = None if kept is None else float(kept)  # (a tensor where torch's capturable lr is one)
+                if kept is not None and not math.isclose(kept, float(want), rel_tol=1e-6, abs_tol=1e-12):
                     raise CheckpointError(
                         f"{where}: its optimizer trained {whose} at {knob} {kept:g}, this run's settings give "
                         f"{want:g} (method.optim.lr={lr:g}, lr_ratio={ratio:g}, weight_decay={decay:g}); the "
