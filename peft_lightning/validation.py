@@ -41,9 +41,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("method.init=text needs method.init_text (the words to start the prompt from)")
     if m.get("init") == "adapter" and not m.get("init_from"):
         raise ConfigError("method.init=adapter needs method.init_from: a trained adapter folder (<run>/adapter)")
-    if m.get("init_from") and m.get("init") != "adapter":  # (a sweep may set it for both arms: not an error)
-        log.warning("method.init_from is read only with method.init=adapter; this run starts from init=%s",
-                    m.get("init"))
+    # a source set for another init is never read (a sweep may set it for every arm: a warning, not an error)
+    for key, init in (("init_from", "adapter"), ("init_text", "text")):
+        if m.get(key) and m.get("init") != init:
+            log.warning("method.%s is read only with method.init=%s; this run starts from init=%s", key, init,
+                        m.get("init"))
     if "reparameterization" in m and m.reparameterization not in REPARAMETERIZATIONS:
         raise ConfigError(f"method.reparameterization must be one of {REPARAMETERIZATIONS}, got {m.reparameterization!r}")
     for key in ("lr", "lr_ratio"):

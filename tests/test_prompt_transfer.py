@@ -147,6 +147,8 @@ def test_config_checks_init_from(caplog):
         validate_config(compose_cfg(["method.init=adapter"]))
     validate_config(compose_cfg(["method.init_from=somewhere/adapter"]))  # (a sweep's random arm)
     assert "method.init_from is read only with method.init=adapter" in caplog.text
+    validate_config(compose_cfg(["+method.init_text=a review"]))  # (the same for init=text's words)
+    assert "method.init_text is read only with method.init=text; this run starts from init=random" in caplog.text
 
 
 @pytest.mark.slow  # two train.py runs, ~40 s on 2 shared cores: .ci/run runs it
