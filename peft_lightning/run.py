@@ -401,14 +401,18 @@ def previous_attempts(out_dir: Path) -> dict:
 
 
 def full_epochs(trainer) -> int:
-    """Training epochs whose every batch ran. Not trainer.current_epoch: a fit that max_steps ends
-    mid-epoch counts that epoch as done, and a resume from its last checkpoint does not."""
-    epochs = trainer.fit_loop.epoch_progress.current
-    # (max with processed: a resume from a checkpoint written at an epoch's last batch (on_train_batch_end,
-    # every_n_train_steps) counts that epoch processed and never counts the next one started; processed
-    # batches: that checkpoint has the batch trained but not yet completed, and a finished fit's resume keeps it)
-    batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-    return max(max(epochs.started, epochs.processed) - (batches < trainer.num_training_batches), 0)
+    """Training epochs whose every batch ran: the batches trained, over all attempts, in whole epochs.
+    Not trainer.current_epoch (a fit that max_steps ends mid-epoch counts that epoch as done, and a
+    resume from its last checkpoint does not), nor the fit loop's epoch counters: a resume from the
+    last checkpoint of a fit that max_steps ended mid-epoch counts that epoch processed twice (update 6
+    of an epoch of 264 read as 1 epoch). The batch total is restored from the checkpoint and counts a
+    batch once it has trained, also one a checkpoint at the epoch's last batch saved before Lightning
+    counted it completed (processed, not completed)."""
+    batches = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+    per_epoch = trainer.num_training_batches
+    if not per_epoch or per_epoch == float("inf"):  # (no fit ran, or an iterable of unknown length)
+        return 0
+    return int(batches // per_epoch)
 
 
 def best_checkpoint_callback(trainer) -> ModelCheckpoint | None:

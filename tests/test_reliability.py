@@ -704,15 +704,18 @@ class _Tiny(__import__("lightning").pytorch.LightningModule):
         return torch.utils.data.DataLoader(data, batch_size=2)  # 4 batches an epoch
 
 
-def _fit(tmp_path, ckpt_path=None, **limits):
+def _fit(tmp_path, ckpt_path=None, every_n_train_steps=4, **limits):
     """A fit of the toy module writing last.ckpt every 4 updates (every_n_train_steps: saved in
-    on_train_batch_end, the epoch's last batch not yet counted completed); its full_epochs."""
+    on_train_batch_end, the epoch's last batch not yet counted completed), or with None where ours
+    does (callbacks/default.yaml's last_checkpoint: after a validation, else at the end of an epoch or
+    of the fit); its full_epochs."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from peft_lightning.run import full_epochs
 
-    last = ModelCheckpoint(dirpath=tmp_path, filename="last", every_n_train_steps=4, enable_version_counter=False)
+    last = ModelCheckpoint(dirpath=tmp_path, filename="last", every_n_train_steps=every_n_train_steps,
+                           enable_version_counter=False)
     trainer = pl.Trainer(callbacks=[last], logger=False, enable_progress_bar=False, enable_model_summary=False,
                          **limits)
     trainer.fit(_Tiny(), ckpt_path=ckpt_path)
@@ -735,6 +738,19 @@ def test_full_epochs_counts_every_epoch_whose_batches_all_ran(tmp_path, first, t
     result = _fit(tmp_path, **first)
     if then is not None:
         result = _fit(tmp_path, ckpt_path=tmp_path / "last.ckpt", **then)
+    assert result == expected and result[0] == result[1] // 4
+
+
+@pytest.mark.parametrize("first,then,expected", [
+    (3, 6, (1, 6)), (1, 3, (0, 3)), (3, 10, (2, 10)), (4, 5, (1, 5)), (6, 7, (1, 7)), (2, 2, (0, 2)),
+])
+def test_full_epochs_after_resuming_a_fit_that_max_steps_ended(tmp_path, first, then, expected):
+    """A longer max_steps resumed from the last checkpoint of a fit that max_steps ended (mid-epoch or
+    not): Lightning counts the resumed epoch processed a second time, and the epoch counters read 1 full
+    epoch at update 6 of an epoch of 264. Reference: global_step // 4 updates an epoch."""
+    steps = {"max_epochs": -1, "every_n_train_steps": None}
+    _fit(tmp_path, max_steps=first, **steps)
+    result = _fit(tmp_path, ckpt_path=tmp_path / "last.ckpt", max_steps=then, **steps)
     assert result == expected and result[0] == result[1] // 4
 
 
