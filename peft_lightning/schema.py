@@ -73,23 +73,46 @@ OPTIONAL_METHOD_KEYS = {"init_text", "init_from", "cache_frozen_layers", "recomp
 def other_methods_knob(where: str, method: Any = None) -> str | None:
     """For `method.<key>` that the run's method does not take but others do (`method.optim.lr_ratio` with
     P-Tuning v2, `method.prefix_length` with LoRA): which methods take it, instead of a did-you-mean
-    that points at another knob (lr_ratio -> warmup_ratio). None for a key no other method takes."""
+    that points at another knob (lr_ratio -> warmup_ratio); for a key no method takes whose closest
+    match among every method's knobs is another method's (lr_ratoi), that knob and its methods. None
+    otherwise: the run's own did-you-mean applies."""
     if not where.startswith("method."):
         return None
     parts = where.split(".")[1:]
 
-    def takes(spec: Any) -> bool:
+    def takes(spec: Any, parts: list[str]) -> bool:
         for part in parts:
             if not isinstance(spec, dict) or part not in spec:
                 return False
             spec = spec[part]
         return True
 
-    owners = sorted(name for name, keys in METHOD_KEYS.items() if takes({**_SHARED, **keys}))
-    if not owners or method in owners:
+    def owners_of(path: list[str]) -> list[str]:
+        return sorted(name for name, keys in METHOD_KEYS.items() if takes({**_SHARED, **keys}, path))
+
+    this = f"method={method}" if method else "this method"
+    owners = owners_of(parts)
+    if owners and method not in owners:
+        return f"{where} is a knob of method={', '.join(owners)} only, not of {this}: drop it, or run one of those methods"
+    if owners or method not in METHOD_KEYS:
         return None
-    return (f"{where} is a knob of method={', '.join(owners)} only, not of "
-            f"{f'method={method}' if method else 'this method'}: drop it, or run one of those methods")
+    # a key no method takes: a typo of another method's knob (lr_ratoi) names that knob and its methods,
+    # where the closest key of this method alone would point at an unrelated one (warmup_ratio)
+    *path, key = parts
+    siblings = {k for keys in METHOD_KEYS.values() for k in _at({**_SHARED, **keys}, path)}
+    close = _closest(key, siblings)
+    if not close or method in owners_of([*path, close[0]]):
+        return None
+    others = ", ".join(owners_of([*path, close[0]]))
+    return (f"unknown key {where} (did you mean {'.'.join(['method', *path, close[0]])}? a knob of "
+            f"method={others} only, not of {this})")
+
+
+def _at(spec: Any, path: list[str]) -> dict:
+    """The keys of a method spec under `path` ({} where the path leads nowhere)."""
+    for part in path:
+        spec = spec.get(part) if isinstance(spec, dict) else None
+    return spec if isinstance(spec, dict) else {}
 
 
 def method_schema(node: dict) -> dict:

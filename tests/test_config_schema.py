@@ -45,6 +45,13 @@ def no_weights(monkeypatch):
     (["method=unipelt", "+method.style=houlsby"], r"^method.style is a knob of method=adapter only, not of method=unipelt"),
     (["method=ia3", "+method.optim.lr_ratio=16"], r"^method.optim.lr_ratio is a knob of method=dora, lora, unipelt only, "
                                                   r"not of method=ia3: drop it, or run one of those methods$"),
+    # a typo of another method's knob: that knob and its methods (not this method's closest, warmup_ratio)
+    (["+method.optim.lr_ratoi=16"], r"^unknown key method.optim.lr_ratoi \(did you mean method.optim.lr_ratio\? a "
+                                    r"knob of method=dora, lora, unipelt only, not of method=ptuning_v2\)$"),
+    (["method=lora", "+method.prefix_lenght=8"], r"^unknown key method.prefix_lenght \(did you mean "
+                                                 r"method.prefix_length\? a knob of method=p_tuning, "),
+    (["method=lora", "+method.optim.lr_ratoi=16"], r"^unknown key method.optim.lr_ratoi \(did you mean "
+                                                   r"method.optim.lr_ratio\?\)$"),  # LoRA's own knob
     (["+data.split.tset=0.1"], r"^unknown key data.split.tset \(did you mean data.split.test\?\)$"),
     (["+data.columns.txt=sentence"], r"^unknown key data.columns.txt \(did you mean data.columns.text\?\)$"),
     (["+data.files={train: a.csv, validation: b.csv, tset: c.csv}"],
@@ -132,6 +139,9 @@ def _train(*args, timeout=120):
     ("method.optim.lr_ratio=16", "method.optim.lr_ratio is a knob of method=dora, lora, unipelt only, not of "
                                  "method=ptuning_v2: drop it, or run one of those methods"),
     ("method.init_text=hello", "method.init_text is not in method=ptuning_v2's config: add it with +method.init_text=hello"),
+    ("method.optim.lr_ratoi=16", "unknown key method.optim.lr_ratoi (did you mean method.optim.lr_ratio? a knob of "
+                                 "method=dora, lora, unipelt only, not of method=ptuning_v2)"),
+
     ("method.prefix_length=[1", "no viable alternative at input '[1'"),
 ])
 def test_a_command_line_hydra_cannot_compose_is_one_config_error_exit_2(override, message):
