@@ -107,6 +107,38 @@ class LastValidation(Callback):
         self.step = state_dict.get("step")
 
 
+class FullEpochs(Callback):
+    """The training epochs whose every batch ran (results.json's epochs_completed): at an epoch's last
+    batch, that epoch's index + 1. Kept in checkpoints. An index, not a count of epoch ends and not
+    Lightning's epoch counters: a resume from the last checkpoint of a fit that max_steps ended mid-epoch
+    counts that epoch processed twice (1 full epoch at update 6 of 264), and a resume that changes the
+    batches an epoch (limit_train_batches, the data) makes any batches-over-epoch-size count wrong."""
+
+    def __init__(self):
+        self.epochs: int | None = None  # None: no epoch's end seen or restored (a checkpoint older than this)
+        self._fitting = False
+
+    def setup(self, trainer, pl_module, stage: str):
+        # (test(ckpt_path=best) restores callbacks too: the best epoch's count would replace the fit's)
+        self._fitting = stage == "fit"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # (before ModelCheckpoint's step checkpoint of this batch: Lightning runs checkpoint callbacks last)
+        if trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches:
+            self.epochs = trainer.current_epoch + 1
+
+    def on_train_start(self, trainer, pl_module):
+        if self.epochs is None and trainer.global_step == 0:
+            self.epochs = 0
+
+    def state_dict(self):
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state_dict):
+        if self._fitting:
+            self.epochs = state_dict.get("epochs")
+
+
 def build(cfg: DictConfig):
     """(datamodule, LightningModule) for a config; no training."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -196,7 +228,7 @@ def _train(cfg: DictConfig, out_dir: Path, started: float, cpu_started: float) -
     trainer = datamodule = module = None
     fit_end = None  # the last checkpoint of a finished fit: a resume from it only tests and exports
     loggers: list = []
-    timer, validated = EpochTimer(), LastValidation()
+    timer, validated, epochs = EpochTimer(), LastValidation(), FullEpochs()
     restore_sigterm = interrupt_on_sigterm()  # until fit installs Lightning's handler, and after
     try:
         if _rank_zero(trainer):
@@ -211,7 +243,7 @@ def _train(cfg: DictConfig, out_dir: Path, started: float, cpu_started: float) -
         callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c and "_target_" in c]
         if not loggers:  # the LR monitor refuses to run without a logger
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-        callbacks += [timer, validated, ExactResume(cfg.seed)]
+        callbacks += [timer, validated, epochs, ExactResume(cfg.seed)]
         trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
         )
@@ -401,18 +433,18 @@ def previous_attempts(out_dir: Path) -> dict:
 
 
 def full_epochs(trainer) -> int:
-    """Training epochs whose every batch ran: the batches trained, over all attempts, in whole epochs.
-    Not trainer.current_epoch (a fit that max_steps ends mid-epoch counts that epoch as done, and a
-    resume from its last checkpoint does not), nor the fit loop's epoch counters: a resume from the
-    last checkpoint of a fit that max_steps ended mid-epoch counts that epoch processed twice (update 6
-    of an epoch of 264 read as 1 epoch). The batch total is restored from the checkpoint and counts a
-    batch once it has trained, also one a checkpoint at the epoch's last batch saved before Lightning
-    counted it completed (processed, not completed)."""
-    batches = trainer.fit_loop.epoch_loop.batch_progress.total.processed
-    per_epoch = trainer.num_training_batches
-    if not per_epoch or per_epoch == float("inf"):  # (no fit ran, or an iterable of unknown length)
-        return 0
-    return int(batches // per_epoch)
+    """Training epochs whose every batch ran (FullEpochs, when the run has it and it has seen or restored
+    an epoch's end); else Lightning's epoch counters: right unless a resume started from the last
+    checkpoint of a fit that max_steps ended mid-epoch (that epoch counted processed twice)."""
+    counted = next((cb.epochs for cb in trainer.callbacks if isinstance(cb, FullEpochs)), None)
+    if counted is not None:
+        return counted
+    epochs = trainer.fit_loop.epoch_progress.current
+    # (max with processed: a resume from a checkpoint written at an epoch's last batch (on_train_batch_end,
+    # every_n_train_steps) counts that epoch processed and never counts the next one started; processed
+    # batches: that checkpoint has the batch trained but not yet completed, and a finished fit's resume keeps it)
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return max(max(epochs.started, epochs.processed) - (batches < trainer.num_training_batches), 0)
 
 
 def best_checkpoint_callback(trainer) -> ModelCheckpoint | None:

@@ -712,12 +712,12 @@ def _fit(tmp_path, ckpt_path=None, every_n_train_steps=4, **limits):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from peft_lightning.run import full_epochs
+    from peft_lightning.run import FullEpochs, full_epochs
 
     last = ModelCheckpoint(dirpath=tmp_path, filename="last", every_n_train_steps=every_n_train_steps,
                            enable_version_counter=False)
-    trainer = pl.Trainer(callbacks=[last], logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         **limits)
+    trainer = pl.Trainer(callbacks=[last, FullEpochs()], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, **limits)
     trainer.fit(_Tiny(), ckpt_path=ckpt_path)
     return full_epochs(trainer), trainer.global_step
 
@@ -752,6 +752,42 @@ def test_full_epochs_after_resuming_a_fit_that_max_steps_ended(tmp_path, first, 
     _fit(tmp_path, max_steps=first, **steps)
     result = _fit(tmp_path, ckpt_path=tmp_path / "last.ckpt", max_steps=then, **steps)
     assert result == expected and result[0] == result[1] // 4
+
+
+@pytest.mark.parametrize("first,then,expected", [
+    (4, 2, (3, 10)),  # epochs 0 and 1 of 4 batches, then epoch 2 of 2
+    (2, 4, (3, 8)),  # epochs 0 and 1 of 2 batches, then epoch 2 of 4
+])
+def test_full_epochs_after_a_resume_that_changes_the_batches_an_epoch(tmp_path, first, then, expected):
+    """limit_train_batches changed on a resume from the end of epoch 2 (of max_epochs 3): the epochs are
+    three, not the batches trained over this attempt's epoch size (10 // 2 = 5, 8 // 4 = 2)."""
+    _fit(tmp_path, max_epochs=2, limit_train_batches=first, every_n_train_steps=None)
+    result = _fit(tmp_path, ckpt_path=tmp_path / "last.ckpt", max_epochs=3, limit_train_batches=then,
+                  every_n_train_steps=None)
+    assert result == expected
+
+
+def test_full_epochs_is_the_fits_after_testing_an_earlier_checkpoint(tmp_path):
+    """run.train tests the best checkpoint after the fit, and test(ckpt_path=...) restores callback states
+    too: the count read after it was the best epoch's (1 of 2 epochs when epoch 0 was best)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from peft_lightning.run import FullEpochs, full_epochs
+
+    class Tested(_Tiny):
+        def test_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        test_dataloader = _Tiny.train_dataloader
+
+    every = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    trainer = pl.Trainer(callbacks=[every, FullEpochs()], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_epochs=2)
+    module = Tested()
+    trainer.fit(module)
+    trainer.test(module, ckpt_path=tmp_path / "epoch=0.ckpt", verbose=False)
+    assert full_epochs(trainer) == 2 and trainer.global_step == 8
 
 
 def test_a_run_folder_in_use_by_another_process_is_refused_before_anything_is_written(tmp_path):
