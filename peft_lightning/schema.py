@@ -108,6 +108,27 @@ def other_methods_knob(where: str, method: Any = None) -> str | None:
             f"method={others} only, not of {this})")
 
 
+def swept_methods_knob(where: str, swept: str, override: str) -> str:
+    """`-m method=lora,dora method.optim.lr_ratio=4`: Hydra composes a sweep's config once with the
+    default method before its jobs, so a knob of the swept methods that the default lacks is refused
+    there, and the run's own message would name the default method, which nothing runs."""
+    names = [name.strip() for name in swept.split(",")] if "(" not in swept else []
+    parts = where.split(".")[1:]
+    owners = [name for name, keys in METHOD_KEYS.items() if parts[-1] in _at({**_SHARED, **keys}, parts[:-1])]
+    if not owners:  # no method takes it: a typo, hinted from the swept methods' knobs
+        known = {k for name in names or METHOD_KEYS for k in _at({**_SHARED, **METHOD_KEYS.get(name, {})}, parts[:-1])}
+        close = _closest(parts[-1], known)
+        if close:
+            return f"unknown key {where} (did you mean {'.'.join(['method', *parts[:-1], close[0]])}?)"
+        return f"unknown key {where}; the swept methods' {'.'.join(['method', *parts[:-1]])} takes {', '.join(sorted(known))}"
+    others = [name for name in names if name not in owners]
+    if others:
+        return (f"{where} is a knob of method={', '.join(sorted(owners))} only, not of method={', '.join(others)} "
+                f"in this sweep: sweep those methods only, with ++{override}")
+    return (f"{where}: Hydra checks a sweep's overrides against the default method before the jobs of "
+            f"method={swept} run; write ++{override} (it sets the key in every job)")
+
+
 def _at(spec: Any, path: list[str]) -> dict:
     """The keys of a method spec under `path` ({} where the path leads nowhere)."""
     for part in path:
@@ -359,11 +380,16 @@ def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> st
                 method = OmegaConf.select(cause.parent_node._get_root(), "method.name", default=None)
             except Exception:  # noqa: BLE001  (an OmegaConf without _get_root: the override as typed)
                 method = typed.get("method", "").partition("=")[2] or None
+            swept = typed.get("method", "").partition("=")[2]
+            if "," in swept or re.match(r"\w+\(", swept):  # -m method=lora,dora (or glob(...), choice(...))
+                return swept_methods_knob(cause.full_key, swept, typed.get(cause.full_key, f"{cause.full_key}=..."))
             other = other_methods_knob(cause.full_key, method)
             if other:
                 return other
             if method in METHOD_KEYS and other_methods_knob(cause.full_key) is not None:
                 return f"{cause.full_key} is not in method={method}'s config: add it with {append}"
+            if path == "method" and method in METHOD_KEYS:  # this method's knobs its yaml leaves out (init_text)
+                arguments = OPTIONAL_METHOD_KEYS & set(METHOD_KEYS[method])
         close = _closest(key, listed | arguments)
         where = f"{path}." if path else ""
         if close:
@@ -371,7 +397,9 @@ def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> st
             return f"unknown key {cause.full_key} (did you mean {plus}{where}{close[0]}?)"
         return (f"unknown key {cause.full_key}; {path or 'the top level'} has "
                 + (", ".join(sorted(listed)) or "no keys")
-                + (f" and takes the other arguments of {target} with +{where}<argument>=..." if arguments else ""))
+                + (f" and takes the other arguments of {target} with +{where}<argument>=..." if arguments and target
+                   else f" and takes {', '.join(f'+{where}{a}' for a in sorted(arguments - listed))}"
+                   if arguments - listed else ""))
     if isinstance(err, (ConfigCompositionException, OverrideParseException)):
         return " ".join(f"{err} {cause or ''}".split())
     if isinstance(err, ValueError) and str(err).startswith("Only one of --run, --multirun"):  # Hydra's own check

@@ -142,6 +142,8 @@ def _train(*args, timeout=120):
     ("method.optim.lr_ratoi=16", "unknown key method.optim.lr_ratoi (did you mean method.optim.lr_ratio? a knob of "
                                  "method=dora, lora, unipelt only, not of method=ptuning_v2)"),
 
+    # a typo of this method's own knob that its yaml leaves out: that knob, with its `+`
+    ("method.init_txet=hello", "unknown key method.init_txet (did you mean +method.init_text?)"),
     ("method.prefix_length=[1", "no viable alternative at input '[1'"),
 ])
 def test_a_command_line_hydra_cannot_compose_is_one_config_error_exit_2(override, message):
@@ -162,6 +164,15 @@ def _preset(tmp_path, text):  # an experiment preset outside conf/, found throug
 @pytest.mark.parametrize("args,message", [
     # a sweep: Hydra names the job's override (=3); the hint must keep the user's sweep (=3,5)
     (["-m", "trainer.max_steps=3,5"], "trainer.max_steps is not in the config: add it with +trainer.max_steps=3,5"),
+    # a sweep of methods: Hydra composes the sweep once with the default method (ptuning_v2), which no job runs
+    (["-m", "method=lora,dora", "method.optim.lr_ratio=4"],
+     "method.optim.lr_ratio: Hydra checks a sweep's overrides against the default method before the jobs of "
+     "method=lora,dora run; write ++method.optim.lr_ratio=4 (it sets the key in every job)"),
+    (["-m", "method=lora,ptuning_v2", "method.optim.lr_ratio=4"],
+     "method.optim.lr_ratio is a knob of method=dora, lora, unipelt only, not of method=ptuning_v2 in this sweep: "
+     "sweep those methods only, with ++method.optim.lr_ratio=4"),
+    (["-m", "method=lora,dora", "method.optim.lr_ratoi=4"],
+     "unknown key method.optim.lr_ratoi (did you mean method.optim.lr_ratio?)"),
     # a quoted value with a space: the whole value, not up to the space
     (["trainer.max_steps='a b'"], "trainer.max_steps is not in the config: add it with +trainer.max_steps='a b'"),
     # a key under an empty node (callbacks=none): what the node holds, not "callbacks has " and nothing
