@@ -173,8 +173,8 @@ def block(pages: Path = PAGES) -> str:
                 cells.append(said + (f" (this task's run also has {own})" if own else ""))
             out.append(f"| {question} | {setting} | {default} | " + " | ".join(cells)
                        + f" | {across(directions, complete)} |")
-    note = (f"\n\n{intervals} intervals, none corrected for the others: at 95%, about one in twenty excludes 0 by "
-            "chance alone.")
+    note = (f"\n\n{intervals} interval{'' if intervals == 1 else 's'}, none corrected for the others: at 95%, "
+            "about one in twenty excludes 0 by chance alone.")
     return "\n".join([BEGIN, *out]) + note + "\n" + END
 
 
