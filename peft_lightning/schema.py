@@ -112,7 +112,7 @@ def swept_methods_knob(where: str, swept: str, override: str) -> str:
     """`-m method=lora,dora method.optim.lr_ratio=4`: Hydra composes a sweep's config once with the
     default method before its jobs, so a knob of the swept methods that the default lacks is refused
     there, and the run's own message would name the default method, which nothing runs."""
-    names = [name.strip() for name in swept.split(",")] if "(" not in swept else []
+    names = _swept_names(swept)
     parts = where.split(".")[1:]
     owners = [name for name, keys in METHOD_KEYS.items() if parts[-1] in _at({**_SHARED, **keys}, parts[:-1])]
     if not owners:  # no method takes it: a typo, hinted from the swept methods' knobs
@@ -120,13 +120,31 @@ def swept_methods_knob(where: str, swept: str, override: str) -> str:
         close = _closest(parts[-1], known)
         if close:
             return f"unknown key {where} (did you mean {'.'.join(['method', *parts[:-1], close[0]])}?)"
-        return f"unknown key {where}; the swept methods' {'.'.join(['method', *parts[:-1]])} takes {', '.join(sorted(known))}"
+        return f"unknown key {where}; the swept methods' {'.'.join(['method', *parts[:-1]])} takes {', '.join(sorted(known)) or 'no keys'}"
     others = [name for name in names if name not in owners]
     if others:
         return (f"{where} is a knob of method={', '.join(sorted(owners))} only, not of method={', '.join(others)} "
                 f"in this sweep: sweep those methods only, with ++{override}")
     return (f"{where}: Hydra checks a sweep's overrides against the default method before the jobs of "
             f"method={swept} run; write ++{override} (it sets the key in every job)")
+
+
+def _swept_names(swept: str) -> list[str]:
+    """The methods a sweep's `method=<swept>` runs, as Hydra reads it: a list or choice(...) as written,
+    glob(...) matched against the method configs (glob(*) sweeps every method, most of which lack a
+    LoRA knob: its ++ would fail their jobs); [] where Hydra cannot parse it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, Glob
+
+    try:
+        value = OverridesParser.create().parse_override(f"method={swept}").value()
+    except Exception:  # noqa: BLE001  (not Hydra's syntax: Hydra itself reports it)
+        return []
+    if isinstance(value, Glob):
+        return value.filter(sorted(METHOD_KEYS))
+    if isinstance(value, ChoiceSweep):
+        return [str(getattr(v, "text", v)) for v in value.list]  # ("lora": a QuotedString)
+    return []  # (range(...), interval(...): numbers, no method's name)
 
 
 def _at(spec: Any, path: list[str]) -> dict:

@@ -173,6 +173,14 @@ def _preset(tmp_path, text):  # an experiment preset outside conf/, found throug
      "sweep those methods only, with ++method.optim.lr_ratio=4"),
     (["-m", "method=lora,dora", "method.optim.lr_ratoi=4"],
      "unknown key method.optim.lr_ratoi (did you mean method.optim.lr_ratio?)"),
+    # glob and choice sweeps: the methods Hydra runs (glob(*) is every method: a ++ would fail 8 of its jobs)
+    (["-m", "method=glob(*)", "method.optim.lr_ratio=4"],
+     "method.optim.lr_ratio is a knob of method=dora, lora, unipelt only, not of method=adapter, bitfit, finetune, "
+     "ia3, p_tuning, prefix_tuning, prompt_tuning, ptuning_v2 in this sweep"),
+    (["-m", "method=choice(lora,ptuning_v2)", "method.optim.lr_ratio=4"],
+     "method.optim.lr_ratio is a knob of method=dora, lora, unipelt only, not of method=ptuning_v2 in this sweep"),
+    (["-m", "method=lora,dora", "method.head.pooling.x=1"],
+     "unknown key method.head.pooling.x; the swept methods' method.head.pooling takes no keys"),
     # a quoted value with a space: the whole value, not up to the space
     (["trainer.max_steps='a b'"], "trainer.max_steps is not in the config: add it with +trainer.max_steps='a b'"),
     # a key under an empty node (callbacks=none): what the node holds, not "callbacks has " and nothing
