@@ -93,7 +93,8 @@ def other_methods_knob(where: str, method: Any = None) -> str | None:
     this = f"method={method}" if method else "this method"
     owners = owners_of(parts)
     if owners and method not in owners:
-        return f"{where} is a knob of method={', '.join(owners)} only, not of {this}: drop it, or run one of those methods"
+        return (f"{where} is a knob of method={', '.join(owners)} only, not of {this}: drop it, or run one of "
+                "those methods")
     if owners or method not in METHOD_KEYS:
         return None
     # a key no method takes: a typo of another method's knob (lr_ratoi) names that knob and its methods,
@@ -120,7 +121,8 @@ def swept_methods_knob(where: str, swept: str, override: str) -> str:
         close = _closest(parts[-1], known)
         if close:
             return f"unknown key {where} (did you mean {'.'.join(['method', *parts[:-1], close[0]])}?)"
-        return f"unknown key {where}; the swept methods' {'.'.join(['method', *parts[:-1]])} takes {', '.join(sorted(known)) or 'no keys'}"
+        node = ".".join(["method", *parts[:-1]])
+        return f"unknown key {where}; the swept methods' {node} takes {', '.join(sorted(known)) or 'no keys'}"
     others = [name for name in names if name not in owners]
     if others:
         return (f"{where} is a knob of method={', '.join(sorted(owners))} only, not of method={', '.join(others)} "
