@@ -79,19 +79,8 @@ def other_methods_knob(where: str, method: Any = None) -> str | None:
     if not where.startswith("method."):
         return None
     parts = where.split(".")[1:]
-
-    def takes(spec: Any, parts: list[str]) -> bool:
-        for part in parts:
-            if not isinstance(spec, dict) or part not in spec:
-                return False
-            spec = spec[part]
-        return True
-
-    def owners_of(path: list[str]) -> list[str]:
-        return sorted(name for name, keys in METHOD_KEYS.items() if takes({**_SHARED, **keys}, path))
-
     this = f"method={method}" if method else "this method"
-    owners = owners_of(parts)
+    owners = _owners(parts)
     if owners and method not in owners:
         return (f"{where} is a knob of method={', '.join(owners)} only, not of {this}: drop it, or run one of "
                 "those methods")
@@ -102,9 +91,9 @@ def other_methods_knob(where: str, method: Any = None) -> str | None:
     *path, key = parts
     siblings = {k for keys in METHOD_KEYS.values() for k in _at({**_SHARED, **keys}, path)}
     close = _closest(key, siblings)
-    if not close or method in owners_of([*path, close[0]]):
+    if not close or method in _owners([*path, close[0]]):
         return None
-    others = ", ".join(owners_of([*path, close[0]]))
+    others = ", ".join(_owners([*path, close[0]]))
     return (f"unknown key {where} (did you mean {'.'.join(['method', *path, close[0]])}? a knob of "
             f"method={others} only, not of {this})")
 
@@ -115,7 +104,7 @@ def swept_methods_knob(where: str, swept: str, override: str) -> str:
     there, and the run's own message would name the default method, which nothing runs."""
     names = _swept_names(swept)
     parts = where.split(".")[1:]
-    owners = [name for name, keys in METHOD_KEYS.items() if parts[-1] in _at({**_SHARED, **keys}, parts[:-1])]
+    owners = _owners(parts)
     if not owners:  # no method takes it: a typo, hinted from the swept methods' knobs
         known = {k for name in names or METHOD_KEYS for k in _at({**_SHARED, **METHOD_KEYS.get(name, {})}, parts[:-1])}
         close = _closest(parts[-1], known)
@@ -147,6 +136,11 @@ def _swept_names(swept: str) -> list[str]:
     if isinstance(value, ChoiceSweep):
         return [str(getattr(v, "text", v)) for v in value.list]  # ("lora": a QuotedString)
     return []  # (range(...), interval(...): numbers, no method's name)
+
+
+def _owners(parts: list[str]) -> list[str]:
+    """The methods whose config takes method.<parts joined by dots>, sorted."""
+    return sorted(name for name, keys in METHOD_KEYS.items() if parts[-1] in _at({**_SHARED, **keys}, parts[:-1]))
 
 
 def _at(spec: Any, path: list[str]) -> dict:
