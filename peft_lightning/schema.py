@@ -98,10 +98,11 @@ def other_methods_knob(where: str, method: Any = None) -> str | None:
             f"method={others} only, not of {this})")
 
 
-def swept_methods_knob(where: str, swept: str, override: str) -> str:
+def swept_methods_knob(where: str, swept: str, override: str, default: Any = None) -> str:
     """`-m method=lora,dora method.optim.lr_ratio=4`: Hydra composes a sweep's config once with the
     default method before its jobs, so a knob of the swept methods that the default lacks is refused
-    there, and the run's own message would name the default method, which nothing runs."""
+    there, and the run's own message would name the default method, which nothing runs. `default`: the
+    method that composition ran with (a typo's hint takes `++` where that method lacks the knob)."""
     names = _swept_names(swept)
     parts = where.split(".")[1:]
     owners = _owners(parts)
@@ -109,7 +110,8 @@ def swept_methods_knob(where: str, swept: str, override: str) -> str:
         known = {k for name in names or METHOD_KEYS for k in _at({**_SHARED, **METHOD_KEYS.get(name, {})}, parts[:-1])}
         close = _closest(parts[-1], known)
         if close:
-            return f"unknown key {where} (did you mean {'.'.join(['method', *parts[:-1], close[0]])}?)"
+            plus = "" if default in _owners([*parts[:-1], close[0]]) else "++"
+            return f"unknown key {where} (did you mean {plus}{'.'.join(['method', *parts[:-1], close[0]])}?)"
         node = ".".join(["method", *parts[:-1]])
         return f"unknown key {where}; the swept methods' {node} takes {', '.join(sorted(known)) or 'no keys'}"
     others = [name for name in names if name not in owners]
@@ -395,8 +397,15 @@ def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> st
             except Exception:  # noqa: BLE001  (an OmegaConf without _get_root: the override as typed)
                 method = typed.get("method", "").partition("=")[2] or None
             swept = typed.get("method", "").partition("=")[2]
+            if not swept and {"-m", "--multirun"} & set(argv or []):  # +sweeps=methods: the sweep config's list
+                try:
+                    swept = str(OmegaConf.select(cause.parent_node._get_root(), "hydra.sweeper.params.method",
+                                                 default="") or "")
+                except Exception:  # noqa: BLE001  (no root to read: the run's own message)
+                    swept = ""
             if "," in swept or re.match(r"\w+\(", swept):  # -m method=lora,dora (or glob(...), choice(...))
-                return swept_methods_knob(cause.full_key, swept, typed.get(cause.full_key, f"{cause.full_key}=..."))
+                return swept_methods_knob(cause.full_key, swept, typed.get(cause.full_key, f"{cause.full_key}=..."),
+                                          method)
             other = other_methods_knob(cause.full_key, method)
             if other:
                 return other

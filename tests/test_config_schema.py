@@ -172,7 +172,16 @@ def _preset(tmp_path, text):  # an experiment preset outside conf/, found throug
      "method.optim.lr_ratio is a knob of method=dora, lora, unipelt only, not of method=ptuning_v2 in this sweep: "
      "sweep those methods only, with ++method.optim.lr_ratio=4"),
     (["-m", "method=lora,dora", "method.optim.lr_ratoi=4"],
-     "unknown key method.optim.lr_ratoi (did you mean method.optim.lr_ratio?)"),
+     "unknown key method.optim.lr_ratoi (did you mean ++method.optim.lr_ratio?)"),
+    # a typo of a knob the default method has too: no ++ needed
+    (["-m", "method=lora,dora", "method.optim.lrr=4"], "unknown key method.optim.lrr (did you mean method.optim.lr?)"),
+    # +sweeps=methods: the sweep config's list of methods, not the default method alone
+    (["-m", "+sweeps=methods", "method.optim.lr_ratio=4"],
+     "method.optim.lr_ratio is a knob of method=dora, lora, unipelt only, not of method=ptuning_v2, prefix_tuning, "
+     "prompt_tuning, p_tuning, adapter, ia3, bitfit, finetune in this sweep"),
+    # without -m the sweep config's list runs nothing: the run's own message
+    (["+sweeps=methods", "method.optim.lr_ratio=4"],
+     "method.optim.lr_ratio is a knob of method=dora, lora, unipelt only, not of method=ptuning_v2: drop it"),
     # glob and choice sweeps: the methods Hydra runs (glob(*) is every method: a ++ would fail 8 of its jobs)
     (["-m", "method=glob(*)", "method.optim.lr_ratio=4"],
      "method.optim.lr_ratio is a knob of method=dora, lora, unipelt only, not of method=adapter, bitfit, finetune, "
