@@ -897,7 +897,9 @@ def test_the_queue_keeps_a_job_it_could_not_archive_and_takes_any_sweeps_folder(
         pytest.skip("flock (util-linux) is not installed")
     queue = Path(__file__).resolve().parents[1] / "docs" / "findings" / "queue.sh"
     fake = tmp_path / "fake_python"
-    fake.write_text(f"#!{sys.executable}\n" + """import json, pathlib, sys
+    fake.write_text(f"#!{sys.executable}\n" + """import json, os, pathlib, sys
+if sys.argv[1].endswith("archive.py"):  # the archive, with the jobs' interpreter (this one's python)
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 args = [a for a in sys.argv[3:] if not a.startswith("hydra.")]
 sweep = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("hydra.sweep.dir="))
 job = pathlib.Path(sweep) / "0"
@@ -906,8 +908,14 @@ job = pathlib.Path(sweep) / "0"
 (job / "results.json").write_text(json.dumps({"status": "completed", "overrides": args}))
 """)
     fake.chmod(0o755)
+    # `python` on the PATH is another environment's, without the jobs' packages: the archive must run with
+    # $PYTHON, the jobs' own (it ran with `python`: every job of the GPU trial trained and none was recorded)
+    other = tmp_path / "bin" / "python"
+    other.parent.mkdir()
+    other.write_text("#!/bin/sh\necho 'No module named yaml' >&2; exit 1\n")
+    other.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake), "RECORDS": str(tmp_path / "records"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+           "PATH": f"{other.parent}{os.pathsep}{os.environ['PATH']}"}
 
     def run(lines, sweeps):
         (tmp_path / "jobs.txt").write_text("".join(line + "\n" for line in lines))
@@ -982,6 +990,8 @@ def test_the_queue_waits_for_an_orphaned_job_and_no_job_keeps_its_lock(tmp_path)
     queue = Path(__file__).resolve().parents[1] / "docs" / "findings" / "queue.sh"
     fake = tmp_path / "fake_python"
     fake.write_text(f"#!{sys.executable}\n" + """import json, os, pathlib, subprocess, sys, time
+if sys.argv[1].endswith("archive.py"):  # the archive, with the jobs' interpreter (this one's python)
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 args = [a for a in sys.argv[3:] if not a.startswith("hydra.")]
 sweep = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("hydra.sweep.dir="))
 tmp = pathlib.Path(os.environ["TMP"])

@@ -75,8 +75,10 @@ while true; do
     if [ $rc -eq 0 ]; then
         sweep=$(sed -E 's/.*hydra\.sweep\.dir=\$R\/([^ ]+).*/\1/' <<< "$job")
         # under the lock: two workers archiving one sweep at once delete each other's copies (FileNotFoundError)
-        flock "$state/.lock" bash -c 'python "$1" "$2" "$3" "$4" && echo "$5" >> "$6"' _ \
-            "$here/archive.py" "$R" "$RECORDS" "$sweep" "$job" "$RECORDS/done.txt"
+        # (with the jobs' interpreter: a `python` of another environment lacks their packages, and every job that
+        # trained would fail here, unrecorded: the GPU trial of 2026-11-30, docs/findings/gpu/trial-2026-11-30)
+        flock "$state/.lock" bash -c '"$7" "$1" "$2" "$3" "$4" && echo "$5" >> "$6"' _ \
+            "$here/archive.py" "$R" "$RECORDS" "$sweep" "$job" "$RECORDS/done.txt" "${PYTHON:-python}"
         # a job not archived is no result: failed, so it is taken again and archived then (the sweep does
         # not train a completed job again)
         rc=$?

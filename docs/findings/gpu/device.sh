@@ -12,7 +12,8 @@ set -u
 mode=${1:?smoke or sweep}
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT" /tmp/bin
-ln -sf "$(command -v python3)" /tmp/bin/python
+# (a wrapper, not a link: a link to the venv's python3 from outside the venv starts python without its packages)
+printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python
 export PATH=/tmp/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 if [ ! -f /tmp/site/.ready ] && [ -d .gpu/a/whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/a/whl/*.whl || exit 1
