@@ -188,7 +188,7 @@ def test_verdicts_follow_the_rules_fixed_before_the_runs(tmp_path):
                         "method.backbone_dropout=false", "--no-plots", "--out", str(tmp_path / "dropout_sms6.md")]) == 0
     row = next(line for line in verdicts.block(tmp_path).splitlines() if line.startswith("| backbone dropout"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[4].endswith("2 of 3 seeds: no verdict yet") and cells[5] == "not both tasks yet"
+    assert cells[4].endswith("2 of 3 seeds: no verdict") and cells[5] == "not both tasks yet"
 
 
 def _ran(folder: Path, name: str, overrides: list[str], config: dict, dev: float, metric: str, rising: bool = False):
@@ -266,10 +266,10 @@ def test_a_setting_no_default_seed_paired_and_a_page_with_no_paired_table_are_no
         _page(tmp_path, f"reparam_ptuning_v2_{task}.md", [f"base_{task}", f"reparam_{task}"],
               "method.reparameterization=none")
     rows = {row[1]: row for row in _rows(tmp_path, "reparameterization vs none")}
-    assert rows["method.reparameterization=lstm"][3:] == [verdicts.NOTHING_PAIRED, "0 of 3 seeds: no verdict yet",
+    assert rows["method.reparameterization=lstm"][3:] == [verdicts.NOTHING_PAIRED, "0 of 3 seeds: no verdict",
                                                           "not both tasks yet"]
     assert rows["method.reparameterization=mlp"][3:] == [
-        verdicts.NOTHING_PAIRED, "+0.0500 [+0.0500, +0.0500], 2 of 3 seeds: no verdict yet", "not both tasks yet"]
+        verdicts.NOTHING_PAIRED, "+0.0500 [+0.0500, +0.0500], 2 of 3 seeds: no verdict", "not both tasks yet"]
     (tmp_path / "reparam_ptuning_v2_sms6.md").unlink()
     assert _rows(tmp_path, "reparameterization vs none") == [
         ["reparameterization vs none (P-Tuning v2)", "", "", verdicts.NOTHING_PAIRED, "not run yet", ""]]

@@ -99,7 +99,7 @@ def verdict(cell: dict | None) -> tuple[str, int]:
     if cell.get("unpaired"):
         return "no default run at its values of the other axes: no verdict", 0
     if cell["seeds"] < SEEDS:
-        return f"{cell['seeds']} of {SEEDS} seeds: no verdict yet", 0
+        return f"{cell['seeds']} of {SEEDS} seeds: no verdict", 0
     direction = 1 if cell["low"] > 0 else -1 if cell["high"] < 0 else 0
     said = {1: "better", -1: "worse", 0: "no difference the seeds support"}[direction]
     return said + (" at 6 epochs" if direction and cell["rising"] else ""), direction
