@@ -312,3 +312,12 @@ def test_a_value_that_holds_a_comma_is_one_value_of_one_axis(tmp_path):
     [row] = _rows(tmp_path, "backbone dropout")
     assert row[1] == "method.backbone_dropout=true, data.template={text}, so it was"
     assert row[3] == "+0.0220 [+0.0195, +0.0245], better at 6 epochs"  # (the default is the one rising)
+
+
+def test_every_plot_in_docs_findings_is_shown_by_a_page():
+    """A page regenerated with another axis (reparam_prefix_tuning_rt6 gained method.optim.lr) writes a new plot;
+    the old one stayed beside it, shown by no page, read as current by anyone browsing the folder.
+    regenerate.sh now removes a question's plots before writing its page."""
+    pages = "".join(p.read_text() for p in [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("docs/findings/*.md")])
+    unshown = [p.name for p in sorted((ROOT / "docs" / "findings").glob("*.png")) if p.name not in pages]
+    assert not unshown, unshown

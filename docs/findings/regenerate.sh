@@ -24,6 +24,8 @@ report() {  # report <question> <title> <sweep folder>... [report options]
     for folder in "${folders[@]}"; do
         [ -d "$folder" ] || { echo "skipped $name: no $folder"; return 0; }
     done
+    # (a plot of the old page whose axis is gone would stay beside the new one, referenced by nothing)
+    rm -f docs/findings/"$name"_*.png
     if python -m peft_lightning.report "${folders[@]}" "${options[@]}" --title "$title" \
         --out "docs/findings/$name.md" > /dev/null; then echo "wrote docs/findings/$name.md"; written+="$name "
     else echo "FAILED $name" >&2; status=1; fi
