@@ -7,7 +7,8 @@ ablation arms ran ("How each ablation verdict is read"), so no verdict is a hand
 Per question and task, each setting against the question's default arm, paired by seed on best dev:
 "better" or "worse" only when the 95% interval excludes 0, else "no difference the seeds support"; "at 6
 epochs" when the report flags the setting or the default as still rising; fewer than 3 paired seeds is no
-verdict yet. Across the two tasks: "holds on both tasks" (both exclude 0 the same way), "task-dependent"
+verdict. Where a question's default arm had not flattened at 6 epochs on a task, its page at a longer budget
+(LONGER) is read for that task instead, once it exists, and the cell says so. Across the two tasks: "holds on both tasks" (both exclude 0 the same way), "task-dependent"
 (opposite ways), else the task where the seeds support it is named. A setting is matched across the tasks by
 the axes both pages have (one task's page can have an extra one: a default changed between its arms' commits).
 docs/findings/regenerate.sh runs it.
@@ -28,6 +29,9 @@ BEGIN = "<!-- verdicts: made by docs/findings/verdicts.py from the question page
 END = "<!-- end of verdicts -->"
 SEEDS = 3
 TASKS = {"rt6": "Rotten Tomatoes (acc)", "sms6": "SMS spam (F1)"}
+# a question's page on one task at a longer budget, read in place of the 6-epoch page where it exists: the
+# question's default arm had not flattened at 6 epochs there (prefix tuning's MLP on SMS spam: 678 updates)
+LONGER = {("reparam_prefix_tuning", "sms6"): "sms12"}
 QUESTIONS = {  # page stem -> the question, as docs/findings/regenerate.sh names its reports
     "dropout": "backbone dropout on vs off (P-Tuning v2)",
     "depth": "depth vs deep (P-Tuning v2, P = 16)",
@@ -92,7 +96,7 @@ def page_verdicts(page: Path) -> tuple[str, list[tuple[dict[str, str], dict]]]:
     return baseline, out
 
 
-def verdict(cell: dict | None) -> tuple[str, int]:
+def verdict(cell: dict | None, epochs: int = 6) -> tuple[str, int]:
     """(the per-task verdict, its direction: +1 better, -1 worse, 0 none or not yet)."""
     if cell is None:
         return "not run yet", 0
@@ -102,7 +106,7 @@ def verdict(cell: dict | None) -> tuple[str, int]:
         return f"{cell['seeds']} of {SEEDS} seeds: no verdict", 0
     direction = 1 if cell["low"] > 0 else -1 if cell["high"] < 0 else 0
     said = {1: "better", -1: "worse", 0: "no difference the seeds support"}[direction]
-    return said + (" at 6 epochs" if direction and cell["rising"] else ""), direction
+    return said + (f" at {epochs} epochs" if direction and cell["rising"] else ""), direction
 
 
 def across(directions: dict[str, int], complete: bool) -> str:
@@ -146,8 +150,10 @@ def block(pages: Path = PAGES) -> str:
            + " | across the two tasks |", "|" + "---|" * (4 + len(TASKS))]
     intervals = 0
     for stem, question in QUESTIONS.items():
-        pages_found = {task: page_verdicts(pages / f"{stem}_{task}.md") for task in TASKS
-                       if (pages / f"{stem}_{task}.md").is_file()}
+        page = {task: f"{stem}_{LONGER[stem, task]}" if (stem, task) in LONGER
+                and (pages / f"{stem}_{LONGER[stem, task]}.md").is_file() else f"{stem}_{task}" for task in TASKS}
+        pages_found = {task: page_verdicts(pages / f"{page[task]}.md") for task in TASKS
+                       if (pages / f"{page[task]}.md").is_file()}
         named = _labels({task: settings for task, (_, settings) in pages_found.items()})
         settings = list(dict.fromkeys(s for cells in named.values() for s in cells))
         # (a page with no paired table ran, with fewer than 2 seeds paired: not "not run yet")
@@ -160,7 +166,8 @@ def block(pages: Path = PAGES) -> str:
             cells, directions, complete = [], {}, True
             for task in TASKS:
                 cell, own = named.get(task, {}).get(setting, (None, ""))
-                said, directions[task] = verdict(cell)
+                epochs = int(re.search(r"(\d+)$", page[task]).group(1))
+                said, directions[task] = verdict(cell, epochs)
                 complete &= cell is not None and not cell.get("unpaired") and cell["seeds"] >= SEEDS
                 if cell is None:
                     said = absent[task]
@@ -170,7 +177,8 @@ def block(pages: Path = PAGES) -> str:
                         intervals += 1
                         shown += f" [{cell['low']:+.4f}, {cell['high']:+.4f}]"
                     said = f"{shown}, {said}"
-                cells.append(said + (f" (this task's run also has {own})" if own else ""))
+                cells.append(said + (f" (this task's run also has {own})" if own else "")
+                             + (f" ({epochs} epochs: {page[task]}.md)" if cell is not None and epochs != 6 else ""))
             out.append(f"| {question} | {setting} | {default} | " + " | ".join(cells)
                        + f" | {across(directions, complete)} |")
     note = (f"\n\n{intervals} interval{'' if intervals == 1 else 's'}, none corrected for the others: at 95%, "
