@@ -765,6 +765,45 @@ def test_regenerate_sh_names_a_question_it_does_not_know_and_reads_a_relative_fo
     assert empty.returncode == 1 and "FAILED budget" in empty.stderr, empty
 
 
+def test_regenerate_sh_removes_a_pages_old_plots_only_once_it_is_written_and_shown_by_no_page(tmp_path):
+    """regenerate.sh removed <question>_*.png before the report ran: a report that failed left the old page
+    showing plots that were gone (the test above, run in a checkout, deleted docs/findings/budget_*.png), and
+    the glob takes any plot of a question whose name starts with this one's and `_`. Now a plot goes after
+    the page is written, if no page shows it. (A fake repository: `python` on the PATH writes the page.)"""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = tmp_path / "repo"
+    findings = repo / "docs" / "findings"
+    for sweep in ("methods_rt", "budget_rt"):
+        (findings / "runs" / sweep).mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / "docs" / "findings" / "regenerate.sh", findings)
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\n[ -n "$FAIL" ] && exit 1\nwhile [ "$1" != --out ]; do shift; done\n'
+                    'printf "%s" "$PAGE" > "$2"\n')
+    fake.chmod(0o755)
+    (findings / "budget.md").write_text("![a](budget_old.png)\n")
+    (findings / "other.md").write_text("![b](budget_other.png)\n")  # another page's plot the glob matches
+    for png in ("budget_old.png", "budget_other.png"):
+        (findings / png).write_bytes(b"png")
+
+    def run(**env):
+        return subprocess.run(["bash", str(findings / "regenerate.sh"), "docs/findings/runs", "budget"], cwd=repo,
+                              env={**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", **env},
+                              capture_output=True, text=True, timeout=60)
+
+    failed = run(FAIL="1")
+    assert failed.returncode == 1 and "FAILED budget" in failed.stderr, failed
+    assert (findings / "budget_old.png").exists()  # the old page still shows it
+    (findings / "budget_new.png").write_bytes(b"png")  # (as the report writes it)
+    written = run(PAGE="![a](budget_new.png)\n")
+    assert written.returncode == 0 and "wrote docs/findings/budget.md" in written.stdout, written
+    assert sorted(p.name for p in findings.glob("*.png")) == ["budget_new.png", "budget_other.png"]
+
+
 def test_a_late_gain_over_fewer_seeds_than_the_row_says_how_many(tmp_path):
     """A seed without a CSV log (logger=wandb only, a deleted folder) has no curve: the row's late gain
     is the mean over the seeds that have one, and the cell says over how many, not passing for all."""
