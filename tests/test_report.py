@@ -1008,6 +1008,46 @@ job = pathlib.Path(sweep) / "0"
         f"exit 0: {held}"), out
 
 
+def test_the_queue_takes_python_as_one_path_for_the_jobs_and_the_archive(tmp_path):
+    """$PYTHON ran the jobs split into words (eval) and the archive as one word ("$7"): a path with a space failed
+    every job (exit 127), and a PYTHON with arguments (`python3 -X utf8`) trained every job and recorded none.
+    Now it is one path for both, and one that is no command stops the queue before any job (exit 2)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("flock") is None:
+        pytest.skip("flock (util-linux) is not installed")
+    queue = Path(__file__).resolve().parents[1] / "docs" / "findings" / "queue.sh"
+    fake = tmp_path / "my env" / "python"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\n" + """import json, os, pathlib, sys
+if sys.argv[1].endswith("archive.py"):
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+sweep = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("hydra.sweep.dir="))
+(pathlib.Path(sweep) / "0" / ".hydra").mkdir(parents=True)
+(pathlib.Path(sweep) / "0" / ".hydra" / "overrides.yaml").write_text("- seed=1\\n")
+(pathlib.Path(sweep) / "0" / "results.json").write_text(json.dumps({"status": "completed", "overrides": ["seed=1"]}))
+""")
+    fake.chmod(0o755)
+    (tmp_path / "jobs.txt").write_text("seed=1 hydra.sweep.dir=$R/s\n")
+
+    def run(python, sweeps):
+        env = {**os.environ, "PYTHON": python, "RECORDS": str(tmp_path / "records"), "JOBS": str(tmp_path / "jobs.txt")}
+        return subprocess.run(["bash", str(queue), str(tmp_path / sweeps), "w"], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    with_args = run(f"{fake} -X utf8", "a")
+    assert with_args.returncode == 2 and f"PYTHON={fake} -X utf8 is no command" in with_args.stderr, with_args
+    assert not (tmp_path / "a" / "s").exists()  # no job trained
+    done = run(str(fake), "b")
+    assert done.returncode == 0, done
+    assert (tmp_path / "records" / "done.txt").read_text() == "seed=1 hydra.sweep.dir=$R/s\n"
+    assert (tmp_path / "records" / "s" / "0" / "results.json").exists()
+
+
 def test_the_queue_waits_for_an_orphaned_job_and_no_job_keeps_its_lock(tmp_path):
     """docs/findings/queue.sh, hostile cases. (1) A worker killed mid-job leaves its job running (orphaned,
     claimed); a relaunched worker that ran out of other jobs left "queue empty" before it ended: nobody archived
