@@ -24,10 +24,12 @@ R=${1:?usage: queue.sh <sweeps folder> [worker name]}
 [[ $R == /* ]] || R=$PWD/$R
 name=${2:-$$}
 # the jobs' interpreter, one path (spaces kept), for the jobs and the archive alike: a PYTHON with arguments
-# (`python3 -X utf8`) ran the jobs (eval split it) and failed every archive ("$7" did not): each job trained, none recorded
+# (`python3 -X utf8`) ran the jobs (eval split it) and failed every archive ("$7" did not): every job trained,
+# none recorded
 python=${PYTHON:-python}
 [[ $python == */* && $python != /* ]] && python=$PWD/$python  # (the caller's, as R: the jobs run from the root)
-command -v -- "$python" > /dev/null || { echo "queue.sh: PYTHON=$python is no command (a path, no arguments)" >&2; exit 2; }
+command -v -- "$python" > /dev/null \
+    || { echo "queue.sh: PYTHON=$python is no command (a path, no arguments)" >&2; exit 2; }
 JOBS=${JOBS:-$here/jobs.txt}
 RECORDS=${RECORDS:-$here/runs}
 state=$R/queue
