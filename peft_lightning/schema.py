@@ -110,8 +110,14 @@ def swept_methods_knob(where: str, swept: str, override: str, default: Any = Non
         known = {k for name in names or METHOD_KEYS for k in _at({**_SHARED, **METHOD_KEYS.get(name, {})}, parts[:-1])}
         close = _closest(parts[-1], known)
         if close:
-            plus = "" if default in _owners([*parts[:-1], close[0]]) else "++"
-            return f"unknown key {where} (did you mean {plus}{'.'.join(['method', *parts[:-1], close[0]])}?)"
+            meant, owners = ".".join(["method", *parts[:-1], close[0]]), _owners([*parts[:-1], close[0]])
+            others = [name for name in names if name not in owners]
+            if others:  # (lr_ratoi in a sweep of lora and ptuning_v2: a ++ would fail the ptuning_v2 jobs)
+                return (f"unknown key {where} (did you mean {meant}? a knob of method={', '.join(owners)} only, not of "
+                        f"method={', '.join(others)} in this sweep: sweep those methods only, with "
+                        f"++{meant}={override.partition('=')[2]})")
+            plus = "" if default in owners else "++"
+            return f"unknown key {where} (did you mean {plus}{meant}?)"
         node = ".".join(["method", *parts[:-1]])
         return f"unknown key {where}; the swept methods' {node} takes {', '.join(sorted(known)) or 'no keys'}"
     others = [name for name in names if name not in owners]
@@ -137,6 +143,8 @@ def _swept_names(swept: str) -> list[str]:
         return value.filter(sorted(METHOD_KEYS))
     if isinstance(value, ChoiceSweep):
         return [str(getattr(v, "text", v)) for v in value.list]  # ("lora": a QuotedString)
+    if isinstance(value, str):  # one method (a sweep config's `method: lora`, applied in the jobs only)
+        return [value]
     return []  # (range(...), interval(...): numbers, no method's name)
 
 
@@ -396,14 +404,20 @@ def hydra_error_message(err: BaseException, argv: list[str] | None = None) -> st
                 method = OmegaConf.select(cause.parent_node._get_root(), "method.name", default=None)
             except Exception:  # noqa: BLE001  (an OmegaConf without _get_root: the override as typed)
                 method = typed.get("method", "").partition("=")[2] or None
-            swept = typed.get("method", "").partition("=")[2]
-            if not swept and {"-m", "--multirun"} & set(argv or []):  # +sweeps=methods: the sweep config's list
+            swept, configured = typed.get("method", "").partition("=")[2], ""
+            if not swept:  # +sweeps=methods: the sweep config's list, in a multirun (-m, or hydra.mode: MULTIRUN)
                 try:
-                    swept = str(OmegaConf.select(cause.parent_node._get_root(), "hydra.sweeper.params.method",
-                                                 default="") or "")
+                    root = cause.parent_node._get_root()
+                    mode = OmegaConf.select(root, "hydra.mode", default=None)
+                    if {"-m", "--multirun"} & set(argv or []) or "MULTIRUN" in (
+                            typed.get("hydra.mode", "").partition("=")[2], getattr(mode, "name", mode)):
+                        configured = str(OmegaConf.select(root, "hydra.sweeper.params.method", default="") or "")
                 except Exception:  # noqa: BLE001  (no root to read: the run's own message)
-                    swept = ""
-            if "," in swept or re.match(r"\w+\(", swept):  # -m method=lora,dora (or glob(...), choice(...))
+                    configured = ""
+                # one method too (`method: lora`): its jobs run it, where the composition ran the default
+                swept = configured if configured != method else ""
+            # -m method=lora,dora (or glob(...), choice(...)), or the sweep config's method(s)
+            if (swept and swept == configured) or "," in swept or re.match(r"\w+\(", swept):
                 return swept_methods_knob(cause.full_key, swept, typed.get(cause.full_key, f"{cause.full_key}=..."),
                                           method)
             other = other_methods_knob(cause.full_key, method)

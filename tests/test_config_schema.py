@@ -179,6 +179,19 @@ def _preset(tmp_path, text):  # an experiment preset outside conf/, found throug
     (["-m", "+sweeps=methods", "method.optim.lr_ratio=4"],
      "method.optim.lr_ratio is a knob of method=dora, lora, unipelt only, not of method=ptuning_v2, prefix_tuning, "
      "prompt_tuning, p_tuning, adapter, ia3, bitfit, finetune in this sweep"),
+    # a typo whose knob some swept methods lack: a ++ would fail their jobs (lr_ratio in ptuning_v2's)
+    (["-m", "method=lora,ptuning_v2", "method.optim.lr_ratoi=4"],
+     "unknown key method.optim.lr_ratoi (did you mean method.optim.lr_ratio? a knob of method=dora, lora, unipelt "
+     "only, not of method=ptuning_v2 in this sweep: sweep those methods only, with ++method.optim.lr_ratio=4)"),
+    (["-m", "+sweeps=methods", "method.optim.lr_ratoi=4"],
+     "unknown key method.optim.lr_ratoi (did you mean method.optim.lr_ratio? a knob of method=dora, lora, unipelt "
+     "only, not of method=ptuning_v2, prefix_tuning, "),
+    # a sweep config of one method (its jobs run lora; the composition, ptuning_v2), and one that sets
+    # hydra.mode: MULTIRUN (a multirun without -m)
+    ("sweep-one", "method.optim.lr_ratio: Hydra checks a sweep's overrides against the default method before the "
+                  "jobs of method=lora run; write ++method.optim.lr_ratio=4"),
+    ("sweep-mode", "method.optim.lr_ratio: Hydra checks a sweep's overrides against the default method before the "
+                   "jobs of method=lora,dora run; write ++method.optim.lr_ratio=4"),
     # without -m the sweep config's list runs nothing: the run's own message
     (["+sweeps=methods", "method.optim.lr_ratio=4"],
      "method.optim.lr_ratio is a knob of method=dora, lora, unipelt only, not of method=ptuning_v2: drop it"),
@@ -209,6 +222,13 @@ def _preset(tmp_path, text):  # an experiment preset outside conf/, found throug
 def test_a_config_error_names_what_the_command_line_says(args, message, tmp_path):
     if args == "preset":
         args = _preset(tmp_path, "defaults:\n  - override /model: tiny-brt\n")
+    if args in ("sweep-one", "sweep-mode"):  # a sweep config of the user's, found through hydra.searchpath
+        (tmp_path / "sweeps").mkdir()
+        (tmp_path / "sweeps" / "mine.yaml").write_text(
+            "# @package _global_\nhydra:\n" + ("  mode: MULTIRUN\n" if args == "sweep-mode" else "")
+            + f"  sweeper:\n    params:\n      method: {'lora' if args == 'sweep-one' else 'lora,dora'}\n")
+        args = [*(["-m"] if args == "sweep-one" else []), f"hydra.searchpath=[file://{tmp_path}]", "+sweeps=mine",
+                "method.optim.lr_ratio=4"]
     out = _train(*args, f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}")
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()

@@ -317,7 +317,7 @@ def test_a_value_that_holds_a_comma_is_one_value_of_one_axis(tmp_path):
 def test_every_plot_in_docs_findings_is_shown_by_a_page():
     """A page regenerated with another axis (reparam_prefix_tuning_rt6 gained method.optim.lr) writes a new plot;
     the old one stayed beside it, shown by no page, read as current by anyone browsing the folder.
-    regenerate.sh now removes a question's plots before writing its page."""
+    regenerate.sh now removes a question's plots that no page shows once its page is written."""
     pages = "".join(p.read_text() for p in [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("docs/findings/*.md")])
     unshown = [p.name for p in sorted((ROOT / "docs" / "findings").glob("*.png")) if p.name not in pages]
     assert not unshown, unshown

@@ -765,6 +765,45 @@ def test_regenerate_sh_names_a_question_it_does_not_know_and_reads_a_relative_fo
     assert empty.returncode == 1 and "FAILED budget" in empty.stderr, empty
 
 
+def test_regenerate_sh_removes_a_pages_old_plots_only_once_it_is_written_and_shown_by_no_page(tmp_path):
+    """regenerate.sh removed <question>_*.png before the report ran: a report that failed left the old page
+    showing plots that were gone (the test above, run in a checkout, deleted docs/findings/budget_*.png), and
+    the glob takes any plot of a question whose name starts with this one's and `_`. Now a plot goes after
+    the page is written, if no page shows it. (A fake repository: `python` on the PATH writes the page.)"""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = tmp_path / "repo"
+    findings = repo / "docs" / "findings"
+    for sweep in ("methods_rt", "budget_rt"):
+        (findings / "runs" / sweep).mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / "docs" / "findings" / "regenerate.sh", findings)
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\n[ -n "$FAIL" ] && exit 1\nwhile [ "$1" != --out ]; do shift; done\n'
+                    'printf "%s" "$PAGE" > "$2"\n')
+    fake.chmod(0o755)
+    (findings / "budget.md").write_text("![a](budget_old.png)\n")
+    (findings / "other.md").write_text("![b](budget_other.png)\n")  # another page's plot the glob matches
+    for png in ("budget_old.png", "budget_other.png"):
+        (findings / png).write_bytes(b"png")
+
+    def run(**env):
+        return subprocess.run(["bash", str(findings / "regenerate.sh"), "docs/findings/runs", "budget"], cwd=repo,
+                              env={**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", **env},
+                              capture_output=True, text=True, timeout=60)
+
+    failed = run(FAIL="1")
+    assert failed.returncode == 1 and "FAILED budget" in failed.stderr, failed
+    assert (findings / "budget_old.png").exists()  # the old page still shows it
+    (findings / "budget_new.png").write_bytes(b"png")  # (as the report writes it)
+    written = run(PAGE="![a](budget_new.png)\n")
+    assert written.returncode == 0 and "wrote docs/findings/budget.md" in written.stdout, written
+    assert sorted(p.name for p in findings.glob("*.png")) == ["budget_new.png", "budget_other.png"]
+
+
 def test_a_late_gain_over_fewer_seeds_than_the_row_says_how_many(tmp_path):
     """A seed without a CSV log (logger=wandb only, a deleted folder) has no curve: the row's late gain
     is the mean over the seeds that have one, and the cell says over how many, not passing for all."""
@@ -967,6 +1006,46 @@ job = pathlib.Path(sweep) / "0"
     assert worker.returncode == 0, out
     assert out.index(f"exit 0: {free}") < out.index(f"waiting for a job still running: {held}") < out.index(
         f"exit 0: {held}"), out
+
+
+def test_the_queue_takes_python_as_one_path_for_the_jobs_and_the_archive(tmp_path):
+    """$PYTHON ran the jobs split into words (eval) and the archive as one word ("$7"): a path with a space failed
+    every job (exit 127), and a PYTHON with arguments (`python3 -X utf8`) trained every job and recorded none.
+    Now it is one path for both, and one that is no command stops the queue before any job (exit 2)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("flock") is None:
+        pytest.skip("flock (util-linux) is not installed")
+    queue = Path(__file__).resolve().parents[1] / "docs" / "findings" / "queue.sh"
+    fake = tmp_path / "my env" / "python"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\n" + """import json, os, pathlib, sys
+if sys.argv[1].endswith("archive.py"):
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+sweep = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("hydra.sweep.dir="))
+(pathlib.Path(sweep) / "0" / ".hydra").mkdir(parents=True)
+(pathlib.Path(sweep) / "0" / ".hydra" / "overrides.yaml").write_text("- seed=1\\n")
+(pathlib.Path(sweep) / "0" / "results.json").write_text(json.dumps({"status": "completed", "overrides": ["seed=1"]}))
+""")
+    fake.chmod(0o755)
+    (tmp_path / "jobs.txt").write_text("seed=1 hydra.sweep.dir=$R/s\n")
+
+    def run(python, sweeps):
+        env = {**os.environ, "PYTHON": python, "RECORDS": str(tmp_path / "records"), "JOBS": str(tmp_path / "jobs.txt")}
+        return subprocess.run(["bash", str(queue), str(tmp_path / sweeps), "w"], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    with_args = run(f"{fake} -X utf8", "a")
+    assert with_args.returncode == 2 and f"PYTHON={fake} -X utf8 is no command" in with_args.stderr, with_args
+    assert not (tmp_path / "a" / "s").exists()  # no job trained
+    done = run(str(fake), "b")
+    assert done.returncode == 0, done
+    assert (tmp_path / "records" / "done.txt").read_text() == "seed=1 hydra.sweep.dir=$R/s\n"
+    assert (tmp_path / "records" / "s" / "0" / "results.json").exists()
 
 
 def test_the_queue_waits_for_an_orphaned_job_and_no_job_keeps_its_lock(tmp_path):

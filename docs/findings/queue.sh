@@ -23,6 +23,13 @@ root=$(cd "$here/../.." && pwd)
 R=${1:?usage: queue.sh <sweeps folder> [worker name]}
 [[ $R == /* ]] || R=$PWD/$R
 name=${2:-$$}
+# the jobs' interpreter, one path (spaces kept), for the jobs and the archive alike: a PYTHON with arguments
+# (`python3 -X utf8`) ran the jobs (eval split it) and failed every archive ("$7" did not): every job trained,
+# none recorded
+python=${PYTHON:-python}
+[[ $python == */* && $python != /* ]] && python=$PWD/$python  # (the caller's, as R: the jobs run from the root)
+command -v -- "$python" > /dev/null \
+    || { echo "queue.sh: PYTHON=$python is no command (a path, no arguments)" >&2; exit 2; }
 JOBS=${JOBS:-$here/jobs.txt}
 RECORDS=${RECORDS:-$here/runs}
 state=$R/queue
@@ -69,7 +76,7 @@ while true; do
     echo "$(date -Is) $name $(git rev-parse --short HEAD): $job" | tee -a "$RECORDS/commands.log"
     # ($R quoted, expanded by eval: a folder with a space stays one word, and `&` in it is no pattern
     # replacement (bash 5.2 patsub_replacement turned ${job//\$R/$R} under /a&b into "$Rb": unbound, worker gone)
-    eval "nice -n 19 ${PYTHON:-python} train.py -m ${job//\$R/\"\$R\"}" > "$state/$name.log" 2>&1
+    eval "nice -n 19 \"\$python\" train.py -m ${job//\$R/\"\$R\"}" > "$state/$name.log" 2>&1
     rc=$?
     echo "$(date -Is) $name: exit $rc: $job" | tee -a "$RECORDS/commands.log"
     if [ $rc -eq 0 ]; then
@@ -78,7 +85,7 @@ while true; do
         # (with the jobs' interpreter: a `python` of another environment lacks their packages, and every job that
         # trained would fail here, unrecorded: the GPU trial of 2026-11-30, docs/findings/gpu/trial-2026-11-30)
         flock "$state/.lock" bash -c '"$7" "$1" "$2" "$3" "$4" && echo "$5" >> "$6"' _ \
-            "$here/archive.py" "$R" "$RECORDS" "$sweep" "$job" "$RECORDS/done.txt" "${PYTHON:-python}"
+            "$here/archive.py" "$R" "$RECORDS" "$sweep" "$job" "$RECORDS/done.txt" "$python"
         # a job not archived is no result: failed, so it is taken again and archived then (the sweep does
         # not train a completed job again)
         rc=$?

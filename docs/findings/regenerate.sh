@@ -24,10 +24,15 @@ report() {  # report <question> <title> <sweep folder>... [report options]
     for folder in "${folders[@]}"; do
         [ -d "$folder" ] || { echo "skipped $name: no $folder"; return 0; }
     done
-    # (a plot of the old page whose axis is gone would stay beside the new one, referenced by nothing)
-    rm -f docs/findings/"$name"_*.png
+    local plots=(docs/findings/"$name"_*.png) plot
     if python -m peft_lightning.report "${folders[@]}" "${options[@]}" --title "$title" \
         --out "docs/findings/$name.md" > /dev/null; then echo "wrote docs/findings/$name.md"; written+="$name "
+        # a plot of the old page whose axis is gone would stay beside the new one, shown by nothing: removed once
+        # the new page is written (a report that fails keeps the old page and the plots it shows), and only if
+        # no page shows it (the glob of a question `methods` would match methods_rt6's plots)
+        for plot in "${plots[@]}"; do
+            grep -qsF -e "(${plot##*/})" -e "/${plot##*/})" README.md docs/*.md docs/findings/*.md || rm -f "$plot"
+        done
     else echo "FAILED $name" >&2; status=1; fi
 }
 RT="Rotten Tomatoes, MiniLM, 6 epochs, 3 seeds"
