@@ -346,3 +346,17 @@ def test_a_task_whose_default_had_not_flattened_is_read_at_its_longer_budget(tmp
     (tmp_path / "reparam_prefix_tuning_sms12.md").unlink()  # not run yet: waited for, not the 6-epoch page's verdict
     row = next(r for r in _rows(tmp_path, "reparameterization vs MLP (prefix tuning)"))
     assert row[4] == "waiting for reparam_prefix_tuning_sms12.md: 6 epochs was no real budget for the default", row
+
+
+def test_every_sweep_the_queue_runs_is_read_by_a_report():
+    """A sweep added to jobs.txt that no report of regenerate.sh reads (reparam_sms12 was added with its report;
+    forgetting one leaves CPU-hours of runs in no table). regenerate.sh names a task's sweeps as <name>_${task}6.
+    transfer_source is read by the transfer jobs themselves (its prefix), not by a report."""
+    import re
+
+    jobs = (ROOT / "docs" / "findings" / "jobs.txt").read_text()
+    script = (ROOT / "docs" / "findings" / "regenerate.sh").read_text()
+    sweeps = set(re.findall(r"hydra\.sweep\.dir=\$R/(\S+)", jobs)) - {"transfer_source"}
+    words = set(re.findall(r"[\w${}]+", script))
+    unread = [s for s in sorted(sweeps) if s not in words and re.sub(r"_(rt|sms)6$", r"_${task}6", s) not in words]
+    assert sweeps and not unread, unread
