@@ -8,7 +8,8 @@ Per question and task, each setting against the question's default arm, paired b
 "better" or "worse" only when the 95% interval excludes 0, else "no difference the seeds support"; "at 6
 epochs" when the report flags the setting or the default as still rising; fewer than 3 paired seeds is no
 verdict. Where a question's default arm had not flattened at 6 epochs on a task, its page at a longer budget
-(LONGER) is read for that task instead (and waited for until it exists), and the cell says so. Across the two tasks: "holds on both tasks" (both exclude 0 the same way), "task-dependent"
+(LONGER) is read for that task instead (and waited for until it exists), and the cell says so. Across the
+two tasks: "holds on both tasks" (both exclude 0 the same way), "task-dependent"
 (opposite ways), else the task where the seeds support it is named. A setting is matched across the tasks by
 the axes both pages have (one task's page can have an extra one: a default changed between its arms' commits).
 docs/findings/regenerate.sh runs it.
