@@ -5,7 +5,8 @@
 Every job writes results.json whatever happens (run.py), so the report needs nothing else: no
 W&B. The sweep's axes are the overrides that differ between jobs, and any config key that differs
 between them without an override (sweeps run at different commits); `seed` is averaged over
-(mean +- std, a 95% confidence interval from the t-distribution, n). Values compare as Hydra
+(mean +- std, a 95% confidence interval from the t-distribution, cut and marked where it reaches past
+what the metric can take, n). Values compare as Hydra
 parses them (`1e-3` is 0.001). Jobs that failed, were interrupted, have no dev value, or repeat a
 setting and seed another folder's job ran are listed, not averaged; each setting's wall time per
 job counts every attempt, and the jobs whose time is a lower bound are named.
@@ -70,6 +71,24 @@ def t_quantile(df: int) -> float:
 def ci_half_width(std: float, n: int) -> float:
     """Half the 95% confidence interval of a mean of n values with sample std `std` (t, n - 1 df)."""
     return t_quantile(n - 1) * std / n ** 0.5 if n > 1 else float("nan")
+
+
+# What each selection metric can take. A t-interval is symmetric and can reach past it (3 seeds, one at chance:
+# F1 0.77 +- 0.65): it is shown cut at the bound, where the mean must lie, so the cut interval covers the mean at
+# least as often as the t-interval does. A metric not named here is never cut.
+RANGE = {"acc": (0.0, 1.0), "f1": (0.0, 1.0), "bleu": (0.0, 1.0), "rougeL": (0.0, 1.0),
+         "pearson": (-1.0, 1.0), "spearman": (-1.0, 1.0)}
+CUT = "†"  # marks an interval cut at the metric's range
+
+
+def bounded(value: float, half: float, bounds: tuple[float, float] | None) -> tuple[float, float, bool]:
+    """(low, high, cut): value +- half, cut to `bounds` (a RANGE entry; for a paired difference, the range
+    a difference of two such values can take); cut says whether either end moved."""
+    low, high = value - half, value + half
+    if bounds is None:
+        return low, high, False
+    inside = max(low, bounds[0]), min(high, bounds[1])
+    return *inside, inside != (low, high)
 
 
 def metric_columns(metric: str = "acc") -> dict[str, tuple[tuple, str]]:
@@ -476,6 +495,14 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
               "process's CPU seconds, every thread) is its cost whatever else shared or paused the machine, which "
               f"wall time is not. {LATE}: the best dev value over all of a run's evaluations minus the best over "
               "its first two thirds (mean over seeds): a setting still rising at the end of the budget.", ""]
+    bounds = RANGE.get(frame.attrs.get("metric", "acc"))
+    uncut = []  # the t-intervals shown cut at the metric's range (CUT), as they were
+
+    def interval_cell(value: float, half: float, fmt: str, within=bounds) -> str:
+        low, high, moved = bounded(value, half, within)
+        uncut.extend([f"{fmt.format(value - half)}, {fmt.format(value + half)}"] if moved else [])
+        return f"[{fmt.format(low)}, {fmt.format(high)}]" + (CUT if moved else "")
+
     header = []
     for column in columns:
         header += [column] + ([f"{'dev' if column == dev else 'test'} 95% CI"] if many and column in (dev, test) else [])
@@ -492,7 +519,7 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
                 cell += f" ({int(row[LATE + ' n'])} of {int(row['n'])} seeds)"
             cells.append(cell)
             if many and column in (dev, test):
-                cells.append("" if pd.isna(half) else f"[{fmt.format(value - half)}, {fmt.format(value + half)}]")
+                cells.append("" if pd.isna(half) else interval_cell(value, half, fmt))
         if many:
             cells.append(str(int(row["n"])))
         lines.append("| " + " | ".join(cells) + " |")
@@ -537,7 +564,8 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
             for column in (dev, test):
                 value, half = row[column], row[column + " ci"]
                 cells.append("" if pd.isna(value) else f"{value:+.4f}")
-                cells.append("" if pd.isna(half) else f"[{value - half:+.4f}, {value + half:+.4f}]")
+                span = bounds and (bounds[0] - bounds[1], bounds[1] - bounds[0])  # (setting - reference)
+                cells.append("" if pd.isna(half) else interval_cell(value, half, "{:+.4f}", span))
             cells.append(str(int(row["n"])))
             lines.append("| " + " | ".join(cells) + " |")
     if diffs.attrs.get("unpaired"):  # (a baseline that leaves axes free: none at these settings' values of them)
@@ -565,6 +593,13 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
         for _, row in cut.iterrows():
             what = ", ".join(f"{k}={row[k]}" for k in axes(frame)) or row["job"]
             lines.append(f"- job {row['job']} ({what}): the last {int(row['_unvalidated'])} updates")
+    if uncut:
+        metric = frame.attrs.get("metric", "acc")
+        lines += ["", f"{CUT} The t-interval reaches past what {metric} can take ({bounds[0]:g} to {bounds[1]:g}; a "
+                  f"paired difference {bounds[0] - bounds[1]:g} to {bounds[1] - bounds[0]:g}): shown cut at the "
+                  "bound, where the mean must lie, so it covers the mean at least as often. So wide an interval says "
+                  "the seeds disagree, not where the mean is. "
+                  f"Before the cut: {'; '.join(f'[{c}]' for c in uncut)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -617,13 +652,15 @@ def plots(frame: pd.DataFrame, directory: Path, stem: str = "report", metric: st
     summary = summarize(frame)
     keys = [c for c in axes(frame) if c in summary.columns]
     dev, test = list(_columns(frame))[:2]
-    return plot_summary(summary, keys, directory, stem, [metric] if metric else [dev, test])
+    return plot_summary(summary, keys, directory, stem, [metric] if metric else [dev, test],
+                        RANGE.get(frame.attrs.get("metric", "acc")))
 
 
-def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, stem: str, metrics: list[str]) -> list[Path]:
+def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, stem: str, metrics: list[str],
+                 bounds: tuple[float, float] | None = None) -> list[Path]:
     """The plots of `plots` from a summary (summarize's frame: the metric columns, their " ci"
     columns and the axis columns `keys`); the first of `metrics`, where it is the best dev value
-    (the criterion), is starred."""
+    (the criterion), is starred. Error bars are cut at `bounds`, the metrics' range (as the table's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -661,15 +698,18 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, stem: 
             color = f"C{number % 10}"
             for i, metric in enumerate(metrics):
                 name = f"{label}, {metric}" if label else metric
+                ends = [bounded(v, h, bounds)[:2] for v, h in zip(part[metric], part[metric + " ci"].fillna(0))]
+                yerr = [[v - low for v, (low, _) in zip(part[metric], ends)],
+                        [high - v for v, (_, high) in zip(part[metric], ends)]]
                 style = dict(label=name, color=color, alpha=1.0 if i == 0 else 0.6)
                 if x in numeric:
                     where = list(part[x].astype(float))
-                    ax.errorbar(where, part[metric], yerr=part[metric + " ci"].fillna(0), capsize=3,
+                    ax.errorbar(where, part[metric], yerr=yerr, capsize=3,
                                 marker="o" if i == 0 else "s", linestyle="-" if i == 0 else "--",
                                 mfc=color if i == 0 else "none", **style)
                 else:  # points, not bars: a bar starts at 0, and 0.01 apart at 0.85 would look equal
                     where = [cats.index(v) + place(number, i) for v in part[x].astype(str)]
-                    ax.errorbar(where, part[metric], yerr=part[metric + " ci"].fillna(0), capsize=3,
+                    ax.errorbar(where, part[metric], yerr=yerr, capsize=3,
                                 marker="o" if i == 0 else "s", linestyle="none", mfc=color if i == 0 else "none",
                                 **style)
                 # a single value has no interval: without a word its bare point would look exact. Its own
@@ -695,7 +735,9 @@ def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, stem: 
         seeds = int(data["n"].max()) if "n" in data else 1
         ax.set_ylabel(" / ".join(metrics))
         if seeds > 1:
-            ax.set_title(f"mean over seeds (up to {seeds}); error bars: 95% confidence interval", fontsize=9)
+            cut = any(bounded(v, h, bounds)[2] for m in metrics for v, h in zip(data[m], data[m + " ci"].fillna(0)))
+            ax.set_title(f"mean over seeds (up to {seeds}); error bars: 95% confidence interval"
+                         + (f" (cut at {metrics[0].split()[-1]}'s range)" if cut else ""), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()

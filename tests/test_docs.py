@@ -191,6 +191,19 @@ def test_verdicts_follow_the_rules_fixed_before_the_runs(tmp_path):
     assert cells[4].endswith("2 of 3 seeds: no verdict") and cells[5] == "not both tasks yet"
 
 
+def test_a_paired_interval_cut_at_the_metrics_range_is_read_as_the_page_shows_it(tmp_path):
+    """Seeds that disagree wildly: the paired t-interval of dropout on - off reaches past -1 and +1, which no
+    difference of two F1 values can; the page shows it cut to [-1, +1] and marked, and the verdict reads that."""
+    for task in ("rt6", "sms6"):
+        _arm(tmp_path / task, False, [0.05, 0.95, 0.05], "f1")
+        _arm(tmp_path / task, True, [0.95, 0.75, 0.95], "f1")  # differences +0.9, -0.2, +0.9
+        assert report.main([str(tmp_path / task), "--where", "method=ptuning_v2", "--baseline",
+                            "method.backbone_dropout=false", "--no-plots", "--out", str(tmp_path / f"dropout_{task}.md")]) == 0
+    assert "| +0.5333 | [-1.0000, +1.0000]† |" in (tmp_path / "dropout_sms6.md").read_text()
+    row = next(line for line in verdicts.block(tmp_path).splitlines() if line.startswith("| backbone dropout"))
+    assert "+0.5333 [-1.0000, +1.0000], no difference the seeds support" in row, row
+
+
 def _ran(folder: Path, name: str, overrides: list[str], config: dict, dev: float, metric: str, rising: bool = False):
     """A completed job as train.py leaves it: its overrides, its composed config (`method.x.y` keys), its
     results, and its dev curve (csv/version_0), still rising over the last third of six evaluations or flat."""

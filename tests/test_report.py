@@ -175,7 +175,42 @@ def test_report_gives_confidence_intervals_paired_differences_and_wall_time(tmp_
 
     # the plot's error bars are the same 95% half-widths (points: dev, then test, per method)
     expected_dev = [hand_ci([v[0] for v in runs[m].values()])[2] for m in runs]
-    assert bars[0] == pytest.approx(expected_dev, rel=1e-4)  # (the table's t to 5 digits)
+    assert bars[0] == [pytest.approx(expected_dev, rel=1e-4)] * 2  # (below, above; the table's t to 5 digits)
+
+
+def test_an_interval_past_the_metrics_range_is_cut_there_and_says_so(tmp_path, monkeypatch):
+    """F1 of three seeds, one never left chance: the t-interval of the mean, 0.7667 +- 0.65, reaches past 1,
+    which no F1 can. Table and plot cut it at 1 and mark it; the note gives the interval before the cut.
+    An interval inside the range, and a paired difference inside [-1, 1], are neither cut nor marked."""
+    runs = {"a": (0.975, 0.94, 0.5), "b": (0.97, 0.96, 0.975)}
+    for num, (method, seed) in enumerate((m, s) for m in runs for s in (1, 2, 3)):
+        job(tmp_path, num, [f"method={method}", f"seed={seed}"])
+        results = json.loads((tmp_path / str(num) / "results.json").read_text())
+        f1 = runs[method][seed - 1]
+        results["metrics"] = {"test": {"test/f1": f1}, "best": {"val/f1_best": f1}}
+        (tmp_path / str(num) / "results.json").write_text(json.dumps(results))
+    bars = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda self, x, y, **kw: bars.append(
+        (list(y), kw["yerr"])) or original(self, x, y, **kw))
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+    text = (tmp_path / "r.md").read_text()
+    mean, _, half = hand_ci(runs["a"])
+    assert mean + half > 1 and mean - half > 0  # (the case: past the top only)
+    assert f"| a | {mean:.4f} ± " in text
+    assert f"| [{mean - half:.4f}, 1.0000]† |" in text  # dev and test alike
+    b_mean, _, b_half = hand_ci(runs["b"])
+    assert f"| [{b_mean - b_half:.4f}, {b_mean + b_half:.4f}] |" in text  # inside: as it was
+    note = next(line for line in text.splitlines() if line.startswith("†"))
+    assert "f1 can take (0 to 1" in note and f"[{mean - half:.4f}, {mean + half:.4f}]" in note
+    paired = next(line for line in text.splitlines() if line.startswith("| a | -"))
+    assert "†" not in paired  # (a difference of two F1 values can reach -1 to 1)
+    # the plot's bar for a: down to the interval's low end, up to 1 and no further
+    ys, (below, above) = next((ys, yerr) for ys, yerr in bars if pytest.approx(mean) in ys)
+    i = ys.index(pytest.approx(mean))
+    assert below[i] == pytest.approx(half, rel=1e-4) and mean + above[i] == pytest.approx(1.0)
 
 
 def test_report_pairs_against_a_named_baseline(tmp_path):

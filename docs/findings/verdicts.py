@@ -28,6 +28,7 @@ PAGES = ROOT / "docs" / "findings"
 FINDINGS = ROOT / "docs" / "findings.md"
 BEGIN = "<!-- verdicts: made by docs/findings/verdicts.py from the question pages; do not edit -->"
 END = "<!-- end of verdicts -->"
+CUT = "†"  # the report's mark of an interval cut at the metric's range (peft_lightning.report.CUT)
 SEEDS = 3
 TASKS = {"rt6": "Rotten Tomatoes (acc)", "sms6": "SMS spam (F1)"}
 # a question's page on one task at a longer budget, read in place of the 6-epoch page: the question's default arm
@@ -50,7 +51,7 @@ QUESTIONS = {  # page stem -> the question, as docs/findings/regenerate.sh names
 
 
 def _interval(text: str) -> tuple[float, float]:
-    low, high = (float(x) for x in text.strip("[]").split(","))
+    low, high = (float(x) for x in text.removesuffix(CUT).strip("[]").split(","))
     return low, high
 
 
