@@ -498,9 +498,9 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
     bounds = RANGE.get(frame.attrs.get("metric", "acc"))
     uncut = []  # the t-intervals shown cut at the metric's range (CUT), as they were
 
-    def interval_cell(value: float, half: float, fmt: str, within=bounds) -> str:
+    def interval_cell(value: float, half: float, fmt: str, name: str, within=bounds) -> str:
         low, high, moved = bounded(value, half, within)
-        uncut.extend([f"{fmt.format(value - half)}, {fmt.format(value + half)}"] if moved else [])
+        uncut.extend([f"{name}: [{fmt.format(value - half)}, {fmt.format(value + half)}]"] if moved else [])
         return f"[{fmt.format(low)}, {fmt.format(high)}]" + (CUT if moved else "")
 
     header = []
@@ -519,7 +519,8 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
                 cell += f" ({int(row[LATE + ' n'])} of {int(row['n'])} seeds)"
             cells.append(cell)
             if many and column in (dev, test):
-                cells.append("" if pd.isna(half) else interval_cell(value, half, fmt))
+                cells.append("" if pd.isna(half) else interval_cell(
+                    value, half, fmt, f"{', '.join(_setting(row[k]) for k in keys)}, {column}"))
         if many:
             cells.append(str(int(row["n"])))
         lines.append("| " + " | ".join(cells) + " |")
@@ -565,7 +566,8 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
                 value, half = row[column], row[column + " ci"]
                 cells.append("" if pd.isna(value) else f"{value:+.4f}")
                 span = bounds and (bounds[0] - bounds[1], bounds[1] - bounds[0])  # (setting - reference)
-                cells.append("" if pd.isna(half) else interval_cell(value, half, "{:+.4f}", span))
+                cells.append("" if pd.isna(half) else interval_cell(
+                    value, half, "{:+.4f}", f"{', '.join(_setting(row[k]) for k in shown)}, Δ {column}", span))
             cells.append(str(int(row["n"])))
             lines.append("| " + " | ".join(cells) + " |")
     if diffs.attrs.get("unpaired"):  # (a baseline that leaves axes free: none at these settings' values of them)
@@ -597,9 +599,10 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
         metric = frame.attrs.get("metric", "acc")
         lines += ["", f"{CUT} The t-interval reaches past what {metric} can take ({bounds[0]:g} to {bounds[1]:g}; a "
                   f"paired difference {bounds[0] - bounds[1]:g} to {bounds[1] - bounds[0]:g}): shown cut at the "
-                  "bound, where the mean must lie, so it covers the mean at least as often. So wide an interval says "
-                  "the seeds disagree, not where the mean is. "
-                  f"Before the cut: {'; '.join(f'[{c}]' for c in uncut)}."]
+                  "bound. The mean lies inside the range, so the cut interval holds it exactly when the t-interval "
+                  "does. An interval past the range says the t-interval's normal model fits these seeds poorly (a "
+                  "mean near the bound, or seeds that disagree). "
+                  f"Before the cut: {'; '.join(uncut)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -652,8 +655,9 @@ def plots(frame: pd.DataFrame, directory: Path, stem: str = "report", metric: st
     summary = summarize(frame)
     keys = [c for c in axes(frame) if c in summary.columns]
     dev, test = list(_columns(frame))[:2]
-    return plot_summary(summary, keys, directory, stem, [metric] if metric else [dev, test],
-                        RANGE.get(frame.attrs.get("metric", "acc")))
+    # (the range is the selection metric's: another column, trainable % or s/job, is never cut)
+    bounds = RANGE.get(frame.attrs.get("metric", "acc")) if metric in (None, dev, test) else None
+    return plot_summary(summary, keys, directory, stem, [metric] if metric else [dev, test], bounds)
 
 
 def plot_summary(summary: pd.DataFrame, keys: list[str], directory: Path, stem: str, metrics: list[str],

@@ -188,6 +188,7 @@ def test_an_interval_past_the_metrics_range_is_cut_there_and_says_so(tmp_path, m
         results = json.loads((tmp_path / str(num) / "results.json").read_text())
         f1 = runs[method][seed - 1]
         results["metrics"] = {"test": {"test/f1": f1}, "best": {"val/f1_best": f1}}
+        results["parameters"]["trainable_pct"] = (0.5, 0.9, 1.4)[seed - 1]  # (a column whose interval passes 1)
         (tmp_path / str(num) / "results.json").write_text(json.dumps(results))
     bars = []
     import matplotlib.axes
@@ -204,13 +205,22 @@ def test_an_interval_past_the_metrics_range_is_cut_there_and_says_so(tmp_path, m
     b_mean, _, b_half = hand_ci(runs["b"])
     assert f"| [{b_mean - b_half:.4f}, {b_mean + b_half:.4f}] |" in text  # inside: as it was
     note = next(line for line in text.splitlines() if line.startswith("†"))
-    assert "f1 can take (0 to 1" in note and f"[{mean - half:.4f}, {mean + half:.4f}]" in note
+    assert "f1 can take (0 to 1" in note and f"a, best dev f1: [{mean - half:.4f}, {mean + half:.4f}]" in note
     paired = next(line for line in text.splitlines() if line.startswith("| a | -"))
     assert "†" not in paired  # (a difference of two F1 values can reach -1 to 1)
     # the plot's bar for a: down to the interval's low end, up to 1 and no further
     ys, (below, above) = next((ys, yerr) for ys, yerr in bars if pytest.approx(mean) in ys)
     i = ys.index(pytest.approx(mean))
     assert below[i] == pytest.approx(half, rel=1e-4) and mean + above[i] == pytest.approx(1.0)
+    # a plot of another column takes no metric's range: trainable % 0.93 +- 1.1 keeps both halves
+    from peft_lightning.report import plots
+
+    bars.clear()
+    plots(collect(tmp_path), tmp_path, "other", metric="trainable %")
+    pct, _, pct_half = hand_ci([0.5, 0.9, 1.4])
+    ys, (below, above) = next((ys, yerr) for ys, yerr in bars if pytest.approx(pct) in ys)
+    i = ys.index(pytest.approx(pct))
+    assert below[i] == pytest.approx(pct_half, rel=1e-4) == above[i] and pct + pct_half > 1
 
 
 def test_report_pairs_against_a_named_baseline(tmp_path):
