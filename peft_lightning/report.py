@@ -74,8 +74,8 @@ def ci_half_width(std: float, n: int) -> float:
 
 
 # What each selection metric can take. A t-interval is symmetric and can reach past it (3 seeds, one at chance:
-# F1 0.77 +- 0.65): it is shown cut at the bound, where the mean must lie, so the cut interval covers the mean at
-# least as often as the t-interval does. A metric not named here is never cut.
+# F1 0.77 +- 0.65): it is shown cut at the bound. The mean lies inside the range, so the cut interval holds it
+# exactly when the t-interval does. A metric not named here is never cut.
 RANGE = {"acc": (0.0, 1.0), "f1": (0.0, 1.0), "bleu": (0.0, 1.0), "rougeL": (0.0, 1.0),
          "pearson": (-1.0, 1.0), "spearman": (-1.0, 1.0)}
 CUT = "†"  # marks an interval cut at the metric's range
@@ -85,7 +85,7 @@ def bounded(value: float, half: float, bounds: tuple[float, float] | None) -> tu
     """(low, high, cut): value +- half, cut to `bounds` (a RANGE entry; for a paired difference, the range
     a difference of two such values can take); cut says whether either end moved."""
     low, high = value - half, value + half
-    if bounds is None:
+    if bounds is None or not low <= high:  # (no range; a missing value or interval, NaN: nothing to cut)
         return low, high, False
     inside = max(low, bounds[0]), min(high, bounds[1])
     return *inside, inside != (low, high)

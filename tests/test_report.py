@@ -1210,3 +1210,22 @@ job = pathlib.Path(sweep) / "-".join(args).replace("=", "_")
                          text=True, timeout=120)
     assert run.returncode == 2 and "no newline" in run.stderr and run.stderr.count("\n") == 1, run
     assert (tmp_path / "ran.txt").read_text() == "seed=4\n"
+
+
+def test_a_plot_with_a_missing_metric_does_not_say_its_bars_were_cut(tmp_path, monkeypatch):
+    """b's seeds ran test=false: its test mean is missing (NaN), which is no interval past the range; the
+    plot's title says bars were cut only when one was."""
+    for num, (method, seed, acc) in enumerate([("a", 1, 0.50), ("a", 2, 0.52), ("b", 1, 0.60), ("b", 2, 0.62)]):
+        job(tmp_path, num, [f"method={method}", f"seed={seed}"], acc=acc)  # (intervals 0.13 wide: inside [0, 1])
+        if method == "b":
+            results = json.loads((tmp_path / str(num) / "results.json").read_text())
+            results["metrics"]["test"] = {}
+            (tmp_path / str(num) / "results.json").write_text(json.dumps(results))
+    import matplotlib.axes
+
+    titles = []
+    set_title = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, text, **kw: titles.append(text) or
+                        set_title(self, text, **kw))
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+    assert titles == ["mean over seeds (up to 2); error bars: 95% confidence interval"]
