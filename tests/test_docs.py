@@ -373,3 +373,15 @@ def test_every_sweep_the_queue_runs_is_read_by_a_report():
     words = set(re.findall(r"[\w${}]+", script))
     unread = [s for s in sorted(sweeps) if s not in words and re.sub(r"_(rt|sms)6$", r"_${task}6", s) not in words]
     assert sweeps and not unread, unread
+
+
+def test_the_page_scripts_run_as_regenerate_sh_runs_them():
+    """regenerate.sh runs verdicts.py and readme_table.py as scripts from the repository root, where only
+    their own folder is on the path: an import that works in-process under pytest must not hide there."""
+    import subprocess
+    import sys
+
+    for script in ("verdicts.py", "readme_table.py"):
+        done = subprocess.run([sys.executable, f"docs/findings/{script}", "--check"], cwd=ROOT,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, (script, done.stderr)
