@@ -310,7 +310,8 @@ def collect(multirun: Path | list[Path], where: dict[str, str] | None = None) ->
         for column, (path, _) in columns.items():
             row[column] = _get(results or {}, path) if path is not None else None
         # (a finished job's log only: a running one's is being rewritten, and it is not counted anyway)
-        row[LATE] = late_gain(dev_curve(job, metric)) if row["status"] == "completed" else None
+        curve = dev_curve(job, metric) if row["status"] == "completed" else []
+        row[LATE], row["_evals"] = (late_gain(curve) if row["status"] == "completed" else None), len(curve)
         row["_unrecorded"] = [key for key in ("wall_time_s", "cpu_time_s") if _unrecorded(results or {}, key)]
         if row["_selection"].startswith("last"):  # its test is the last model's, not a best-dev checkpoint's:
             row[list(columns)[1]] = float("nan")  # its dev value counts (the best dev seen), its test does not
@@ -359,7 +360,7 @@ def _columns(frame: pd.DataFrame) -> dict[str, tuple[tuple, str]]:
 
 
 # a job's record, not its settings
-META = ("job", "_path", "_unrecorded", "_skip", "_selection", "_unvalidated", "status", "error")
+META = ("job", "_path", "_unrecorded", "_skip", "_selection", "_unvalidated", "_evals", "status", "error")
 
 
 def axes(frame: pd.DataFrame) -> list[str]:
@@ -533,6 +534,18 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
                   + "; ".join(f"{', '.join(f'{k}={_setting(row[k])}' for k in keys)} ({gain:+.4f}"
                               + (f" > {std:.4f})" if not pd.isna(std) else ", one seed)") for row, gain, std in rising)
                   + "."]
+    unmeasured = frame[(frame["status"] == "completed") & frame[LATE].isna()]
+    if len(unmeasured):  # (a blank gain is no "settled": say whose budget this page cannot judge, and why)
+        why: dict[str, list[str]] = {}
+        for _, row in unmeasured.iterrows():
+            n = int(row["_evals"])
+            why.setdefault("no dev value in a CSV log" if n == 0 else f"{n} dev evaluation{'s' * (n != 1)}" if n < 3
+                           else "no dev value in the first two thirds", []).append(str(row["job"]))
+        lines += ["", f"The \"{LATE}\" is not measured for {len(unmeasured)} completed job{'s' * (len(unmeasured) != 1)} "
+                  "(it needs 3 dev evaluations after the first update), so this page does not say whether their "
+                  "budget had settled; their dev curves are in their CSV logs. "
+                  + "; ".join(f"{reason}: job {', '.join(jobs[:8])}" + (f" and {len(jobs) - 8} more" if len(jobs) > 8 else "")
+                              for reason, jobs in why.items()) + "."]
     wall, cpu = frame["wall s/job"].dropna(), frame["CPU s/job"].dropna()
     if len(wall):
         line = f"Wall time: {_duration(wall.sum())} for {len(wall)} jobs (mean {wall.mean():.0f} s per job)"

@@ -869,6 +869,22 @@ def test_a_late_gain_over_fewer_seeds_than_the_row_says_how_many(tmp_path):
     assert rows["b"][at] == f"{0.70 - 0.66:+.4f}", text  # every seed has its log: no note
 
 
+def test_a_late_gain_the_report_cannot_measure_is_said_to_be_unmeasured_not_left_blank(tmp_path):
+    """city_facts runs 2 epochs: 2 dev evaluations, too few for a last third. The cell was blank and
+    nothing said why, so a setting still climbing steeply (embedding-only prefix, BLEU 0.08 -> 0.25)
+    read like one that had settled: the page names each such job and its reason."""
+    job(tmp_path, 0, ["method=a", "seed=1"], acc=0.80)
+    dev_log(tmp_path, 0, 0, [(100, 0.30), (200, 0.80)])  # 2 evaluations
+    job(tmp_path, 1, ["method=a", "seed=2"], acc=0.79)  # no CSV log
+    job(tmp_path, 2, ["method=b", "seed=1"], acc=0.70)
+    dev_log(tmp_path, 2, 0, [(100, 0.65), (200, 0.66), (300, 0.70)])  # 3: measured, not named
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert ('The "dev gain, last third" is not measured for 2 completed jobs (it needs 3 dev evaluations after the '
+            "first update), so this page does not say whether their budget had settled; their dev curves are in "
+            "their CSV logs. 2 dev evaluations: job 0; no dev value in a CSV log: job 1.") in text, text
+
+
 def test_a_knob_some_methods_lack_names_those_settings_on_the_plot_not_a_group_and_star_each(tmp_path, monkeypatch):
     """LoRA+ in the methods sweep: method.optim.lr_ratio is 16 for it, 1 for plain LoRA (its config) and
     "(unset)" for fine-tuning and P-Tuning v2 (no such key). A line and a star per lr_ratio value would star
