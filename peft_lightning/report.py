@@ -534,18 +534,23 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
                   + "; ".join(f"{', '.join(f'{k}={_setting(row[k])}' for k in keys)} ({gain:+.4f}"
                               + (f" > {std:.4f})" if not pd.isna(std) else ", one seed)") for row, gain, std in rising)
                   + "."]
-    unmeasured = frame[(frame["status"] == "completed") & frame[LATE].isna()]
+    counted = _counted(frame)
+    unmeasured = counted[counted[LATE].isna()]
     if len(unmeasured):  # (a blank gain is no "settled": say whose budget this page cannot judge, and why)
         why: dict[str, list[str]] = {}
         for _, row in unmeasured.iterrows():
             n = int(row["_evals"])
-            why.setdefault("no dev value in a CSV log" if n == 0 else f"{n} dev evaluation{'s' * (n != 1)}" if n < 3
-                           else "no dev value in the first two thirds", []).append(str(row["job"]))
-        lines += ["", f"The \"{LATE}\" is not measured for {len(unmeasured)} completed job{'s' * (len(unmeasured) != 1)} "
-                  "(it needs 3 dev evaluations after the first update), so this page does not say whether their "
-                  "budget had settled; their dev curves are in their CSV logs. "
-                  + "; ".join(f"{reason}: job {', '.join(jobs[:8])}" + (f" and {len(jobs) - 8} more" if len(jobs) > 8 else "")
-                              for reason, jobs in why.items()) + "."]
+            why.setdefault("no CSV log with a dev value" if n == 0
+                           else f"{n} dev evaluation{'s' * (n != 1)}, and the measure needs 3; the curve is in the CSV log"
+                           if n < 3 else "no dev value in the first two thirds of the evaluations", []).append(str(row["job"]))
+        if len(unmeasured) == len(counted) and len(why) == 1:
+            lines += ["", f"The \"{LATE}\" is not measured for any job of this table ({next(iter(why))}), so this page "
+                      "does not say whether any setting's budget had settled."]
+        else:
+            lines += ["", f"The \"{LATE}\" is not measured for {len(unmeasured)} of the {len(counted)} jobs this table "
+                      "counts, so this page does not say whether their budget had settled: "
+                      + "; ".join("job " + ", ".join(jobs[:8]) + (f" and {len(jobs) - 8} more" if len(jobs) > 8 else "")
+                                  + f" ({reason})" for reason, jobs in why.items()) + "."]
     wall, cpu = frame["wall s/job"].dropna(), frame["CPU s/job"].dropna()
     if len(wall):
         line = f"Wall time: {_duration(wall.sum())} for {len(wall)} jobs (mean {wall.mean():.0f} s per job)"

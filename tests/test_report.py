@@ -1,5 +1,6 @@
 """The comparison report reads a multirun's results.json files, whatever state each job ended in."""
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -871,18 +872,36 @@ def test_a_late_gain_over_fewer_seeds_than_the_row_says_how_many(tmp_path):
 
 def test_a_late_gain_the_report_cannot_measure_is_said_to_be_unmeasured_not_left_blank(tmp_path):
     """city_facts runs 2 epochs: 2 dev evaluations, too few for a last third. The cell was blank and
-    nothing said why, so a setting still climbing steeply (embedding-only prefix, BLEU 0.08 -> 0.25)
-    read like one that had settled: the page names each such job and its reason."""
+    nothing said why, so a setting still rising read like one that had settled: the page names each
+    such job with its reason (a job the table does not count, a failed one, is not named)."""
+    nan = float("nan")
     job(tmp_path, 0, ["method=a", "seed=1"], acc=0.80)
     dev_log(tmp_path, 0, 0, [(100, 0.30), (200, 0.80)])  # 2 evaluations
     job(tmp_path, 1, ["method=a", "seed=2"], acc=0.79)  # no CSV log
     job(tmp_path, 2, ["method=b", "seed=1"], acc=0.70)
     dev_log(tmp_path, 2, 0, [(100, 0.65), (200, 0.66), (300, 0.70)])  # 3: measured, not named
+    job(tmp_path, 3, ["method=b", "seed=2"], acc=0.71)
+    dev_log(tmp_path, 3, 0, [(100, nan), (200, nan), (300, 0.71)])  # nothing in the first two thirds
+    job(tmp_path, 4, ["method=c", "seed=1"], acc=0.72)
+    dev_log(tmp_path, 4, 0, [(100, 0.72)])  # 1 evaluation
+    job(tmp_path, 5, ["method=c", "seed=2"], status="failed")  # not counted: not named
     assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
     text = (tmp_path / "r.md").read_text()
-    assert ('The "dev gain, last third" is not measured for 2 completed jobs (it needs 3 dev evaluations after the '
-            "first update), so this page does not say whether their budget had settled; their dev curves are in "
-            "their CSV logs. 2 dev evaluations: job 0; no dev value in a CSV log: job 1.") in text, text
+    assert ('The "dev gain, last third" is not measured for 4 of the 5 jobs this table counts, so this page does not '
+            "say whether their budget had settled: job 0 (2 dev evaluations, and the measure needs 3; the curve is in "
+            "the CSV log); job 1 (no CSV log with a dev value); job 3 (no dev value in the first two thirds of the "
+            "evaluations); job 4 (1 dev evaluation, and the measure needs 3; the curve is in the CSV log).") in text, text
+
+    for num in (1, 3, 5):  # every counted job with 2 evaluations: one sentence for the table, no job list
+        shutil.rmtree(tmp_path / str(num))
+    for num in (2, 4):
+        shutil.rmtree(tmp_path / str(num) / "csv")
+        dev_log(tmp_path, num, 0, [(100, 0.6), (200, 0.7)])
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert ('The "dev gain, last third" is not measured for any job of this table (2 dev evaluations, and the measure '
+            "needs 3; the curve is in the CSV log), so this page does not say whether any setting's budget had "
+            "settled.") in text, text
 
 
 def test_a_knob_some_methods_lack_names_those_settings_on_the_plot_not_a_group_and_star_each(tmp_path, monkeypatch):
