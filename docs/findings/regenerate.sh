@@ -70,7 +70,7 @@ done
 # prefix tuning's reparameterization pair on SMS spam at 12 epochs: its default (the MLP) had not flattened at 6
 report reparam_prefix_tuning_sms12 "Reparameterization MLP vs none, prefix tuning (SMS spam, MiniLM, 12 epochs, 3 seeds)" \
     reparam_sms12 --where method=prefix_tuning --baseline method.reparameterization=mlp
-# paired against deep prefix tuning, the setting Li & Liang's Table 5 sets the others beside (fixed after its first job, before any other)
+# paired against deep prefix tuning, Table 5's prefix row (fixed after its first job, before any other arm ran)
 report city_facts "SmolLM2 data-to-text (city_facts): deep prefix vs embedding-only prefix vs LoRA, 3 seeds" city_facts \
     --baseline method=prefix_tuning,method.depth=deep
 # the README's methods table is made from the methods report (docs/findings/readme_table.py)
