@@ -553,7 +553,7 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
                                   + f" ({reason})" for reason, jobs in why.items()) + "."]
     wall, cpu = frame["wall s/job"].dropna(), frame["CPU s/job"].dropna()
     if len(wall):
-        line = f"Wall time: {_duration(wall.sum())} for {len(wall)} jobs (mean {wall.mean():.0f} s per job)"
+        line = f"Wall time: {_duration(wall.sum())} for {len(wall)} job{'s' * (len(wall) != 1)} (mean {wall.mean():.0f} s per job)"
         if len(cpu):
             line += (f"; CPU time: {_duration(cpu.sum())}"
                      + (f" for {len(cpu)} of them" if len(cpu) != len(wall) else "")

@@ -494,6 +494,9 @@ def test_report_says_whose_time_is_a_lower_bound(tmp_path):
         "job 1." in text
     assert "CPU seconds are lower bounds (an attempt recorded no CPU time: killed outright, still running, or run " \
         "before cpu_time_s existed): job 1." in text
+    shutil.rmtree(tmp_path / "1")  # one job: "1 job", not "1 jobs"
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-plots"]) == 0
+    assert "Wall time: 1 min 40 s for 1 job (mean 100 s per job)" in (tmp_path / "r.md").read_text()
 
 
 def test_train_seconds_per_epoch_count_every_batch_of_an_epoch_validated_mid_way(tmp_path):
