@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import platform
+import shlex
 import sys
 from datetime import date
 from pathlib import Path
@@ -804,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         return {k: _canonical(v) for k, v in items} or None
 
     where, baseline = pairs(args.where, "--where"), pairs(args.baseline, "--baseline")
-    command = "python -m peft_lightning.report " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m peft_lightning.report " + shlex.join(sys.argv[1:] if argv is None else argv)  # (pastable: titles have spaces)
     try:  # no jobs, none with --where's values, a --baseline no job has: user errors, one line, exit 2
         frame = collect(args.multirun, where)
         text = markdown(frame, args.title or f"Results of {', '.join(map(str, args.multirun))}", command,

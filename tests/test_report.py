@@ -1267,3 +1267,17 @@ def test_a_plot_with_a_missing_metric_does_not_say_its_bars_were_cut(tmp_path, m
                         set_title(self, text, **kw))
     assert main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
     assert titles == ["mean over seeds (up to 2); error bars: 95% confidence interval"]
+
+
+def test_the_produced_by_line_is_a_command_a_shell_runs_as_given(tmp_path):
+    """A title has spaces and parentheses: the page's command, pasted into a shell, must give the same arguments
+    (joined unquoted, `--title Depth (RT)` ran as a syntax error or as a report titled 'Depth')."""
+    import shlex
+
+    job(tmp_path, 0, ["method=a", "seed=1"], acc=0.8)
+    argv = [str(tmp_path), "--title", "Depth: deep vs top half (RT, 3 seeds)", "--out", str(tmp_path / "r.md"),
+            "--no-plots"]
+    assert main(argv) == 0
+    line = next(line for line in (tmp_path / "r.md").read_text().splitlines() if line.startswith("Produced by"))
+    assert shlex.split(line.removeprefix("Produced by `").removesuffix("`")) == \
+        ["python", "-m", "peft_lightning.report", *argv]
