@@ -554,7 +554,8 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
                                   + f" ({reason})" for reason, jobs in why.items()) + "."]
     wall, cpu = frame["wall s/job"].dropna(), frame["CPU s/job"].dropna()
     if len(wall):
-        line = f"Wall time: {_duration(wall.sum())} for {len(wall)} job{'s' * (len(wall) != 1)} (mean {wall.mean():.0f} s per job)"
+        n_jobs = f"{len(wall)} job{'s' * (len(wall) != 1)}"
+        line = f"Wall time: {_duration(wall.sum())} for {n_jobs} (mean {wall.mean():.0f} s per job)"
         if len(cpu):
             line += (f"; CPU time: {_duration(cpu.sum())}"
                      + (f" for {len(cpu)} of them" if len(cpu) != len(wall) else "")
@@ -805,7 +806,8 @@ def main(argv: list[str] | None = None) -> int:
         return {k: _canonical(v) for k, v in items} or None
 
     where, baseline = pairs(args.where, "--where"), pairs(args.baseline, "--baseline")
-    command = "python -m peft_lightning.report " + shlex.join(sys.argv[1:] if argv is None else argv)  # (pastable: titles have spaces)
+    # shell-quoted, so the page's command pastes as run (titles have spaces and parentheses)
+    command = "python -m peft_lightning.report " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:  # no jobs, none with --where's values, a --baseline no job has: user errors, one line, exit 2
         frame = collect(args.multirun, where)
         text = markdown(frame, args.title or f"Results of {', '.join(map(str, args.multirun))}", command,
