@@ -681,6 +681,8 @@ def test_a_preset_pairs_with_its_methods_default_whatever_else_the_preset_sets(t
         assert f"| {method} | {preset} |" in text and f"| {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |" \
             in text, text
     assert "Not paired" not in text
+    # the keys the preset sets are said to come from it, not only from "sweeps run at different commits"
+    assert "(the experiment= preset some jobs ran, or sweeps run at different commits with a changed default)" in text
 
 
 def test_a_hidden_key_that_differs_between_the_baselines_runs_pairs_within_its_values(tmp_path):
