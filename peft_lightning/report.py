@@ -489,10 +489,10 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
     lines += [_machine(), "", *preface]
     if frame.attrs.get("hidden"):
         # (an experiment= preset sets knobs no override names: its arm differs in those by design, not by a commit)
-        why = ("the experiment= preset some jobs ran, or sweeps run at different commits with a changed default"
-               if "experiment" in frame.columns else "sweeps run at different commits, a changed default")
+        cause = ("the experiment= preset some jobs ran, or sweeps run at different commits with a changed default"
+                 if "experiment" in frame.columns else "sweeps run at different commits, a changed default")
         lines += ["Axes that no job overrode but that differ between the jobs' .hydra/config.yaml "
-                  f"({why}): {', '.join(frame.attrs['hidden'])}.", ""]
+                  f"({cause}): {', '.join(frame.attrs['hidden'])}.", ""]
     lines += [f"Ranked by {dev} (the selection metric; ties in job order); {test} is the test score of each "
               "run's best-dev checkpoint, shown alongside, never used to rank."
               + (" Over seeds: mean ± std, and the 95% confidence interval of the mean (t-distribution)."
