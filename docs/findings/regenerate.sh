@@ -70,6 +70,9 @@ done
 # prefix tuning's reparameterization pair on SMS spam at 12 epochs: its default (the MLP) had not flattened at 6
 report reparam_prefix_tuning_sms12 "Reparameterization MLP vs none, prefix tuning (SMS spam, MiniLM, 12 epochs, 3 seeds)" \
     reparam_sms12 --where method=prefix_tuning --baseline method.reparameterization=mlp
+# its official-settings preset there at 12 epochs too, against the same 12-epoch default (reparam_sms12's MLP arm)
+report presets_prefix_tuning_sms12 "The official settings' preset against our defaults, prefix tuning (SMS spam, MiniLM, 12 epochs, 3 seeds)" \
+    reparam_sms12 presets_sms12 --where method=prefix_tuning,method.reparameterization=mlp --baseline experiment=null
 # paired against deep prefix tuning, Table 5's prefix row (fixed after its first job, before any other arm ran)
 report city_facts "SmolLM2 data-to-text (city_facts): deep prefix vs embedding-only prefix vs LoRA, 3 seeds" city_facts \
     --baseline method=prefix_tuning,method.depth=deep
