@@ -257,8 +257,22 @@ def test_a_setting_meets_itself_across_tasks_when_one_tasks_page_has_an_extra_ax
     assert sorted(rows) == ["method.depth=[3,4,5]", "method.depth=embedding"]
     top = rows["method.depth=[3,4,5]"]
     assert top[3] == "+0.0320 [+0.0295, +0.0345], better at 6 epochs (this task's run also has method.new_knob=1)"
-    assert top[4] == "+0.0320 [+0.0295, +0.0345], better at 6 epochs" and top[5] == "holds on both tasks (better)"
-    assert rows["method.depth=embedding"][5] == "holds on both tasks (worse)"
+    assert top[4] == "+0.0320 [+0.0295, +0.0345], better at 6 epochs"
+    # the per-task "at 6 epochs" (rule 4) stays in the summary across the tasks, on the tasks it qualifies
+    assert top[5] == "holds on both tasks (better; Rotten Tomatoes at 6 epochs, SMS spam at 6 epochs)"
+    assert rows["method.depth=embedding"][5] == "holds on both tasks (worse; Rotten Tomatoes at 6 epochs, SMS spam at 6 epochs)"
+
+
+def test_the_summary_across_tasks_keeps_each_tasks_budget_qualifier():
+    """Rule 4's "at 6 epochs" qualifies one task's verdict; the across-task cell summarising it said "worse on
+    Rotten Tomatoes only" or "holds on both tasks (worse)" without it, wider than the cells it summarises."""
+    assert verdicts.across({"rt6": -1, "sms6": 0}, True, {"rt6": "at 6 epochs"}) == (
+        "worse on Rotten Tomatoes only, at 6 epochs; no difference the seeds support on the other")
+    assert verdicts.across({"rt6": -1, "sms6": -1}, True, {"rt6": "at 6 epochs"}) == (
+        "holds on both tasks (worse; Rotten Tomatoes at 6 epochs)")
+    assert verdicts.across({"rt6": 0, "sms6": 1}, True, {}) == (
+        "better on SMS spam only; no difference the seeds support on the other")
+    assert verdicts.across({"rt6": -1, "sms6": 1}, True, {"rt6": "at 6 epochs"}) == "task-dependent"
 
 
 def test_a_setting_no_default_seed_paired_and_a_page_with_no_paired_table_are_no_verdict_not_a_crash(tmp_path):

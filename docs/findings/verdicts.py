@@ -116,17 +116,23 @@ def verdict(cell: dict | None, epochs: int = 6) -> tuple[str, int]:
     return said + (f" at {epochs} epochs" if direction and cell["rising"] else ""), direction
 
 
-def across(directions: dict[str, int], complete: bool) -> str:
+def across(directions: dict[str, int], complete: bool, budgets: dict[str, str] | None = None) -> str:
+    """Rule 3 over the per-task directions; budgets ({task: "at 6 epochs"}, the per-task verdicts' rule-4
+    qualifier) stays on the task it qualifies, so the summary never reads wider than its cells."""
     if not complete:
         return "not both tasks yet"
+    budgets, name = budgets or {}, {t: TASKS[t].split(" (")[0] for t in TASKS}
     ways = {d for d in directions.values() if d}
     if len(ways) == 2:
         return "task-dependent"
+    word = "better" if ways == {1} else "worse"
     if ways and all(directions.values()):
-        return f"holds on both tasks ({'better' if ways == {1} else 'worse'})"
+        qualified = ", ".join(f"{name[t]} {budgets[t]}" for t in directions if budgets.get(t))
+        return f"holds on both tasks ({word}{'; ' + qualified if qualified else ''})"
     if ways:
-        where = [TASKS[t].split(" (")[0] for t, d in directions.items() if d]
-        return f"{'better' if ways == {1} else 'worse'} on {where[0]} only; no difference the seeds support on the other"
+        where = next(t for t, d in directions.items() if d)
+        return (f"{word} on {name[where]} only{', ' + budgets[where] if budgets.get(where) else ''}; "
+                "no difference the seeds support on the other")
     return "no difference the seeds support on either task"
 
 
@@ -171,11 +177,13 @@ def block(pages: Path = PAGES) -> str:
             continue
         default = " / ".join(dict.fromkeys(b for b, _ in pages_found.values() if b))
         for setting in settings:
-            cells, directions, complete = [], {}, True
+            cells, directions, budgets, complete = [], {}, {}, True
             for task in TASKS:
                 cell, own = named.get(task, {}).get(setting, (None, ""))
                 epochs = int(re.search(r"(\d+)$", page[task]).group(1))
                 said, directions[task] = verdict(cell, epochs)
+                if said.endswith(f" at {epochs} epochs"):
+                    budgets[task] = f"at {epochs} epochs"
                 complete &= cell is not None and not cell.get("unpaired") and cell["seeds"] >= SEEDS
                 if cell is None:
                     said = DROPPED.get((stem, task, setting), absent[task])
@@ -188,7 +196,7 @@ def block(pages: Path = PAGES) -> str:
                 cells.append(said + (f" (this task's run also has {own})" if own else "")
                              + (f" ({epochs} epochs: {page[task]}.md)" if cell is not None and epochs != 6 else ""))
             out.append(f"| {question} | {setting} | {default} | " + " | ".join(cells)
-                       + f" | {across(directions, complete)} |")
+                       + f" | {across(directions, complete, budgets)} |")
     note = (f"\n\n{intervals} interval{'' if intervals == 1 else 's'}, none corrected for the others: at 95%, "
             "about one in twenty excludes 0 by chance alone.")
     return "\n".join([BEGIN, *out]) + note + "\n" + END
