@@ -2,7 +2,7 @@
 head on the backbone's pooler, the backbone's dropout, warmup as a step count."""
 import pytest
 import torch
-from conftest import make_batch, tiny_model, train_steps
+from conftest import TINY, make_batch, tiny_model, train_steps
 from safetensors import safe_open
 from test_configs import compose_cfg
 
@@ -55,12 +55,38 @@ def test_pooler_stays_frozen_and_out_of_the_adapter():
     assert {k for k in m.trainable_state_keys() if k.startswith("head.")} == {"head.linear.weight", "head.linear.bias"}
 
 
-def test_pooler_head_uses_the_embedded_backbones_pretrained_pooler():
-    m = METHODS["ptuning_v2"](model={"name_or_path": "embedded:minilm"},
-                              method=dict(name="ptuning_v2", prefix_length=2, head={"type": "pooler"}), num_labels=2)
+UNTRAINED = "this backbone's pooler looks untrained"
+
+
+def test_pooler_head_uses_the_embedded_backbones_own_pooler_and_says_it_is_untrained(caplog):
+    """The embedded MiniLM (a sentence-transformers model, mean-pooled in training) ships a pooler it never
+    trained: its dense bias is exactly 0. The head reads that pooler as it is, and says it is untrained."""
+    with caplog.at_level("WARNING", logger="peft_lightning.methods.base"):
+        m = METHODS["ptuning_v2"](model={"name_or_path": "embedded:minilm"},
+                                  method=dict(name="ptuning_v2", prefix_length=2, head={"type": "pooler"}), num_labels=2)
     folder, _ = resolve("embedded:minilm")
     with safe_open(f"{folder}/model.safetensors", "pt") as f:
         torch.testing.assert_close(m.head.pooler.dense.weight, f.get_tensor("pooler.dense.weight"), atol=0, rtol=0)
+        assert not f.get_tensor("pooler.dense.bias").any()  # (the fact the warning rests on)
+    assert sum(UNTRAINED in r.message for r in caplog.records) == 1
+
+
+def test_a_trained_pooler_gives_no_warning_an_untrained_one_does(tmp_path, caplog):
+    """The same tiny BERT saved twice: with transformers' initialisation (pooler bias 0: untrained) and with a
+    pooler bias moved off 0 (as any trained pooler's is). Only the first warns."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(**TINY["bert"]))
+    bert.save_pretrained(tmp_path / "untrained")
+    with torch.no_grad():
+        bert.pooler.dense.bias.normal_()
+    bert.save_pretrained(tmp_path / "trained")
+    for name, warns in (("untrained", True), ("trained", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="peft_lightning.methods.base"):
+            METHODS["ptuning_v2"](model={"name_or_path": str(tmp_path / name)}, num_labels=2,
+                                  method=dict(name="ptuning_v2", prefix_length=2, head={"type": "pooler"}))
+        assert any(UNTRAINED in r.message for r in caplog.records) == warns, name
 
 
 def test_pooler_head_errors_name_the_fix():

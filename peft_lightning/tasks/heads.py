@@ -3,9 +3,10 @@
   linear      a randomly initialised linear layer on one pooled hidden state (our default):
               the first token (encoders), the last real token (decoders, whose first token sees
               nothing else; encoder-decoders, as BART's classifier) or the mean of real tokens
-  pooler      the official P-Tuning v2 head: the backbone's own pretrained pooler (BERT,
-              RoBERTa: dense + tanh on the first token; frozen, like the rest of the backbone),
-              then dropout and a randomly initialised linear layer
+  pooler      the official P-Tuning v2 head: the backbone's own pooler (BERT, RoBERTa: dense +
+              tanh on the first token; frozen, like the rest of the backbone), then dropout and a
+              randomly initialised linear layer. Pretrained in BERT and RoBERTa; untrained in
+              sentence-transformers checkpoints such as the embedded MiniLM (a warning says so)
   token       (token classification) a linear layer on every token's hidden state
   verbalizer  no new parameters: the backbone's own (frozen) LM head scores one label word per
               class (Prompt Tuning, P-Tuning). Encoders read a [MASK] token inserted before the
