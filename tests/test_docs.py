@@ -275,6 +275,17 @@ def test_the_summary_across_tasks_keeps_each_tasks_budget_qualifier():
     assert verdicts.across({"rt6": -1, "sms6": 1}, True, {"rt6": "at 6 epochs"}) == "task-dependent"
 
 
+def test_a_default_named_with_its_axes_in_another_order_is_one_default():
+    """Prefix tuning's preset pages name the same default with the rate first on SMS spam (its 12-epoch default
+    arm's sweep overrode the rate) and third on Rotten Tomatoes: the table showed it twice, joined by " / "."""
+    rt = "experiment=null, method.prefix_length=16, method.optim.lr=0.0005"
+    sms = "method.optim.lr=0.0005, experiment=null, method.prefix_length=16"
+    assert verdicts.defaults_named([rt, sms]) == rt
+    assert verdicts.defaults_named([rt, "method.optim.lr=0.001, experiment=null, method.prefix_length=16"]) == (
+        rt + " / method.optim.lr=0.001, experiment=null, method.prefix_length=16")
+    assert verdicts.defaults_named(["", rt]) == rt
+
+
 def test_a_setting_no_default_seed_paired_and_a_page_with_no_paired_table_are_no_verdict_not_a_crash(tmp_path):
     """SMS spam's default arm has seeds 1 and 2 done, `lstm` only seed 3: its paired row is empty (the verdicts
     crashed on it). Rotten Tomatoes ran one seed of each: the page has no paired table, which is "run, nothing

@@ -136,6 +136,16 @@ def across(directions: dict[str, int], complete: bool, budgets: dict[str, str] |
     return "no difference the seeds support on either task"
 
 
+def defaults_named(baselines: list[str]) -> str:
+    """The tasks' default arms, each named once: the same setting with its axes in another order (the
+    report orders a page's axes by its own sweeps) is one default, not two joined by " / "."""
+    named: dict[tuple, str] = {}
+    for baseline in filter(None, baselines):
+        setting, _, free = baseline.partition(" at the same ")
+        named.setdefault((tuple(sorted(_setting(setting).items())), free), baseline)
+    return " / ".join(named.values())
+
+
 NOTHING_PAIRED = "run; no setting paired with the default on 2 seeds yet"
 
 
@@ -175,7 +185,7 @@ def block(pages: Path = PAGES) -> str:
         if not settings:
             out.append(f"| {question} | | | " + " | ".join(absent.values()) + " | |")
             continue
-        default = " / ".join(dict.fromkeys(b for b, _ in pages_found.values() if b))
+        default = defaults_named([b for b, _ in pages_found.values()])
         for setting in settings:
             cells, directions, budgets, complete = [], {}, {}, True
             for task in TASKS:
