@@ -275,6 +275,27 @@ def test_the_summary_across_tasks_keeps_each_tasks_budget_qualifier():
     assert verdicts.across({"rt6": -1, "sms6": 1}, True, {"rt6": "at 6 epochs"}) == "task-dependent"
 
 
+def test_a_setting_dropped_on_one_task_has_no_verdict_there_and_none_across(tmp_path):
+    """P-Tuning v2's MLP at 1e-2 ran on Rotten Tomatoes and was dropped on SMS spam before it ran (DROPPED): its
+    SMS cell says so, and across the tasks it is no verdict, not "not both tasks yet" (which waits for a run
+    that will never come)."""
+    arms = {"rt6": [("none", "0.01"), ("mlp", "0.01"), ("mlp", "0.0005")], "sms6": [("none", "0.01"), ("mlp", "0.0005")]}
+    for task, settings in arms.items():
+        metric = "acc" if task == "rt6" else "f1"
+        for reparam, lr in settings:
+            for seed, dev in enumerate([0.80, 0.81, 0.83], 1):
+                _ran(tmp_path / f"reparam_{task}", f"{reparam}{lr}{seed}",
+                     ["method=ptuning_v2", f"method.reparameterization={reparam}", f"method.optim.lr={lr}", f"seed={seed}"],
+                     {"method.reparameterization": reparam, "method.optim.lr": float(lr)},
+                     dev + (0.05 if reparam == "mlp" else 0), metric)
+        _page(tmp_path, f"reparam_ptuning_v2_{task}.md", [f"reparam_{task}"], "method.reparameterization=none")
+    rows = {row[1]: row for row in _rows(tmp_path, "reparameterization vs none (P-Tuning v2)")}
+    dropped = rows["method.reparameterization=mlp, method.optim.lr=0.01"]
+    assert dropped[3].endswith(", better") and dropped[4] == "dropped before it ran (see the rules): no verdict"
+    assert dropped[5] == verdicts.NO_ACROSS
+    assert rows["method.reparameterization=mlp, method.optim.lr=0.0005"][5] == "holds on both tasks (better)"
+
+
 def test_a_default_named_with_its_axes_in_another_order_is_one_default():
     """Prefix tuning's preset pages name the same default with the rate first on SMS spam (its 12-epoch default
     arm's sweep overrode the rate) and third on Rotten Tomatoes: the table showed it twice, joined by " / "."""

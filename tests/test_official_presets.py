@@ -73,7 +73,8 @@ def test_pooler_head_uses_the_embedded_backbones_own_pooler_and_says_it_is_untra
 
 def test_a_trained_pooler_gives_no_warning_an_untrained_one_does(tmp_path, caplog):
     """The same tiny BERT saved twice: with transformers' initialisation (pooler bias 0: untrained) and with a
-    pooler bias moved off 0 (as any trained pooler's is). Only the first warns."""
+    pooler bias moved off 0 (as any trained pooler's is); and a RoBERTa saved without a pooler. Only the trained
+    pooler gives no warning."""
     from transformers import BertConfig, BertModel
     torch.manual_seed(0)
     bert = BertModel(BertConfig(**TINY["bert"]))
@@ -81,7 +82,11 @@ def test_a_trained_pooler_gives_no_warning_an_untrained_one_does(tmp_path, caplo
     with torch.no_grad():
         bert.pooler.dense.bias.normal_()
     bert.save_pretrained(tmp_path / "trained")
-    for name, warns in (("untrained", True), ("trained", False)):
+    # RoBERTa's checkpoints ship no pooler (roberta-base, roberta-large are saved as RobertaForMaskedLM):
+    # transformers initialises one at random, and the head reads that
+    from transformers import RobertaConfig, RobertaForMaskedLM
+    RobertaForMaskedLM(RobertaConfig(**TINY["roberta"])).save_pretrained(tmp_path / "no_pooler")
+    for name, warns in (("untrained", True), ("trained", False), ("no_pooler", True)):
         caplog.clear()
         with caplog.at_level("WARNING", logger="peft_lightning.methods.base"):
             METHODS["ptuning_v2"](model={"name_or_path": str(tmp_path / name)}, num_labels=2,

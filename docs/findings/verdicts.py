@@ -142,10 +142,11 @@ def defaults_named(baselines: list[str]) -> str:
     named: dict[tuple, str] = {}
     for baseline in filter(None, baselines):
         setting, _, free = baseline.partition(" at the same ")
-        named.setdefault((tuple(sorted(_setting(setting).items())), free), baseline)
+        named.setdefault((tuple(sorted(_setting(setting).items())), tuple(sorted(free.split(", ")))), baseline)
     return " / ".join(named.values())
 
 
+NO_ACROSS = "no verdict across the tasks: dropped on one before it ran"
 NOTHING_PAIRED = "run; no setting paired with the default on 2 seeds yet"
 
 
@@ -188,6 +189,7 @@ def block(pages: Path = PAGES) -> str:
         default = defaults_named([b for b, _ in pages_found.values()])
         for setting in settings:
             cells, directions, budgets, complete = [], {}, {}, True
+            dropped = any((stem, task, setting) in DROPPED for task in TASKS)  # (never both tasks: none across)
             for task in TASKS:
                 cell, own = named.get(task, {}).get(setting, (None, ""))
                 epochs = int(re.search(r"(\d+)$", page[task]).group(1))
@@ -206,7 +208,7 @@ def block(pages: Path = PAGES) -> str:
                 cells.append(said + (f" (this task's run also has {own})" if own else "")
                              + (f" ({epochs} epochs: {page[task]}.md)" if cell is not None and epochs != 6 else ""))
             out.append(f"| {question} | {setting} | {default} | " + " | ".join(cells)
-                       + f" | {across(directions, complete, budgets)} |")
+                       + f" | {NO_ACROSS if dropped else across(directions, complete, budgets)} |")
     note = (f"\n\n{intervals} interval{'' if intervals == 1 else 's'}, none corrected for the others: at 95%, "
             "about one in twenty excludes 0 by chance alone.")
     return "\n".join([BEGIN, *out]) + note + "\n" + END

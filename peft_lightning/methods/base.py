@@ -238,16 +238,17 @@ class PeftClassifier(L.LightningModule):
         if type(self.task).head is not Task.head:  # token tagging, generation: not one vector per example
             raise ConfigError(f"method.head.type=pooler pools each example into one vector: it does not fit "
                               f"data.task={type(self.task).__name__}; use method.head.type=linear")
-        # A pooler whose dense bias is exactly 0 was never trained: a checkpoint trained without it
-        # (sentence-transformers models, mean-pooled, like the embedded MiniLM) or one that lacked it and got
-        # transformers' initialisation (zero bias). The head then reads a fixed random projection, not the
-        # pretrained pooler the official P-Tuning v2 head reads on BERT: legal, but not what the knob promises.
+        # A pooler whose dense bias is exactly 0 was never trained: one the checkpoint holds untrained (the
+        # embedded MiniLM's) or one it lacks, which transformers initialises with a zero bias (RoBERTa's
+        # checkpoints ship no pooler). The head then reads a fixed random projection + tanh, not a pooler trained
+        # in pretraining as BERT's is (next-sentence prediction): legal, and what the official P-Tuning v2 code
+        # reads on RoBERTa too, but not what the knob's name suggests, so it is said.
         dense = getattr(pooler, "dense", None)
         if isinstance(dense, nn.Linear) and dense.bias is not None and not dense.bias.detach().any():
             log.warning("method.head.type=pooler: this backbone's pooler looks untrained (its dense bias is all "
-                        "zeros), so the head reads a fixed random projection + tanh of the first token, not a "
-                        "pretrained pooler; for the official P-Tuning v2 head use a backbone trained with its "
-                        "pooler (e.g. bert-base-uncased, roberta-large), or method.head.type=linear")
+                        "zeros: untrained in the checkpoint, or absent from it and initialised at random), so the "
+                        "head reads a fixed random projection + tanh of the first token; for a pretrained pooler "
+                        "use a BERT checkpoint (e.g. bert-base-uncased, bert-large-cased), or method.head.type=linear")
         return PoolerHead(pooler, self.backbone.config.hidden_size, self.task.num_outputs, head.get("dropout", 0.1))
 
     def _verbalizer(self, lm_head, words, num_labels: int, model: dict) -> Verbalizer:

@@ -5,8 +5,9 @@
               nothing else; encoder-decoders, as BART's classifier) or the mean of real tokens
   pooler      the official P-Tuning v2 head: the backbone's own pooler (BERT, RoBERTa: dense +
               tanh on the first token; frozen, like the rest of the backbone), then dropout and a
-              randomly initialised linear layer. Pretrained in BERT and RoBERTa; untrained in
-              sentence-transformers checkpoints such as the embedded MiniLM (a warning says so)
+              randomly initialised linear layer. Pretrained in BERT (next-sentence prediction);
+              absent from RoBERTa checkpoints (initialised at random) and untrained in the
+              embedded MiniLM: a warning says when the pooler looks untrained
   token       (token classification) a linear layer on every token's hidden state
   verbalizer  no new parameters: the backbone's own (frozen) LM head scores one label word per
               class (Prompt Tuning, P-Tuning). Encoders read a [MASK] token inserted before the
