@@ -73,6 +73,11 @@ report reparam_prefix_tuning_sms12 "Reparameterization MLP vs none, prefix tunin
 # its official-settings preset there at 12 epochs too, against the same 12-epoch default (reparam_sms12's MLP arm)
 report presets_prefix_tuning_sms12 "The official settings' preset against our defaults, prefix tuning (SMS spam, MiniLM, 12 epochs, 3 seeds)" \
     reparam_sms12 presets_sms12 --where method=prefix_tuning,method.reparameterization=mlp --baseline experiment=null
+# the default still rising at 12 epochs: the pair and the preset again at 24 (the fourth change)
+report reparam_prefix_tuning_sms24 "Reparameterization MLP vs none, prefix tuning (SMS spam, MiniLM, 24 epochs, 3 seeds)" \
+    reparam_sms24 --where method=prefix_tuning --baseline method.reparameterization=mlp
+report presets_prefix_tuning_sms24 "The official settings' preset against our defaults, prefix tuning (SMS spam, MiniLM, 24 epochs, 3 seeds)" \
+    reparam_sms24 presets_sms24 --where method=prefix_tuning,method.reparameterization=mlp --baseline experiment=null
 # paired against deep prefix tuning, Table 5's prefix row (fixed after its first job, before any other arm ran)
 report city_facts "SmolLM2 data-to-text (city_facts): deep prefix vs embedding-only prefix vs LoRA, 3 seeds" city_facts \
     --baseline method=prefix_tuning,method.depth=deep
