@@ -5,10 +5,11 @@ ablation arms ran ("How each ablation verdict is read"), so no verdict is a hand
     python docs/findings/verdicts.py --check  # exit 1 when the block is not what the pages give
 
 Per question and task, each setting against the question's default arm, paired by seed on best dev:
-"better" or "worse" only when the 95% interval excludes 0, else "no difference the seeds support"; "at 6
-epochs" when the report flags the setting or the default as still rising; fewer than 3 paired seeds is no
-verdict. Where a question's default arm had not flattened at 6 epochs on a task, its page at a longer budget
-(LONGER) is read for that task instead (and waited for until it exists), and the cell says so. Across the
+"better" or "worse" only when the 95% interval excludes 0, else "no difference the seeds support"; "at N
+epochs" (the page's budget) when the report flags the setting or the default as still rising; fewer than 3
+paired seeds is no verdict. Where a question's default arm had not flattened on a task at 6 epochs (prefix
+tuning on SMS spam: nor at 12), its page at a longer budget (LONGER) is read for that task instead (and waited
+for until it exists), and the cell says so. Across the
 two tasks: "holds on both tasks" (both exclude 0 the same way), "task-dependent"
 (opposite ways), else the task where the seeds support it is named. A setting is matched across the tasks by
 the axes both pages have (one task's page can have an extra one: a default changed between its arms' commits).
@@ -31,8 +32,8 @@ END = "<!-- end of verdicts -->"
 CUT = "†"  # the report's mark of an interval cut at the metric's range (peft_lightning.report.CUT)
 SEEDS = 3
 TASKS = {"rt6": "Rotten Tomatoes (acc)", "sms6": "SMS spam (F1)"}
-# a question's page on one task at a longer budget, read in place of the 6-epoch page: the question's default arm
-# had not flattened at 6 epochs there (prefix tuning's MLP on SMS spam: 678 updates), so the 6-epoch page gives no
+# a question's page on one task at a longer budget, read in place of the shorter pages: the question's default arm
+# had not flattened at 6 epochs there (prefix tuning's MLP on SMS spam: 678 updates), so the shorter pages give no
 # verdict; until the longer page exists, the cell says it waits for it. Prefix tuning's official-settings preset
 # is paired with the same default on SMS spam, so it is read at the longer budget too. That default was still
 # rising at 12 epochs (sms12, 1,356 updates), so both are read at 24 (the fourth change in docs/findings.md);
