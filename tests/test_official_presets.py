@@ -59,8 +59,8 @@ UNTRAINED = "this backbone's pooler looks untrained"
 
 
 def test_pooler_head_uses_the_embedded_backbones_own_pooler_and_says_it_is_untrained(caplog):
-    """The embedded MiniLM (a sentence-transformers model, mean-pooled in training) ships a pooler it never
-    trained: its dense bias is exactly 0. The head reads that pooler as it is, and says it is untrained."""
+    """The embedded MiniLM ships a pooler it never trained: its dense bias is exactly 0. The head reads that
+    pooler as it is, and says it is untrained."""
     with caplog.at_level("WARNING", logger="peft_lightning.methods.base"):
         m = METHODS["ptuning_v2"](model={"name_or_path": "embedded:minilm"},
                                   method=dict(name="ptuning_v2", prefix_length=2, head={"type": "pooler"}), num_labels=2)
