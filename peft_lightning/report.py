@@ -410,6 +410,10 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def _pairs(values: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in values.items())
+
+
 def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple[dict, pd.DataFrame]:
     """Every setting against one reference, seed by seed, over the seeds both ran: (the reference
     setting, one row per other setting with n and, for the dev and the test metric, the mean
@@ -425,6 +429,10 @@ def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple
     keys = axes(frame)
     dev, test = list(_columns(frame))[:2]
     done = _counted(frame)
+    if baseline is not None and len(done) and not keys:  # (a comparison page that compares nothing: an arm's
+        # records not in yet; written, it would read as a finished page)
+        raise UserError(f"--baseline {_pairs(baseline)}: every counted job ran one setting, nothing to compare "
+                        "with it (is an arm's sweep folder missing or still empty?)")
     if not keys or "seed" not in done.columns:
         return {}, pd.DataFrame()
     done = done[done["seed"].notna() & (done["seed"] != UNSET)]  # (a job without a known seed pairs with none)
@@ -454,6 +462,9 @@ def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple
         # matches is a reference: they differ in at least one free axis)
         free = [i for i in range(len(keys)) if len({s[i] for s in matches}) > 1]
         references = {tuple(s[i] for i in free): s for s in matches}
+        if all(s in matches for s in by_setting):
+            raise UserError(f"--baseline {_pairs(baseline)}: no other setting has a completed job with a seed to "
+                            "compare with it (is an arm's sweep folder missing or still empty?)")
     rows, unpaired = [], []
     for other, runs in by_setting.items():
         reference = references.get(tuple(other[i] for i in free))
@@ -593,6 +604,12 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
                     value, half, "{:+.4f}", f"{', '.join(_setting(row[k]) for k in shown)}, Δ {column}", span))
             cells.append(str(int(row["n"])))
             lines.append("| " + " | ".join(cells) + " |")
+    elif len(diffs):  # (no interval from under two seeds: said, so a page without the table reads as unfinished)
+        name = ", ".join(f"{k}={_setting(v)}" for k, v in reference.items())
+        shared = [", ".join(f"{k}={_setting(row[k])}" for k in axes(frame) if k in diffs.columns)
+                  + f": {int(row['n'])}" for _, row in diffs.iterrows()]
+        lines += ["", f"Not paired by seed against {name}: no setting shares two seeds with it (seeds shared: "
+                  f"{'; '.join(shared)})."]
     if diffs.attrs.get("unpaired"):  # (a baseline that leaves axes free: none at these settings' values of them)
         lines += ["", f"Not paired (no {', '.join(f'{k}={v}' for k, v in reference.items())} run at their values "
                   "of the other axes):", ""]
