@@ -410,8 +410,47 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+class NothingToCompare(UserError):
+    """A comparison whose arms are not all in yet (one arm's jobs missing, running, failed or without a
+    seed): no page, rather than one that reads as a finished comparison. Exit 3, which regenerate.sh
+    reports as a skipped page, not a failed one."""
+
+    exit_code = 3
+
+
 def _pairs(values: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in values.items())
+
+
+def _check_baseline(frame: pd.DataFrame, keys: list[str], done: pd.DataFrame, baseline: dict[str, str]) -> None:
+    """Before pairing: a --baseline key no job has is a typo (exit 2); a baseline with nothing to pair
+    against it, or no counted run of its own, is a comparison not in yet (NothingToCompare)."""
+    def value(row, key):  # what the job ran with: its override, else its config's value
+        cell = row[key] if key in frame.columns else None
+        return _configured(row["_path"], key) if cell is None or pd.isna(cell) else cell
+
+    known = [k for k in baseline if k in frame.columns
+             or any(_configured(p, k) not in (None, UNSET) for p in frame["_path"])]
+    unknown = sorted(set(baseline) - set(known))
+    if unknown:
+        raise UserError(f"--baseline: {', '.join(unknown)} is no key of these jobs (their axes: "
+                        f"{', '.join(keys) or 'none, one setting'})")
+    is_base = [all(_cell(value(row, k)) == _cell(v) for k, v in baseline.items()) for _, row in frame.iterrows()]
+    counted = frame.index.isin(done.index)
+    mine, others = frame[is_base], frame[[not b for b in is_base]]
+    if not len(mine):
+        raise (NothingToCompare if keys == [] else UserError)(
+            f"--baseline {_pairs(baseline)}: no job ran it" + (" (its arm not in yet?)" if not keys else ""))
+    why = lambda jobs: ", ".join(sorted({row["_skip"] or "no seed" for _, row in jobs.iterrows()}))  # noqa: E731
+    if not counted[is_base].any():
+        raise NothingToCompare(f"--baseline {_pairs(baseline)}: none of its {len(mine)} job(s) counted yet "
+                               f"({why(mine)})")
+    if not len(others):
+        raise NothingToCompare(f"--baseline {_pairs(baseline)}: every job ran it, nothing to compare with it "
+                               "(the other arm's folder missing or not in yet?)")
+    if not counted[[not b for b in is_base]].any():
+        raise NothingToCompare(f"--baseline {_pairs(baseline)}: none of the other settings' {len(others)} job(s) "
+                               f"counted yet ({why(others)})")
 
 
 def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple[dict, pd.DataFrame]:
@@ -429,13 +468,12 @@ def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple
     keys = axes(frame)
     dev, test = list(_columns(frame))[:2]
     done = _counted(frame)
-    if baseline is not None and len(done) and not keys:  # (a comparison page that compares nothing: an arm's
-        # records not in yet; written, it would read as a finished page)
-        raise UserError(f"--baseline {_pairs(baseline)}: every counted job ran one setting, nothing to compare "
-                        "with it (is an arm's sweep folder missing or still empty?)")
+    if "seed" in done.columns:
+        done = done[done["seed"].notna() & (done["seed"] != UNSET)]  # (a job without a known seed pairs with none)
+    if baseline is not None:  # (a comparison page that compares nothing, an arm not in yet, would read as finished)
+        _check_baseline(frame, keys, done if "seed" in done.columns else done.iloc[:0], baseline)
     if not keys or "seed" not in done.columns:
         return {}, pd.DataFrame()
-    done = done[done["seed"].notna() & (done["seed"] != UNSET)]  # (a job without a known seed pairs with none)
 
     def setting(row) -> tuple:
         return tuple(_cell(row[k]) for k in keys)
@@ -462,9 +500,6 @@ def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple
         # matches is a reference: they differ in at least one free axis)
         free = [i for i in range(len(keys)) if len({s[i] for s in matches}) > 1]
         references = {tuple(s[i] for i in free): s for s in matches}
-        if all(s in matches for s in by_setting):
-            raise UserError(f"--baseline {_pairs(baseline)}: no other setting has a completed job with a seed to "
-                            "compare with it (is an arm's sweep folder missing or still empty?)")
     rows, unpaired = [], []
     for other, runs in by_setting.items():
         reference = references.get(tuple(other[i] for i in free))
@@ -604,7 +639,7 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
                     value, half, "{:+.4f}", f"{', '.join(_setting(row[k]) for k in shown)}, Δ {column}", span))
             cells.append(str(int(row["n"])))
             lines.append("| " + " | ".join(cells) + " |")
-    elif len(diffs):  # (no interval from under two seeds: said, so a page without the table reads as unfinished)
+    elif len(diffs) and baseline is not None:  # (no interval from under two seeds: said, so a page without the table reads as unfinished)
         name = ", ".join(f"{k}={_setting(v)}" for k, v in reference.items())
         shared = [", ".join(f"{k}={_setting(row[k])}" for k in axes(frame) if k in diffs.columns)
                   + f": {int(row['n'])}" for _, row in diffs.iterrows()]
@@ -828,11 +863,14 @@ def main(argv: list[str] | None = None) -> int:
     where, baseline = pairs(args.where, "--where"), pairs(args.baseline, "--baseline")
     # shell-quoted, so the page's command pastes as run (titles have spaces and parentheses)
     command = "python -m peft_lightning.report " + shlex.join(sys.argv[1:] if argv is None else argv)
-    try:  # no jobs, none with --where's values, a --baseline no job has: user errors, one line, exit 2
+    try:  # no jobs, none with --where's values, a --baseline key no job has: user errors, one line, exit 2
         frame = collect(args.multirun, where)
         text = markdown(frame, args.title or f"Results of {', '.join(map(str, args.multirun))}", command,
                         preface=[line for f in args.multirun for line in _optuna_best(f, frame.attrs["metric"])],
                         baseline=baseline)
+    except NothingToCompare as error:  # (not a mistake in the command: an arm not in yet; regenerate.sh skips it)
+        print(f"nothing to compare, no page written: {error}", file=sys.stderr)
+        return error.exit_code
     except (FileNotFoundError, UserError) as error:
         parser.error(str(error))
     out = args.out or args.multirun[0] / "report.md"

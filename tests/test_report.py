@@ -234,33 +234,42 @@ def test_report_pairs_against_a_named_baseline(tmp_path):
     assert f"| a | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |" in text
 
 
-def test_a_comparison_with_one_arm_missing_or_unpaired_is_an_error_or_said_not_a_finished_page(tmp_path, capsys):
-    """A page regenerated while an arm's records are not in yet must not read as a finished comparison: with
-    only the baseline's jobs (or only the other arm's) the report refuses, exit 2, and writes nothing; with an
-    arm that shares under two seeds with the baseline the page says it is not paired."""
-    only = tmp_path / "only"
-    for num, seed in enumerate([1, 2]):
-        job(only, num, ["method=b", "method.prefix_length=4", f"seed={seed}"], acc=0.7 + seed / 100)
-    with pytest.raises(SystemExit) as stop:  # one setting: no axis at all
-        main([str(only), "--out", str(tmp_path / "r.md"), "--baseline", "method.prefix_length=4", "--no-plots"])
-    assert stop.value.code == 2 and not (tmp_path / "r.md").exists()
-    assert "nothing to compare" in capsys.readouterr().err
-    job(only, 2, ["method=b", "method.prefix_length=16", "seed=1"], status="interrupted")  # an arm not finished
-    with pytest.raises(SystemExit) as stop:
-        main([str(only), "--out", str(tmp_path / "r.md"), "--baseline", "method.prefix_length=4", "--no-plots"])
-    assert stop.value.code == 2 and not (tmp_path / "r.md").exists()
-    job(only, 3, ["method=b", "method.prefix_length=16", "seed=1"], acc=0.9)  # one seed shared: no interval
-    assert main([str(only), "--out", str(tmp_path / "r.md"), "--baseline", "method.prefix_length=4",
-                 "--no-plots"]) == 0
-    text = (tmp_path / "r.md").read_text()
+def test_a_comparison_with_an_arm_not_in_yet_writes_no_page_and_an_unpaired_one_says_so(tmp_path, capsys):
+    """A page regenerated while an arm's records are not in yet must not read as a finished comparison:
+    with only the baseline's jobs, only the other arm's, or an arm whose jobs are all running, the report
+    writes nothing and exits 3 (regenerate.sh: skipped, not failed); a --baseline key no job has is a
+    typo, exit 2; an arm that shares under two seeds with the baseline is said not to be paired."""
+    only, page = tmp_path / "only", tmp_path / "r.md"
+
+    def report(*extra):
+        return main([str(only), "--out", str(page), "--no-plots", *extra])
+
+    job(only, 0, ["method=b", "method.prefix_length=4", "seed=1"], acc=0.71)
+    job(only, 1, ["method=b", "method.prefix_length=4", "seed=2"], acc=0.72)
+    assert report("--baseline", "method.prefix_length=4") == 3 and not page.exists()  # one setting: no axis
+    assert "every job ran it" in capsys.readouterr().err
+    assert report("--baseline", "method.prefix_length=16") == 3 and not page.exists()  # only the other arm's
+    assert "no job ran it" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # a typo is the command's mistake, not an arm not in yet
+        report("--baseline", "method.prefix_lenght=4")
+    assert stop.value.code == 2 and "method.prefix_lenght is no key of these jobs" in capsys.readouterr().err
+    job(only, 2, ["method=b", "method.prefix_length=16", "seed=1"], status="running")  # the arm started
+    assert report("--baseline", "method.prefix_length=4") == 3 and not page.exists()
+    assert "none of the other settings' 1 job(s) counted yet (running)" in capsys.readouterr().err
+    assert report("--baseline", "method.prefix_length=16") == 3 and not page.exists()  # the baseline running
+    assert "none of its 1 job(s) counted yet (running)" in capsys.readouterr().err
+    shutil.rmtree(only / "2")
+    job(only, 2, ["method=b", "method.prefix_length=16", "seed=1"], acc=0.9)  # one seed shared: no interval
+    assert report("--baseline", "method.prefix_length=4") == 0
+    text = page.read_text()
     assert "Paired by seed" not in text
     assert ("Not paired by seed against method.prefix_length=4: no setting shares two seeds with it "
             "(seeds shared: method.prefix_length=16: 1).") in text
-    job(only, 4, ["method=b", "method.prefix_length=16", "seed=2"], acc=0.95)  # two shared: the table
-    assert main([str(only), "--out", str(tmp_path / "r.md"), "--baseline", "method.prefix_length=4",
-                 "--no-plots"]) == 0
+    assert report() == 0 and "Not paired" not in page.read_text()  # (no --baseline: a one-seed sweep says nothing)
+    job(only, 3, ["method=b", "method.prefix_length=16", "seed=2"], acc=0.95)  # two shared: the table
+    assert report("--baseline", "method.prefix_length=4") == 0
     mean, _, half = hand_ci([0.9 - 0.71, 0.95 - 0.72])
-    assert f"| 16 | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |" in (tmp_path / "r.md").read_text()
+    assert f"| 16 | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |" in page.read_text()
 
 
 def configured(root, num, method, config_yaml):
@@ -884,11 +893,12 @@ def test_regenerate_sh_removes_a_pages_old_plots_only_once_it_is_written_and_sho
     assert sorted(p.name for p in findings.glob("*.png")) == ["budget_new.png", "budget_other.png"]
 
 
-def test_regenerate_sh_keeps_the_3_epoch_methods_page_when_the_records_hold_only_one_method(tmp_path):
+def test_regenerate_sh_keeps_a_page_whose_arms_are_not_all_in(tmp_path):
     """methods_rt's records hold only P-Tuning v2's 3 seeds (the budget check's arm run again after the
     2026-11-29 sweeps folder was lost): regenerate.sh overwrote the every-method page with that one row.
-    Now the page is made only from a folder with the methods' reference (a finetune job), else skipped
-    and named. (A fake repository: `python` on the PATH writes the page, or fails when called at all.)"""
+    Now that page is made only from a folder with the methods' reference (a finetune job), else skipped
+    and named; and a comparison the report finds not in yet (exit 3) is skipped and named, exit 0, not
+    FAILED. (A fake repository: `python` on the PATH writes the page, fails, or says nothing to compare.)"""
     import os
     import shutil
     import subprocess
@@ -900,8 +910,9 @@ def test_regenerate_sh_keeps_the_3_epoch_methods_page_when_the_records_hold_only
     shutil.copy(Path(__file__).resolve().parents[1] / "docs" / "findings" / "regenerate.sh", findings)
     fake = tmp_path / "bin" / "python"
     fake.parent.mkdir()
-    fake.write_text('#!/bin/bash\n[ -n "$FAIL" ] && exit 1\nwhile [ "$1" != --out ]; do shift; done\n'
-                    'printf "new page" > "$2"\n')
+    fake.write_text('#!/bin/bash\n[ -n "$FAIL" ] && exit 1\n'
+                    '[ -n "$LATE" ] && { echo "a warning" >&2; echo "nothing to compare, no page written: $LATE" >&2;'
+                    ' exit 3; }\nwhile [ "$1" != --out ]; do shift; done\nprintf "new page" > "$2"\n')
     fake.chmod(0o755)
     (findings / "methods_3epochs.md").write_text("the lost runs' page")
     for num, method in enumerate(["ptuning_v2", "ptuning_v2", "finetune"]):
@@ -918,9 +929,15 @@ def test_regenerate_sh_keeps_the_3_epoch_methods_page_when_the_records_hold_only
     kept = run(["ptuning_v2", "ptuning_v2", "ptuning_v2"], FAIL="1")  # (python is not called at all)
     assert kept.returncode == 0 and kept.stdout.startswith("skipped methods_3epochs: no method=finetune job"), kept
     assert (findings / "methods_3epochs.md").read_text() == "the lost runs' page"
+    late = run(["ptuning_v2", "ptuning_v2", "finetune"], LATE="the other arm not in yet")
+    assert late.returncode == 0 and late.stdout == "skipped methods_3epochs: the other arm not in yet\n", late
+    assert (findings / "methods_3epochs.md").read_text() == "the lost runs' page"
     written = run(["ptuning_v2", "ptuning_v2", "finetune"])
     assert written.returncode == 0 and "wrote docs/findings/methods_3epochs.md" in written.stdout, written
     assert (findings / "methods_3epochs.md").read_text() == "new page"
+    shutil.rmtree(findings / "runs" / "methods_rt")
+    gone = run([], FAIL="1")
+    assert gone.returncode == 0 and gone.stdout == "skipped methods_3epochs: no docs/findings/runs/methods_rt\n", gone
 
 
 def test_a_late_gain_over_fewer_seeds_than_the_row_says_how_many(tmp_path):

@@ -4,7 +4,7 @@
 # commands write:
 #   bash docs/findings/regenerate.sh [records or sweeps folder, default docs/findings/runs] [question ...]
 # With question names (budget, methods_rt6, depth_sms6, ...) only those; a report whose sweeps are
-# not all there is skipped and named. Each writes docs/findings/<question>.md and its plots.
+# not all there, or a comparison one of whose arms has no counted job yet (report exit 3), is skipped and named. Each writes docs/findings/<question>.md and its plots.
 # Exit 1 when a report failed or a question name is none of these (a typo would regenerate nothing).
 root=$(cd "$(dirname "$0")/../.." && pwd) || exit 1
 R=${1:-$root/docs/findings/runs}
@@ -24,9 +24,13 @@ report() {  # report <question> <title> <sweep folder>... [report options]
     for folder in "${folders[@]}"; do
         [ -d "$folder" ] || { echo "skipped $name: no $folder"; return 0; }
     done
-    local plots=(docs/findings/"$name"_*.png) plot
-    if python -m peft_lightning.report "${folders[@]}" "${options[@]}" --title "$title" \
-        --out "docs/findings/$name.md" > /dev/null; then echo "wrote docs/findings/$name.md"; written+="$name "
+    local plots=(docs/findings/"$name"_*.png) plot said code
+    said=$(python -m peft_lightning.report "${folders[@]}" "${options[@]}" --title "$title" \
+        --out "docs/findings/$name.md" 2>&1 > /dev/null)
+    code=$?
+    if [ $code -eq 3 ]; then said=${said##*$'\n'}; echo "skipped $name: ${said#nothing to compare, no page written: }"; return 0; fi
+    [ -z "$said" ] || echo "$said" >&2  # (warnings, or the error of a failed report)
+    if [ $code -eq 0 ]; then echo "wrote docs/findings/$name.md"; written+="$name "
         # a plot of the old page whose axis is gone would stay beside the new one, shown by nothing: removed once
         # the new page is written (a report that fails keeps the old page and the plots it shows), and only if
         # no page shows it (the glob of a question `methods` would match methods_rt6's plots)
@@ -45,12 +49,12 @@ report budget12 "Budget check: P-Tuning v2, 6 vs 12 epochs (Rotten Tomatoes, 3 s
 # methods_rt's records hold only P-Tuning v2's jobs (the budget check's 3-epoch arm, run again): the other methods'
 # runs went with the 2026-11-29 sweeps folder, and their page stays as those runs wrote it. Written from a folder
 # that has them (a finetune job: the page's reference), skipped and named otherwise, never overwritten with one row.
-if grep -qsx -- "- method=finetune" "$R"/methods_rt/*/.hydra/overrides.yaml; then
+if [ ! -d "$R/methods_rt" ] || grep -qsx -- "- method=finetune" "$R"/methods_rt/*/.hydra/overrides.yaml; then
     report methods_3epochs "Every method at 3 epochs (Rotten Tomatoes, MiniLM, 3 seeds; a fixed small budget)" methods_rt
 else
     known+="methods_3epochs "
     [ "$wanted" = "  " ] || [[ $wanted == *" methods_3epochs "* ]] &&
-        echo "skipped methods_3epochs: no method=finetune job in $R/methods_rt (the records hold only P-Tuning v2's)"
+        echo "skipped methods_3epochs: no method=finetune job in $R/methods_rt (the records keep only P-Tuning v2's)"
 fi
 report transfer "Prompt transfer (SPoT): SMS spam prefix vs random, P-Tuning v2 on 50-1000 Rotten Tomatoes sentences, 300 updates, 3 seeds" \
     transfer_rt --baseline method.init=random
