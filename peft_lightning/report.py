@@ -441,16 +441,22 @@ def _check_baseline(frame: pd.DataFrame, keys: list[str], done: pd.DataFrame, ba
     if not len(mine):
         raise (NothingToCompare if keys == [] else UserError)(
             f"--baseline {_pairs(baseline)}: no job ran it" + (" (its arm not in yet?)" if not keys else ""))
-    why = lambda jobs: ", ".join(sorted({row["_skip"] or "no seed" for _, row in jobs.iterrows()}))  # noqa: E731
-    if not counted[is_base].any():
-        raise NothingToCompare(f"--baseline {_pairs(baseline)}: none of its {len(mine)} job(s) counted yet "
-                               f"({why(mine)})")
+
+    def none_counted(jobs: pd.DataFrame, whose: str) -> None:
+        if frame.index[counted].isin(jobs.index).any():
+            return
+        seedless = jobs[jobs["_skip"] == ""]  # (completed, but no seed to pair by: the command's to fix)
+        if len(seedless):
+            raise UserError(f"--baseline {_pairs(baseline)}: {whose} {len(seedless)} completed job(s) name no seed, "
+                            "and the comparison pairs by seed")
+        raise NothingToCompare(f"--baseline {_pairs(baseline)}: none of {whose} {len(jobs)} job(s) counted yet "
+                               f"({', '.join(sorted(set(jobs['_skip'])))})")
+
+    none_counted(mine, "its")
     if not len(others):
         raise NothingToCompare(f"--baseline {_pairs(baseline)}: every job ran it, nothing to compare with it "
                                "(the other arm's folder missing or not in yet?)")
-    if not counted[[not b for b in is_base]].any():
-        raise NothingToCompare(f"--baseline {_pairs(baseline)}: none of the other settings' {len(others)} job(s) "
-                               f"counted yet ({why(others)})")
+    none_counted(others, "the other settings'")
 
 
 def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple[dict, pd.DataFrame]:
@@ -471,8 +477,8 @@ def paired(frame: pd.DataFrame, baseline: dict[str, str] | None = None) -> tuple
     if "seed" in done.columns:
         done = done[done["seed"].notna() & (done["seed"] != UNSET)]  # (a job without a known seed pairs with none)
     if baseline is not None:  # (a comparison page that compares nothing, an arm not in yet, would read as finished)
-        _check_baseline(frame, keys, done if "seed" in done.columns else done.iloc[:0], baseline)
-    if not keys or "seed" not in done.columns:
+        _check_baseline(frame, keys, done, baseline)
+    if not keys or "seed" not in done.columns:  # (no job names a seed: ranked, not paired; the page says so)
         return {}, pd.DataFrame()
 
     def setting(row) -> tuple:
@@ -639,6 +645,8 @@ def markdown(frame: pd.DataFrame, title: str, command: str | None = None, prefac
                     value, half, "{:+.4f}", f"{', '.join(_setting(row[k]) for k in shown)}, Δ {column}", span))
             cells.append(str(int(row["n"])))
             lines.append("| " + " | ".join(cells) + " |")
+    elif baseline is not None and not len(diffs):
+        lines += ["", f"Not paired by seed against {_pairs(baseline)}: no job names a seed."]
     elif len(diffs) and baseline is not None:  # (no interval from under two seeds: said, so a page without the table reads as unfinished)
         name = ", ".join(f"{k}={_setting(v)}" for k, v in reference.items())
         shared = [", ".join(f"{k}={_setting(row[k])}" for k in axes(frame) if k in diffs.columns)

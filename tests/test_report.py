@@ -266,6 +266,12 @@ def test_a_comparison_with_an_arm_not_in_yet_writes_no_page_and_an_unpaired_one_
     assert ("Not paired by seed against method.prefix_length=4: no setting shares two seeds with it "
             "(seeds shared: method.prefix_length=16: 1).") in text
     assert report() == 0 and "Not paired" not in page.read_text()  # (no --baseline: a one-seed sweep says nothing)
+    seedless = tmp_path / "seedless"  # completed jobs that name no seed: the command's to fix, not an arm not in
+    job(seedless, 0, ["method=a"], acc=0.8)
+    job(seedless, 1, ["method=b"], acc=0.7)
+    with pytest.raises(SystemExit) as stop:
+        main([str(seedless), "--out", str(page), "--no-plots", "--baseline", "method=b"])
+    assert stop.value.code == 2 and "its 1 completed job(s) name no seed" in capsys.readouterr().err
     job(only, 3, ["method=b", "method.prefix_length=16", "seed=2"], acc=0.95)  # two shared: the table
     assert report("--baseline", "method.prefix_length=4") == 0
     mean, _, half = hand_ci([0.9 - 0.71, 0.95 - 0.72])
