@@ -902,9 +902,9 @@ def test_regenerate_sh_removes_a_pages_old_plots_only_once_it_is_written_and_sho
 def test_regenerate_sh_keeps_a_page_whose_arms_are_not_all_in(tmp_path):
     """methods_rt's records hold only P-Tuning v2's 3 seeds (the budget check's arm run again after the
     2026-11-29 sweeps folder was lost): regenerate.sh overwrote the every-method page with that one row.
-    Now that page is made only from a folder with the methods' reference (a finetune job), else skipped
-    and named; and a comparison the report finds not in yet (exit 3) is skipped and named, exit 0, not
-    FAILED. (A fake repository: `python` on the PATH writes the page, fails, or says nothing to compare.)"""
+    Now that page is paired against its reference (--baseline method=finetune): where the report finds no
+    finetune job it writes nothing (exit 3) and regenerate.sh names the page skipped, exit 0, not FAILED.
+    (A fake repository: `python` on the PATH writes the page, fails, or says nothing to compare.)"""
     import os
     import shutil
     import subprocess
@@ -917,6 +917,7 @@ def test_regenerate_sh_keeps_a_page_whose_arms_are_not_all_in(tmp_path):
     fake = tmp_path / "bin" / "python"
     fake.parent.mkdir()
     fake.write_text('#!/bin/bash\n[ -n "$FAIL" ] && exit 1\n'
+                    '[[ " $* " == *" --baseline method=finetune "* ]] || exit 1\n'  # (paired against its reference)
                     '[ -n "$LATE" ] && { echo "a warning" >&2; echo "nothing to compare, no page written: $LATE" >&2;'
                     ' exit 3; }\nwhile [ "$1" != --out ]; do shift; done\nprintf "new page" > "$2"\n')
     fake.chmod(0o755)
@@ -932,8 +933,8 @@ def test_regenerate_sh_keeps_a_page_whose_arms_are_not_all_in(tmp_path):
                               cwd=repo, capture_output=True, text=True, timeout=60,
                               env={**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", **env})
 
-    kept = run(["ptuning_v2", "ptuning_v2", "ptuning_v2"], FAIL="1")  # (python is not called at all)
-    assert kept.returncode == 0 and kept.stdout.startswith("skipped methods_3epochs: no method=finetune job"), kept
+    kept = run(["ptuning_v2", "ptuning_v2", "ptuning_v2"], LATE="--baseline method=finetune: no job ran it")
+    assert kept.returncode == 0 and kept.stdout.startswith("skipped methods_3epochs: --baseline method=finetune"), kept
     assert (findings / "methods_3epochs.md").read_text() == "the lost runs' page"
     late = run(["ptuning_v2", "ptuning_v2", "finetune"], LATE="the other arm not in yet")
     assert late.returncode == 0 and late.stdout == "skipped methods_3epochs: the other arm not in yet\n", late

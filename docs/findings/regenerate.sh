@@ -47,15 +47,10 @@ report budget "Budget check: P-Tuning v2, 3 vs 6 epochs (Rotten Tomatoes, 3 seed
 report budget12 "Budget check: P-Tuning v2, 6 vs 12 epochs (Rotten Tomatoes, 3 seeds)" \
     budget_rt budget12_rt --where method=ptuning_v2 --baseline trainer.max_epochs=6
 # methods_rt's records hold only P-Tuning v2's jobs (the budget check's 3-epoch arm, run again): the other methods'
-# runs went with the 2026-11-29 sweeps folder, and their page stays as those runs wrote it. Written from a folder
-# that has them (a finetune job: the page's reference), skipped and named otherwise, never overwritten with one row.
-if [ ! -d "$R/methods_rt" ] || grep -qsx -- "- method=finetune" "$R"/methods_rt/*/.hydra/overrides.yaml; then
-    report methods_3epochs "Every method at 3 epochs (Rotten Tomatoes, MiniLM, 3 seeds; a fixed small budget)" methods_rt
-else
-    known+="methods_3epochs "
-    [ "$wanted" = "  " ] || [[ $wanted == *" methods_3epochs "* ]] &&
-        echo "skipped methods_3epochs: no method=finetune job in $R/methods_rt (the records keep only P-Tuning v2's)"
-fi
+# runs went with the 2026-11-29 sweeps folder. Paired against fine-tuning (the lost page's reference), the report
+# finds no finetune job there and writes nothing (exit 3: skipped), so the lost runs' page stays as they wrote it.
+report methods_3epochs "Every method at 3 epochs (Rotten Tomatoes, MiniLM, 3 seeds; a fixed small budget)" methods_rt \
+    --baseline method=finetune
 report transfer "Prompt transfer (SPoT): SMS spam prefix vs random, P-Tuning v2 on 50-1000 Rotten Tomatoes sentences, 300 updates, 3 seeds" \
     transfer_rt --baseline method.init=random
 
